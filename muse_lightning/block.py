@@ -1,0 +1,88 @@
+"""MUSE block: the MUSE mixer and a feed-forward network in parallel on one normalised input."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
+from torch import nn
+
+from .attention import ConvProj, MUSEAttention
+from .conv import ConvType
+
+__all__ = ["MUSEBlock"]
+
+
+class MUSEBlock(nn.Module):
+    """The official MUSE parallel block.
+
+    ``y = x + drop_path(ls1(mixer(norm(x)))) + drop_path(ls2(mlp(norm(x))))``: one pre-norm shared
+    by the MUSE mixer and the MLP, which run side by side. Arguments follow timm's ``Block``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            scale_attn_norm: bool = False,
+            scale_mlp_norm: bool = False,
+            proj_bias: bool = True,
+            proj_drop: float = 0.0,
+            attn_drop: float = 0.0,
+            init_values: float | None = None,
+            drop_path: float = 0.0,
+            act_layer: type[nn.Module] = nn.GELU,
+            norm_layer: type[nn.Module] = LayerNorm,
+            mlp_layer: type[nn.Module] = Mlp,
+            kernel_sizes: Sequence[int] | None = None,
+            conv_type: ConvType = "static",
+            conv_proj: ConvProj = "separate",
+            device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None,
+    ) -> None:
+        """
+        Args:
+            dim: Token width.
+            num_heads: Attention heads.
+            mlp_ratio: MLP hidden width over ``dim``.
+            init_values: LayerScale init for both branches; None disables LayerScale.
+            drop_path: Stochastic depth rate of each branch.
+            kernel_sizes, conv_type, conv_proj: The mixer's convolution, see ``MUSEAttention``.
+            Others: as timm's ``Block``.
+        """
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm = norm_layer(dim, **dd)
+        self.attn = MUSEAttention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
+            proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
+            kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, **dd,
+        )
+        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.mlp = mlp_layer(
+            in_features=dim,
+            hidden_features=int(dim * mlp_ratio),
+            act_layer=act_layer,
+            norm_layer=norm_layer if scale_mlp_norm else None,
+            bias=proj_bias,
+            drop=proj_drop,
+            **dd,
+        )
+        self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: torch.Tensor | None = None,
+            is_causal: bool = False,
+            key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` of shape ``(B, N, C)``; the masks are ``MUSEAttention.forward``'s."""
+        y = self.norm(x)
+        mixed = self.attn(y, attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        return x + self.drop_path1(self.ls1(mixed)) + self.drop_path2(self.ls2(self.mlp(y)))

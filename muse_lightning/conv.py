@@ -1,0 +1,212 @@
+"""Multi-scale token convolutions for the MUSE convolution branch.
+
+Both modules map value tokens ``(B, N, C)`` to ``(B, N, C)`` and weigh their kernel sizes with a
+softmax gate that is an ordinary, trained parameter. The gated sum of kernels is linear, so it is
+collapsed into one kernel of the largest size before it touches the tokens: one depthwise pass
+whatever the number of kernel sizes.
+
+Tap layout: without ``is_causal`` a kernel of size ``k`` is centred on the output token; with
+``is_causal`` its last tap sits on the output token (as in fairseq's decoder convolutions), so the
+output at ``t`` reads tokens ``t - k + 1 .. t`` only. Tokens outside the sequence read as zero.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ConvType", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "check_kernel_sizes", "create_conv"]
+
+ConvType = Literal["static", "dynamic"]
+CONV_TYPES: tuple[str, ...] = ("static", "dynamic")
+DEFAULT_KERNEL_SIZES: dict[str, tuple[int, ...]] = {"static": (1, 3, 5), "dynamic": (3, 15)}
+
+
+def check_kernel_sizes(kernel_sizes: Sequence[int]) -> tuple[int, ...]:
+    """Return ``kernel_sizes`` as a tuple, or raise if they are not distinct positive odd ints."""
+    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Sequence):
+        raise TypeError(f"kernel_sizes must be a sequence of ints, got {type(kernel_sizes).__name__}")
+    sizes = tuple(kernel_sizes)
+    bad = [k for k in sizes if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0]
+    if not sizes or bad:
+        raise ValueError(f"kernel_sizes must be a non-empty sequence of positive odd ints, got {kernel_sizes!r}")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"kernel_sizes must be distinct, got {kernel_sizes!r}")
+    return sizes
+
+
+def _tap_padding(size: int, width: int, is_causal: bool) -> tuple[int, int]:
+    """Zero taps (left, right) that place a ``size`` kernel inside a ``width`` kernel."""
+    extra = width - size
+    return (extra, 0) if is_causal else (extra // 2, extra // 2)
+
+
+def _gated_kernel(kernels: Sequence[torch.Tensor], gate: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Collapse kernels ``(..., k_i)`` weighted by ``softmax(gate)`` into one ``(..., max k_i)`` kernel."""
+    if gate is None:
+        return kernels[0]
+    weights = gate.softmax(0)
+    width = max(k.shape[-1] for k in kernels)
+    return sum(w * F.pad(k, _tap_padding(k.shape[-1], width, is_causal)) for w, k in zip(weights, kernels))
+
+
+def _token_padding(width: int, is_causal: bool) -> tuple[int, int]:
+    """Zero tokens (before, after) the sequence that a ``width`` kernel reads."""
+    return (width - 1, 0) if is_causal else (width // 2, width // 2)
+
+
+class MultiScaleDepthwiseConv(nn.Module):
+    """Gated multi-scale depthwise convolution with static (learned, input-independent) kernels.
+
+    ``y = sum_i softmax(gate)_i * (DepthwiseConv_{k_i}(v) + b_i)``, computed as one depthwise
+    convolution with the collapsed kernel.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            kernel_sizes: Sequence[int] = DEFAULT_KERNEL_SIZES["static"],
+            device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None,
+    ) -> None:
+        """
+        Args:
+            dim: Number of channels (the attention's value width).
+            kernel_sizes: Distinct positive odd kernel sizes.
+        """
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.kernel_sizes = check_kernel_sizes(kernel_sizes)
+        self.weight = nn.ParameterList(nn.Parameter(torch.empty(dim, k, **dd)) for k in self.kernel_sizes)
+        self.bias = nn.Parameter(torch.empty(len(self.kernel_sizes), dim, **dd))
+        self.gate = nn.Parameter(torch.empty(len(self.kernel_sizes), **dd)) if len(self.kernel_sizes) > 1 else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's depthwise-conv init (uniform in +-1/sqrt(k)), zero bias, uniform gate."""
+        for w in self.weight:
+            bound = 1.0 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+        nn.init.zeros_(self.bias)
+        if self.gate is not None:
+            nn.init.zeros_(self.gate)
+
+    def forward(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        """Convolve ``v`` of shape ``(B, N, C)`` along N."""
+        kernel = _gated_kernel(list(self.weight), self.gate, is_causal)
+        bias = self.bias[0] if self.gate is None else self.gate.softmax(0) @ self.bias
+        return self._conv(v, kernel, bias, is_causal)
+
+    def forward_per_kernel(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        """Gated output of each kernel size, stacked: ``(B, N, len(kernel_sizes), C)``."""
+        outs = [self._conv(v, w, b, is_causal) for w, b in zip(self.weight, self.bias)]
+        out = torch.stack(outs, dim=2)
+        return out if self.gate is None else out * self.gate.softmax(0)[:, None]
+
+    @staticmethod
+    def _conv(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, is_causal: bool) -> torch.Tensor:
+        B, N, C = v.shape
+        width = kernel.shape[-1]
+        # (B, C, 1, N) viewed from (B, N, C) is channels-last 2-D: the fast depthwise path, no transposes.
+        x = v.unsqueeze(1).permute(0, 3, 1, 2)
+        # Causal: pad width - 1 on both sides and keep the first N outputs (each reads t - width + 1 .. t).
+        pad = width - 1 if is_causal else width // 2
+        out = F.conv2d(x, kernel.view(C, 1, 1, width), bias, padding=(0, pad), groups=C)
+        return out.permute(0, 2, 3, 1)[:, 0, :N]
+
+
+class MultiScaleDynamicConv(nn.Module):
+    """Gated multi-scale dynamic (input-dependent) lightweight convolution.
+
+    As fairseq's ``DynamicConv1dTBC`` used by the official MUSE code: each token predicts, from the
+    value it is convolving, one kernel per head (channels of a head share it), softmax-normalised
+    over its taps. Kernel sizes are mixed by a softmax gate; a size-1 kernel is the identity.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            kernel_sizes: Sequence[int] = DEFAULT_KERNEL_SIZES["dynamic"],
+            device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None,
+    ) -> None:
+        """
+        Args:
+            dim: Number of channels (the attention's value width); divisible by ``num_heads``.
+            num_heads: Number of kernel heads.
+            kernel_sizes: Distinct positive odd kernel sizes.
+        """
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.kernel_sizes = check_kernel_sizes(kernel_sizes)
+        num_taps = sum(k for k in self.kernel_sizes if k > 1)
+        self.weight_proj = nn.Linear(dim, num_heads * num_taps, device=device, dtype=dtype) if num_taps else None
+        self.gate = nn.Parameter(torch.empty(len(self.kernel_sizes), device=device, dtype=dtype)) \
+            if len(self.kernel_sizes) > 1 else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's Linear init (trunc normal, std 0.02; near-uniform kernels), uniform gate."""
+        if self.weight_proj is not None:
+            nn.init.trunc_normal_(self.weight_proj.weight, std=0.02)
+            nn.init.zeros_(self.weight_proj.bias)
+        if self.gate is not None:
+            nn.init.zeros_(self.gate)
+
+    def _kernels(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """Per-token kernels, one ``(B, N, H, k)`` tensor per kernel size, each summing to 1."""
+        B, N, _ = v.shape
+        logits = self.weight_proj(v).view(B, N, self.num_heads, -1) if self.weight_proj is not None else None
+        kernels, start = [], 0
+        for k in self.kernel_sizes:
+            if k == 1:
+                kernels.append(v.new_ones(B, N, self.num_heads, 1))
+            else:
+                kernels.append(logits[..., start:start + k].softmax(-1))
+                start += k
+        return kernels
+
+    def forward(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        """Convolve ``v`` of shape ``(B, N, C)`` along N."""
+        return self._conv(v, _gated_kernel(self._kernels(v), self.gate, is_causal), is_causal)
+
+    def forward_per_kernel(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        """Gated output of each kernel size, stacked: ``(B, N, len(kernel_sizes), C)``."""
+        out = torch.stack([self._conv(v, k, is_causal) for k in self._kernels(v)], dim=2)
+        return out if self.gate is None else out * self.gate.softmax(0)[:, None]
+
+    @staticmethod
+    def _conv(v: torch.Tensor, kernel: torch.Tensor, is_causal: bool) -> torch.Tensor:
+        B, N, C = v.shape
+        heads, width = kernel.shape[-2:]
+        x = F.pad(v, (0, 0, *_token_padding(width, is_causal))).view(B, N + width - 1, heads, C // heads)
+        out = sum(x[:, j:j + N] * kernel[..., j, None] for j in range(width))
+        return out.reshape(B, N, C)
+
+
+def create_conv(
+        conv_type: ConvType,
+        dim: int,
+        num_heads: int,
+        kernel_sizes: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+) -> MultiScaleDepthwiseConv | MultiScaleDynamicConv:
+    """Build the convolution branch named by ``conv_type`` (``"static"`` or ``"dynamic"``).
+
+    ``kernel_sizes=None`` takes the type's default: ``(1, 3, 5)`` (the seed's) for static,
+    ``(3, 15)`` (the official code's) for dynamic.
+    """
+    if conv_type not in CONV_TYPES:
+        raise ValueError(f"conv_type must be one of {CONV_TYPES}, got {conv_type!r}")
+    sizes = DEFAULT_KERNEL_SIZES[conv_type] if kernel_sizes is None else kernel_sizes
+    if conv_type == "static":
+        return MultiScaleDepthwiseConv(dim, sizes, device=device, dtype=dtype)
+    return MultiScaleDynamicConv(dim, num_heads, sizes, device=device, dtype=dtype)

@@ -1,0 +1,70 @@
+"""Bad arguments raise a ValueError/TypeError that names the argument, before torch sees them."""
+import pytest
+import torch
+from torch import nn
+
+from muse_lightning import MUSEAttention, MUSEBlock, MultiScaleDynamicConv
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dim": 30, "num_heads": 4}, ValueError, r"dim \(30\) must be divisible by num_heads \(4\)"),
+        ({"dim": 0}, ValueError, "dim must be a positive int"),
+        ({"num_heads": 2.5}, ValueError, "num_heads must be a positive int"),
+        ({"kernel_sizes": (3, 4)}, ValueError, "kernel_sizes must be a non-empty sequence of positive odd ints"),
+        ({"kernel_sizes": ()}, ValueError, "kernel_sizes must be a non-empty"),
+        ({"kernel_sizes": (0,)}, ValueError, "kernel_sizes"),
+        ({"kernel_sizes": (3, 3)}, ValueError, "kernel_sizes must be distinct"),
+        ({"kernel_sizes": 3}, TypeError, "kernel_sizes must be a sequence of ints"),
+        ({"kernel_sizes": (1, 2.0)}, ValueError, "kernel_sizes"),
+        ({"conv_type": "fancy"}, ValueError, r"conv_type must be one of \('static', 'dynamic'\)"),
+        ({"conv_proj": "both"}, ValueError, "conv_proj must be one of"),
+        ({"qk_norm": True}, ValueError, "norm_layer must be given"),
+        ({"attn_drop": 1.0}, ValueError, r"attn_drop must be in \[0, 1\)"),
+        ({"proj_drop": -0.1}, ValueError, "proj_drop"),
+    ],
+)
+def test_bad_constructor_argument_is_named(kwargs, error, match):
+    args = {"dim": 32, "num_heads": 4, **kwargs}
+    with pytest.raises(error, match=match):
+        MUSEAttention(**args)
+
+
+def test_dynamic_conv_heads_must_divide_channels():
+    with pytest.raises(ValueError, match="must be divisible by num_heads"):
+        MultiScaleDynamicConv(10, num_heads=3)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: m(torch.randn(4, 32)), ValueError, r"x must have shape \(B, N, C\), got \(4, 32\)"),
+        (lambda m: m(torch.randn(1, 2, 4, 32)), ValueError, r"x must have shape \(B, N, C\)"),
+        (lambda m: m(torch.randn(2, 5, 16)), ValueError, "x has 16 channels but the module was built with dim=32"),
+        (lambda m: m([[0.0] * 32]), TypeError, "x must be a torch.Tensor"),
+        (lambda m: m(torch.ones(2, 5, 32, dtype=torch.long)), TypeError, "x must be a floating point tensor"),
+        (lambda m: m(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 5)), TypeError, "key_padding_mask must be a bool tensor"),
+        (lambda m: m(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)), ValueError,
+         r"key_padding_mask must have shape \(B, N\) = \(2, 5\), got \(2, 4\)"),
+        (lambda m: m(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(5, 2, dtype=torch.bool)), ValueError, "key_padding_mask"),
+        (lambda m: m(torch.randn(2, 5, 32), attn_mask=torch.zeros(5, 4, dtype=torch.bool)), ValueError,
+         r"attn_mask must broadcast to \(B, num_heads, N, N\) = \(2, 4, 5, 5\), got \(5, 4\)"),
+        (lambda m: m(torch.randn(2, 5, 32), attn_mask=torch.zeros(3, 1, 5, 5, dtype=torch.bool)), ValueError, "attn_mask must broadcast"),
+        (lambda m: m(torch.randn(2, 5, 32), attn_mask=torch.zeros(5, 5, dtype=torch.long)), TypeError, "attn_mask must be a bool"),
+    ],
+)
+def test_bad_forward_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call(MUSEAttention(32, 4))
+
+
+def test_block_forwards_masks_and_rejects_bad_padding_mask():
+    block = MUSEBlock(32, 4)
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        block(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
+
+
+def test_from_seed_rejects_a_state_dict_that_is_not_the_seeds():
+    with pytest.raises(ValueError, match="not a seed MUSEAttention state_dict: missing"):
+        MUSEAttention.from_seed(nn.Linear(4, 4).state_dict(), num_heads=2)
