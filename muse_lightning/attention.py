@@ -1,6 +1,7 @@
 """MUSE token mixer: self-attention and a multi-scale convolution over one shared value projection."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Final, Literal
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import use_fused_attn
 from torch import nn
 
-from .conv import ConvType, create_conv
+from .conv import ConvLayout, ConvType, create_conv
 
 __all__ = ["ConvProj", "MUSEAttention"]
 
@@ -53,6 +54,9 @@ class MUSEAttention(nn.Module):
             kernel_sizes: Sequence[int] | None = None,
             conv_type: ConvType = "static",
             conv_proj: ConvProj = "separate",
+            conv_layout: ConvLayout = "1d",
+            num_prefix_tokens: int = 0,
+            grid_size: tuple[int, int] | None = None,
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None,
     ) -> None:
@@ -79,6 +83,12 @@ class MUSEAttention(nn.Module):
                 concatenated output projection); ``"shared"``: added to the attention output
                 before the attention's projection (no extra weights or FLOPs); ``"per_kernel"``:
                 one projection per kernel size (the seed's layout; kernels are not collapsed).
+            conv_layout: ``"1d"``: convolve along the sequence; ``"2d"``: the tokens after the
+                prefix are a row-major ``H x W`` patch grid, convolved with ``k x k`` static kernels.
+            num_prefix_tokens: Leading tokens (class, registers) that go through attention only:
+                the convolution neither reads nor writes them.
+            grid_size: Default ``(H, W)`` token grid of the 2-D layout; ``forward(grid_size=...)``
+                overrides it, and a square grid is inferred when neither fits the token count.
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -96,6 +106,10 @@ class MUSEAttention(nn.Module):
                 raise ValueError(f"{name} must be in [0, 1), got {p!r}")
         if conv_proj not in CONV_PROJS:
             raise ValueError(f"conv_proj must be one of {CONV_PROJS}, got {conv_proj!r}")
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+        if grid_size is not None and (len(grid_size) != 2 or min(grid_size) < 1):
+            raise ValueError(f"grid_size must be (H, W) of positive ints, got {grid_size!r}")
 
         self.dim = dim
         self.num_heads = num_heads
@@ -103,6 +117,9 @@ class MUSEAttention(nn.Module):
         self.attn_dim = num_heads * attn_head_dim
         self.conv_type = conv_type
         self.conv_proj_mode = conv_proj
+        self.conv_layout = conv_layout
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = None if grid_size is None else (int(grid_size[0]), int(grid_size[1]))
         self.fused_attn = use_fused_attn()
         dim_out = dim_out or dim
 
@@ -114,7 +131,7 @@ class MUSEAttention(nn.Module):
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.conv = create_conv(conv_type, self.attn_dim, num_heads, kernel_sizes, **dd)
+        self.conv = create_conv(conv_type, self.attn_dim, num_heads, kernel_sizes, conv_layout, **dd)
         self.kernel_sizes = self.conv.kernel_sizes
         conv_proj_in = {"separate": self.attn_dim, "shared": 0, "per_kernel": self.attn_dim * len(self.kernel_sizes)}
         self.conv_proj = nn.Linear(conv_proj_in[conv_proj], dim_out, bias=False, **dd) if conv_proj_in[conv_proj] else None
@@ -135,6 +152,7 @@ class MUSEAttention(nn.Module):
             attn_mask: torch.Tensor | None = None,
             is_causal: bool = False,
             key_padding_mask: torch.Tensor | None = None,
+            grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Mix tokens.
 
@@ -147,8 +165,10 @@ class MUSEAttention(nn.Module):
             key_padding_mask: Bool ``(B, N)``, ``True`` marks padding (``nn.MultiheadAttention``'s
                 convention). Padding is excluded from attention, never read by the convolution, and
                 its output is zero.
+            grid_size: ``(H, W)`` of the patch grid for the 2-D layout (see the constructor).
         """
         B, N, _ = self._check_inputs(x, attn_mask, key_padding_mask)
+        conv_kwargs = self._conv_kwargs(N, is_causal, grid_size)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)
@@ -174,15 +194,46 @@ class MUSEAttention(nn.Module):
 
         if key_padding_mask is not None:
             values = values.masked_fill(key_padding_mask[..., None], 0.0)
-        if self.conv_proj_mode == "shared":
-            out = self.proj(attn + self.conv(values, is_causal))
-        elif self.conv_proj_mode == "separate":
-            out = self.proj(attn) + self.conv_proj(self.conv(values, is_causal))
+        values = values[:, self.num_prefix_tokens:]
+        if self.conv_proj_mode == "per_kernel":
+            conv = self.conv.forward_per_kernel(values, **conv_kwargs).flatten(2)
         else:
-            out = self.proj(attn) + self.conv_proj(self.conv.forward_per_kernel(values, is_causal).flatten(2))
+            conv = self.conv(values, **conv_kwargs)
+        if self.num_prefix_tokens:
+            conv = F.pad(conv, (0, 0, self.num_prefix_tokens, 0))  # prefix tokens: attention only
+        if self.conv_proj_mode == "shared":
+            out = self.proj(attn + conv)
+        else:
+            out = self.proj(attn) + self.conv_proj(conv)
         if key_padding_mask is not None:
             out = out.masked_fill(key_padding_mask[..., None], 0.0)
         return self.proj_drop(out)
+
+    def _conv_kwargs(self, seq_len: int, is_causal: bool, grid_size: tuple[int, int] | None) -> dict:
+        """The convolution's arguments: ``is_causal`` for 1-D, the resolved ``grid_size`` for 2-D."""
+        num_tokens = seq_len - self.num_prefix_tokens
+        if num_tokens < 1:
+            raise ValueError(f"x has {seq_len} tokens, not more than num_prefix_tokens={self.num_prefix_tokens}")
+        if self.conv_layout == "1d":
+            return {"is_causal": is_causal}
+        if is_causal:
+            raise ValueError("is_causal=True is not defined for conv_layout='2d'")
+        if grid_size is not None:
+            if len(grid_size) != 2 or grid_size[0] * grid_size[1] != num_tokens:
+                raise ValueError(
+                    f"grid_size must be (H, W) with H * W = {num_tokens} (tokens after {self.num_prefix_tokens} "
+                    f"prefix tokens), got {tuple(grid_size)}"
+                )
+            return {"grid_size": (grid_size[0], grid_size[1])}
+        if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == num_tokens:
+            return {"grid_size": self.grid_size}
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(
+                f"cannot infer the token grid of {num_tokens} tokens (after {self.num_prefix_tokens} prefix tokens): "
+                "pass grid_size=(H, W)"
+            )
+        return {"grid_size": (side, side)}
 
     def _check_inputs(
             self, x: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,

@@ -7,6 +7,7 @@ It prints median milliseconds and the ratio to timm's ``Attention`` and writes t
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -22,9 +23,9 @@ from .seed import SeedMUSEAttention
 __all__ = ["measure_mixers", "main"]
 
 
-def _mixers(dim: int, num_heads: int) -> dict[str, Callable[[], nn.Module]]:
+def _mixers(dim: int, num_heads: int, seq_len: int) -> dict[str, Callable[[], nn.Module]]:
     head_dim = dim // num_heads
-    return {
+    mixers = {
         "timm Attention": lambda: Attention(dim, num_heads, qkv_bias=True),
         "MUSE static": lambda: MUSEAttention(dim, num_heads, qkv_bias=True),
         "MUSE static conv_proj=shared": lambda: MUSEAttention(dim, num_heads, qkv_bias=True, conv_proj="shared"),
@@ -32,6 +33,11 @@ def _mixers(dim: int, num_heads: int) -> dict[str, Callable[[], nn.Module]]:
         "seed design, dropout 0.1": lambda: SeedMUSEAttention(dim, head_dim, head_dim, num_heads),
         "seed design, dropout 0": lambda: SeedMUSEAttention(dim, head_dim, head_dim, num_heads, dropout=0.0),
     }
+    if seq_len > 1 and math.isqrt(seq_len - 1) ** 2 == seq_len - 1:  # a class token and a square patch grid
+        mixers["MUSE static 2-D, class token"] = lambda: MUSEAttention(
+            dim, num_heads, qkv_bias=True, conv_layout="2d", num_prefix_tokens=1,
+        )
+    return mixers
 
 
 def measure_mixers(
@@ -45,7 +51,7 @@ def measure_mixers(
 ) -> list[dict]:
     """Median forward+backward time of each mixer; ``ratio`` is against timm's ``Attention``."""
     torch.manual_seed(0)
-    factories = _mixers(dim, num_heads)
+    factories = _mixers(dim, num_heads, seq_len)
     modules = {name: make().to(device) for name, make in factories.items()}
     x = torch.randn(batch, seq_len, dim, device=device, requires_grad=True)
     times: dict[str, list[float]] = {name: [] for name in modules}
@@ -97,9 +103,9 @@ def main(
     records = measure_mixers(batch, seq_len, dim, num_heads, rounds=rounds, device=device)
     print(f"B={batch} N={seq_len} C={dim} heads={num_heads}, forward+backward, {device}, "
           f"{torch.get_num_threads()} threads, median of {rounds}")
-    print(f"{'mixer':<30} {'ms':>9} {'x timm Attention':>17}")
+    print(f"{'mixer':<32} {'ms':>9} {'x timm Attention':>17}")
     for r in records:
-        print(f"{r['impl']:<30} {r['ms_median']:>9.1f} {r['ratio']:>17.2f}")
+        print(f"{r['impl']:<32} {r['ms_median']:>9.1f} {r['ratio']:>17.2f}")
     with open(out, "w") as f:
         json.dump(records, f, indent=2)
     return records

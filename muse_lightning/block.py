@@ -8,7 +8,7 @@ from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
 from torch import nn
 
 from .attention import ConvProj, MUSEAttention
-from .conv import ConvType
+from .conv import ConvLayout, ConvType
 
 __all__ = ["MUSEBlock"]
 
@@ -40,6 +40,9 @@ class MUSEBlock(nn.Module):
             kernel_sizes: Sequence[int] | None = None,
             conv_type: ConvType = "static",
             conv_proj: ConvProj = "separate",
+            conv_layout: ConvLayout = "1d",
+            num_prefix_tokens: int = 0,
+            grid_size: tuple[int, int] | None = None,
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None,
     ) -> None:
@@ -50,7 +53,8 @@ class MUSEBlock(nn.Module):
             mlp_ratio: MLP hidden width over ``dim``.
             init_values: LayerScale init for both branches; None disables LayerScale.
             drop_path: Stochastic depth rate of each branch.
-            kernel_sizes, conv_type, conv_proj: The mixer's convolution, see ``MUSEAttention``.
+            kernel_sizes, conv_type, conv_proj, conv_layout, num_prefix_tokens, grid_size: The
+                mixer's convolution, see ``MUSEAttention``.
             Others: as timm's ``Block``.
         """
         super().__init__()
@@ -59,7 +63,8 @@ class MUSEBlock(nn.Module):
         self.attn = MUSEAttention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
             proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-            kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, **dd,
+            kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, conv_layout=conv_layout,
+            num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, **dd,
         )
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -81,8 +86,11 @@ class MUSEBlock(nn.Module):
             attn_mask: torch.Tensor | None = None,
             is_causal: bool = False,
             key_padding_mask: torch.Tensor | None = None,
+            grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """``x`` of shape ``(B, N, C)``; the masks are ``MUSEAttention.forward``'s."""
+        """``x`` of shape ``(B, N, C)``; the other arguments are ``MUSEAttention.forward``'s."""
         y = self.norm(x)
-        mixed = self.attn(y, attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        mixed = self.attn(
+            y, attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, grid_size=grid_size,
+        )
         return x + self.drop_path1(self.ls1(mixed)) + self.drop_path2(self.ls2(self.mlp(y)))

@@ -8,6 +8,9 @@ whatever the number of kernel sizes.
 Tap layout: without ``is_causal`` a kernel of size ``k`` is centred on the output token; with
 ``is_causal`` its last tap sits on the output token (as in fairseq's decoder convolutions), so the
 output at ``t`` reads tokens ``t - k + 1 .. t`` only. Tokens outside the sequence read as zero.
+
+Static kernels also come in a 2-D layout (``layout="2d"``): the tokens are a row-major ``H x W``
+grid (image patches) and each kernel size ``k`` is a ``k x k`` depthwise kernel over that grid.
 """
 from __future__ import annotations
 
@@ -19,10 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvType", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "check_kernel_sizes", "create_conv"]
+__all__ = [
+    "ConvLayout", "ConvType", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "check_kernel_sizes", "create_conv",
+]
 
 ConvType = Literal["static", "dynamic"]
 CONV_TYPES: tuple[str, ...] = ("static", "dynamic")
+ConvLayout = Literal["1d", "2d"]
+CONV_LAYOUTS: tuple[str, ...] = ("1d", "2d")
 DEFAULT_KERNEL_SIZES: dict[str, tuple[int, ...]] = {"static": (1, 3, 5), "dynamic": (3, 15)}
 
 
@@ -45,13 +52,18 @@ def _tap_padding(size: int, width: int, is_causal: bool) -> tuple[int, int]:
     return (extra, 0) if is_causal else (extra // 2, extra // 2)
 
 
-def _gated_kernel(kernels: Sequence[torch.Tensor], gate: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-    """Collapse kernels ``(..., k_i)`` weighted by ``softmax(gate)`` into one ``(..., max k_i)`` kernel."""
+def _gated_kernel(
+        kernels: Sequence[torch.Tensor], gate: torch.Tensor | None, is_causal: bool, spatial_dims: int = 1,
+) -> torch.Tensor:
+    """Collapse kernels ``(..., k_i)`` (or ``(..., k_i, k_i)``) weighted by ``softmax(gate)`` into one
+    kernel of the largest size."""
     if gate is None:
         return kernels[0]
     weights = gate.softmax(0)
     width = max(k.shape[-1] for k in kernels)
-    return sum(w * F.pad(k, _tap_padding(k.shape[-1], width, is_causal)) for w, k in zip(weights, kernels))
+    return sum(
+        w * F.pad(k, _tap_padding(k.shape[-1], width, is_causal) * spatial_dims) for w, k in zip(weights, kernels)
+    )
 
 
 def _token_padding(width: int, is_causal: bool) -> tuple[int, int]:
@@ -63,13 +75,15 @@ class MultiScaleDepthwiseConv(nn.Module):
     """Gated multi-scale depthwise convolution with static (learned, input-independent) kernels.
 
     ``y = sum_i softmax(gate)_i * (DepthwiseConv_{k_i}(v) + b_i)``, computed as one depthwise
-    convolution with the collapsed kernel.
+    convolution with the collapsed kernel, over the token sequence (``layout="1d"``) or over the
+    tokens' ``H x W`` grid with ``k x k`` kernels (``layout="2d"``).
     """
 
     def __init__(
             self,
             dim: int,
             kernel_sizes: Sequence[int] = DEFAULT_KERNEL_SIZES["static"],
+            layout: ConvLayout = "1d",
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None,
     ) -> None:
@@ -77,40 +91,66 @@ class MultiScaleDepthwiseConv(nn.Module):
         Args:
             dim: Number of channels (the attention's value width).
             kernel_sizes: Distinct positive odd kernel sizes.
+            layout: ``"1d"``: along the sequence; ``"2d"``: over a row-major token grid.
         """
         super().__init__()
+        if layout not in CONV_LAYOUTS:
+            raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {layout!r}")
         dd = {"device": device, "dtype": dtype}
         self.kernel_sizes = check_kernel_sizes(kernel_sizes)
-        self.weight = nn.ParameterList(nn.Parameter(torch.empty(dim, k, **dd)) for k in self.kernel_sizes)
+        self.layout = layout
+        self.spatial_dims = 2 if layout == "2d" else 1
+        self.weight = nn.ParameterList(
+            nn.Parameter(torch.empty(dim, *(k,) * self.spatial_dims, **dd)) for k in self.kernel_sizes
+        )
         self.bias = nn.Parameter(torch.empty(len(self.kernel_sizes), dim, **dd))
         self.gate = nn.Parameter(torch.empty(len(self.kernel_sizes), **dd)) if len(self.kernel_sizes) > 1 else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """PyTorch's depthwise-conv init (uniform in +-1/sqrt(k)), zero bias, uniform gate."""
+        """PyTorch's depthwise-conv init (uniform in +-1/sqrt(taps)), zero bias, uniform gate."""
         for w in self.weight:
-            bound = 1.0 / math.sqrt(w.shape[-1])
+            bound = 1.0 / math.sqrt(w[0].numel())
             nn.init.uniform_(w, -bound, bound)
         nn.init.zeros_(self.bias)
         if self.gate is not None:
             nn.init.zeros_(self.gate)
 
-    def forward(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        """Convolve ``v`` of shape ``(B, N, C)`` along N."""
-        kernel = _gated_kernel(list(self.weight), self.gate, is_causal)
+    def forward(
+            self, v: torch.Tensor, is_causal: bool = False, grid_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Convolve ``v`` of shape ``(B, N, C)``; the 2-D layout needs ``grid_size = (H, W)``, H * W = N."""
+        kernel = _gated_kernel(list(self.weight), self.gate, is_causal, self.spatial_dims)
         bias = self.bias[0] if self.gate is None else self.gate.softmax(0) @ self.bias
-        return self._conv(v, kernel, bias, is_causal)
+        return self._conv(v, kernel, bias, is_causal, grid_size)
 
-    def forward_per_kernel(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward_per_kernel(
+            self, v: torch.Tensor, is_causal: bool = False, grid_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """Gated output of each kernel size, stacked: ``(B, N, len(kernel_sizes), C)``."""
-        outs = [self._conv(v, w, b, is_causal) for w, b in zip(self.weight, self.bias)]
+        outs = [self._conv(v, w, b, is_causal, grid_size) for w, b in zip(self.weight, self.bias)]
         out = torch.stack(outs, dim=2)
         return out if self.gate is None else out * self.gate.softmax(0)[:, None]
 
-    @staticmethod
-    def _conv(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    def _conv(
+            self,
+            v: torch.Tensor,
+            kernel: torch.Tensor,
+            bias: torch.Tensor,
+            is_causal: bool,
+            grid_size: tuple[int, int] | None,
+    ) -> torch.Tensor:
         B, N, C = v.shape
         width = kernel.shape[-1]
+        if self.layout == "2d":
+            if is_causal:
+                raise ValueError("is_causal is not defined for the 2-D convolution layout")
+            if grid_size is None or grid_size[0] * grid_size[1] != N:
+                raise ValueError(f"grid_size must be (H, W) with H * W = {N} tokens, got {grid_size}")
+            # (B, C, H, W) viewed from (B, H, W, C) is channels-last: no transposes.
+            x = v.reshape(B, *grid_size, C).permute(0, 3, 1, 2)
+            out = F.conv2d(x, kernel.unsqueeze(1), bias, padding=width // 2, groups=C)
+            return out.permute(0, 2, 3, 1).reshape(B, N, C)
         # (B, C, 1, N) viewed from (B, N, C) is channels-last 2-D: the fast depthwise path, no transposes.
         x = v.unsqueeze(1).permute(0, 3, 1, 2)
         # Causal: pad width - 1 on both sides and keep the first N outputs (each reads t - width + 1 .. t).
@@ -196,17 +236,20 @@ def create_conv(
         dim: int,
         num_heads: int,
         kernel_sizes: Sequence[int] | None = None,
+        layout: ConvLayout = "1d",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
 ) -> MultiScaleDepthwiseConv | MultiScaleDynamicConv:
     """Build the convolution branch named by ``conv_type`` (``"static"`` or ``"dynamic"``).
 
     ``kernel_sizes=None`` takes the type's default: ``(1, 3, 5)`` (the seed's) for static,
-    ``(3, 15)`` (the official code's) for dynamic.
+    ``(3, 15)`` (the official code's) for dynamic. Dynamic kernels are 1-D only.
     """
     if conv_type not in CONV_TYPES:
         raise ValueError(f"conv_type must be one of {CONV_TYPES}, got {conv_type!r}")
     sizes = DEFAULT_KERNEL_SIZES[conv_type] if kernel_sizes is None else kernel_sizes
     if conv_type == "static":
-        return MultiScaleDepthwiseConv(dim, sizes, device=device, dtype=dtype)
+        return MultiScaleDepthwiseConv(dim, sizes, layout, device=device, dtype=dtype)
+    if layout != "1d":
+        raise ValueError(f"conv_layout={layout!r} needs conv_type='static'; dynamic kernels are 1-D")
     return MultiScaleDynamicConv(dim, num_heads, sizes, device=device, dtype=dtype)
