@@ -2,6 +2,11 @@
 from .attention import MUSEAttention
 from .block import MUSEBlock
 from .conv import MultiScaleDepthwiseConv, MultiScaleDynamicConv
+from .swap import swap_attention
+from .vit import track_token_layout  # importing registers the muse_vit_* models with timm
 
-__all__ = ["MUSEAttention", "MUSEBlock", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv"]
+__all__ = [
+    "MUSEAttention", "MUSEBlock", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "swap_attention",
+    "track_token_layout",
+]
 __version__ = "0.1.0"

@@ -1,16 +1,26 @@
 """MUSE block: the MUSE mixer and a feed-forward network in parallel on one normalised input."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
-from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
+from timm.layers import Attention, DropPath, LayerNorm, LayerScale, Mlp
 from torch import nn
 
 from .attention import ConvProj, MUSEAttention
 from .conv import ConvLayout, ConvType
 
 __all__ = ["MUSEBlock"]
+
+
+def _mixer_class(attn_layer: Callable[..., nn.Module] | None) -> Callable[..., nn.Module]:
+    if attn_layer is None or attn_layer is Attention:
+        return MUSEAttention
+    base = attn_layer.func if isinstance(attn_layer, partial) else attn_layer
+    if not (isinstance(base, type) and issubclass(base, MUSEAttention)):
+        raise ValueError(f"attn_layer must be MUSEAttention, a subclass or a partial of one, got {attn_layer!r}")
+    return attn_layer
 
 
 class MUSEBlock(nn.Module):
@@ -43,6 +53,8 @@ class MUSEBlock(nn.Module):
             conv_layout: ConvLayout = "1d",
             num_prefix_tokens: int = 0,
             grid_size: tuple[int, int] | None = None,
+            attn_layer: Callable[..., nn.Module] | None = None,
+            depth: int = 0,
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None,
     ) -> None:
@@ -55,12 +67,17 @@ class MUSEBlock(nn.Module):
             drop_path: Stochastic depth rate of each branch.
             kernel_sizes, conv_type, conv_proj, conv_layout, num_prefix_tokens, grid_size: The
                 mixer's convolution, see ``MUSEAttention``.
+            attn_layer: The mixer class, ``MUSEAttention`` or a subclass / ``functools.partial`` of
+                one; None and timm's ``Attention`` (what timm's ``VisionTransformer`` passes as
+                ``block_fn`` arguments by default) both mean ``MUSEAttention``.
+            depth: Block index; accepted for timm's ``block_fn`` interface, unused.
             Others: as timm's ``Block``.
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        mixer_cls = _mixer_class(attn_layer)
         self.norm = norm_layer(dim, **dd)
-        self.attn = MUSEAttention(
+        self.attn = mixer_cls(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
             proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
             kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, conv_layout=conv_layout,

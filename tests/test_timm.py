@@ -1,0 +1,228 @@
+"""timm integration: attn_layer / block_fn hooks, registered muse_vit_* models, swap_attention."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+
+from muse_lightning import MUSEAttention, MUSEBlock, swap_attention
+
+REGISTERED = [
+    "muse_vit_tiny_patch16_224", "muse_vit_small_patch16_224", "muse_vit_base_patch16_224",
+    "muse_vit_tiny_patch4_28", "muse_vit_tiny_patch4_32",
+]
+SMALL = ["muse_vit_tiny_patch4_28", "muse_vit_tiny_patch4_32"]
+
+
+def _input(model, batch=2, size=None):
+    chans, h, w = model.pretrained_cfg["input_size"]
+    return torch.randn(batch, chans, *(size or (h, w)))
+
+
+def test_timm_attn_layer_hook_builds_a_vit_of_muse_mixers():
+    model = timm.create_model("vit_small_patch16_224", attn_layer=MUSEAttention, depth=2)
+    assert all(type(b.attn) is MUSEAttention for b in model.blocks)
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_timm_block_fn_takes_muse_block():
+    model = timm.create_model("vit_tiny_patch16_224", block_fn=MUSEBlock, depth=2, img_size=32, patch_size=8)
+    assert all(type(b) is MUSEBlock and type(b.attn) is MUSEAttention for b in model.blocks)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+def test_muse_block_rejects_a_non_muse_attn_layer():
+    with pytest.raises(ValueError, match="attn_layer must be MUSEAttention"):
+        MUSEBlock(32, 4, attn_layer=torch.nn.Identity)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_registered_model_builds_and_classifies(name):
+    model = timm.create_model(name, depth=2).eval()
+    assert timm.is_model(name) and name in timm.list_models("muse_vit_*")
+    assert model.global_pool == "avg" and model.num_prefix_tokens == 0
+    assert all(b.attn.conv_layout == "2d" and b.attn.num_prefix_tokens == 0 for b in model.blocks)
+    out = model(_input(model, batch=1))
+    assert out.shape == (1, model.pretrained_cfg["num_classes"]) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_registered_model_backward_reaches_every_parameter(name):
+    model = timm.create_model(name, depth=2)
+    model(_input(model)).logsumexp(-1).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def test_registered_model_with_class_token_head_gives_every_parameter_a_gradient():
+    """timm's check: no parameter is left without a gradient (the last block's convolution then
+    reaches no logit, the class token being attention-only, so its gradient is zero)."""
+    model = timm.create_model("muse_vit_tiny_patch4_28", depth=2, class_token=True, global_pool="token")
+    assert all(b.attn.num_prefix_tokens == 1 for b in model.blocks)
+    model(_input(model)).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_registered_model_features_head_and_classifier_reset(name):
+    model = timm.create_model(name, depth=2).eval()
+    x = _input(model)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, model.patch_embed.num_patches, model.num_features)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7)
+
+
+def test_registered_model_forward_intermediates():
+    model = timm.create_model("muse_vit_tiny_patch4_32", depth=3).eval()
+    x = _input(model)
+    final, inter = model.forward_intermediates(x, indices=[0, 2])
+    assert [t.shape for t in inter] == [(2, 192, 8, 8)] * 2
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
+
+
+@pytest.mark.parametrize("size", [(28, 44), (40, 24)])
+def test_registered_model_dynamic_img_size_follows_non_square_grids(size):
+    model = timm.create_model("muse_vit_tiny_patch4_28", depth=2, dynamic_img_size=True, reg_tokens=2).eval()
+    x = _input(model, size=size)
+    out = model(x)
+    grid = (size[0] // 4, size[1] // 4)
+    assert out.shape == (2, 10) and all(b.attn.grid_size == grid for b in model.blocks)
+    # The grid matters: the same tokens read as the transposed grid give other outputs.
+    block = model.blocks[0]
+    assert model.num_prefix_tokens == 2
+    tokens = torch.randn(2, 2 + grid[0] * grid[1], 192)
+    assert not torch.allclose(block(tokens, grid_size=grid), block(tokens, grid_size=grid[::-1]))
+
+
+def test_registered_model_grad_checkpointing_matches():
+    model = timm.create_model("muse_vit_tiny_patch4_28", depth=2)
+    x = _input(model)
+    ref = model(x)
+    ref.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)
+
+
+def test_registered_model_loads_weights_from_a_local_file(tmp_path):
+    source = timm.create_model("muse_vit_tiny_patch4_32", depth=2).eval()
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    loaded = timm.create_model(
+        "muse_vit_tiny_patch4_32", depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+    ).eval()
+    x = _input(source)
+    torch.testing.assert_close(loaded(x), source(x))
+
+
+def test_registered_model_deepcopy_tracks_its_own_grid():
+    model = timm.create_model("muse_vit_tiny_patch4_28", depth=1, dynamic_img_size=True)
+    ema = copy.deepcopy(model)
+    ema(_input(model, size=(20, 36)))
+    model(_input(model, size=(28, 28)))
+    assert ema.blocks[0].attn.grid_size == (5, 9) and model.blocks[0].attn.grid_size == (7, 7)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="Unknown model"):
+        timm.create_model("muse_vit_gigantic_patch16_224")
+
+
+def _pretrained_vit(name="vit_tiny_patch16_224", **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, img_size=32, patch_size=8, depth=2, num_classes=5, **kwargs).eval()
+
+
+SWAP_OPTIONS = [{}, {"conv_layout": "1d"}, {"conv_proj": "shared"}, {"conv_proj": "per_kernel"},
+                {"conv_type": "dynamic", "conv_layout": "1d"}]
+
+
+@pytest.mark.parametrize("options", SWAP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("vit_tiny_patch16_224", {"reg_tokens": 4}),
+    ("deit_tiny_distilled_patch16_224", {}),
+    ("vit_tiny_patch16_224", {"dynamic_img_size": True, "class_token": False, "global_pool": "avg"}),
+])
+def test_swapped_model_computes_the_same_function(name, kwargs, options):
+    model = _pretrained_vit(name, **kwargs)
+    x = torch.randn(2, 3, 32, 40) if kwargs.get("dynamic_img_size") else torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    swapped, names = swap_attention(model, return_names=True, **options)
+    assert names == [f"blocks.{i}.attn" for i in range(2)]
+    assert all(type(b.attn) is MUSEAttention for b in swapped.blocks)
+    assert all(b.attn.num_prefix_tokens == swapped.num_prefix_tokens for b in swapped.blocks)
+    out = swapped(x)
+    for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        assert (a - b).abs().max() <= 1e-4
+
+
+def test_swapped_model_fine_tunes_from_the_original():
+    model = _pretrained_vit()
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 5, (16,))
+    start = F.cross_entropy(model(x), y).item()
+    swap_attention(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - start) < 1e-4  # fine-tuning starts from the original model
+    assert losses[-1] < 0.5 * losses[0]
+    conv = model.blocks[0].attn
+    assert conv.conv_proj.weight.abs().sum() > 0 and all(w.grad.abs().sum() > 0 for w in conv.conv.weight)
+
+
+def test_swap_errors_are_clear():
+    with pytest.raises(ValueError, match="has no timm Attention module to swap"):
+        swap_attention(timm.create_model("resnet10t"))
+    with pytest.raises(ValueError, match=r"\['num_heads'\] are taken from the model's attention"):
+        swap_attention(_pretrained_vit(), num_heads=4)
+    with pytest.raises(TypeError, match=r"unknown mixer options \['kernel'\]"):
+        swap_attention(_pretrained_vit(), kernel=3)
+    with pytest.raises(ValueError, match="cannot start silent"):
+        swap_attention(_pretrained_vit(), conv_type="dynamic", conv_proj="shared", conv_layout="1d")
+    with pytest.raises(ValueError, match="needs conv_type='static'"):
+        swap_attention(_pretrained_vit(), conv_type="dynamic")
+    with pytest.raises(ValueError, match="conv_layout='2d' needs a ViT-style model"):
+        swap_attention(torch.nn.Sequential(Block(32, 4)), conv_layout="2d")
+
+
+def test_swap_into_a_plain_block_stack_uses_the_1d_layout():
+    blocks = torch.nn.Sequential(Block(32, 4, qkv_bias=True), Block(32, 4, qkv_bias=True)).eval()
+    x = torch.randn(2, 9, 32)
+    ref = blocks(x)
+    swap_attention(blocks)
+    assert blocks[0].attn.conv_layout == "1d"
+    torch.testing.assert_close(blocks(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_registered_model_features_only():
+    model = timm.create_model("muse_vit_tiny_patch4_32", depth=3, features_only=True, out_indices=(1, 2)).eval()
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert [f.shape for f in feats] == [(2, 192, 8, 8)] * 2
+
+
+def test_registered_model_compiles_without_graph_breaks_and_follows_the_grid():
+    torch._dynamo.reset()
+    model = timm.create_model("muse_vit_tiny_patch4_28", depth=1, dynamic_img_size=True).eval()
+    compiled = torch.compile(model, fullgraph=True)
+    for size in [(28, 28), (28, 36)]:
+        x = _input(model, size=size)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+        assert model.blocks[0].attn.grid_size == (size[0] // 4, size[1] // 4)
