@@ -1,0 +1,300 @@
+"""LightningDataModules: Fashion-MNIST, WordNet glosses, and users' own image folders and text files.
+
+Every module knows ``num_classes`` as soon as it is built (the CLI links it into the model), checks
+its paths at construction (a missing file is an error at startup, not after an epoch), and splits
+deterministically: a stratified split with a fixed ``seed``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .datasets import (
+    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, WORDNET_LEXNAMES, ByteTokenizer, load_embedded_fashion_mnist,
+    load_embedded_wordnet_glosses, read_fashion_mnist, read_text_table, read_wordnet_glosses, split_indices,
+)
+
+__all__ = ["FashionMNISTDataModule", "ImageFolderDataModule", "TextFileDataModule", "WordNetGlossesDataModule"]
+
+Source = Literal["auto", "embedded", "system"]
+
+
+def _resolve_source(source: str, root: str | None, default: Path, name: str, package: str) -> tuple[str, Path]:
+    """``("system" | "embedded", directory)`` for a data set that is a Debian package or a shipped subset."""
+    if source not in ("auto", "embedded", "system"):
+        raise ValueError(f"source must be 'auto', 'embedded' or 'system', got {source!r}")
+    directory = Path(root) if root is not None else default
+    if (root is not None or source == "system") and not directory.is_dir():
+        raise FileNotFoundError(
+            f"{name} directory {directory} not found: install Debian's {package} package, or use source='embedded'"
+        )
+    return ("system" if source == "system" or (source == "auto" and directory.is_dir()) else "embedded"), directory
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+
+
+class _ClassificationData(L.LightningDataModule):
+    """Loaders over ``self.train_set`` / ``val_set`` / ``test_set``; predict runs on the test set."""
+
+    classes: Sequence[str]
+
+    def __init__(self, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, known from construction on."""
+        return len(self.classes)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been run")
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            collate_fn=getattr(self, "collate_fn", None), persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class _ImageArrayDataset(Dataset):
+    """uint8 ``(N, H, W)`` images as normalised ``(1, H, W)`` float tensors; optional flip + shift."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float, augment: bool) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(labels)
+        self.mean, self.std, self.augment = mean, std, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (self.images[i].float().div(255.0) - self.mean).div(self.std).unsqueeze(0)
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+            dy, dx = torch.randint(-2, 3, (2,)).tolist()
+            x = torch.roll(torch.nn.functional.pad(x, (2, 2, 2, 2), value=-self.mean / self.std), (dy, dx), (1, 2))
+            x = x[:, 2:-2, 2:-2]
+        return x, self.labels[i]
+
+
+class FashionMNISTDataModule(_ClassificationData):
+    """Fashion-MNIST (10 classes of 28 x 28 grey clothing images).
+
+    ``source``: ``"system"`` reads the full set from Debian's ``dataset-fashion-mnist`` (``root``,
+    default ``/usr/share/datasets/fashion-mnist``); ``"embedded"`` the 10k/2k subset shipped in the
+    package; ``"auto"`` the full set when installed, else the subset. The validation set is a
+    stratified ``val_fraction`` of the training images; the test set is the official test split.
+    (With internet, torchvision's ``FashionMNIST(root, download=True)`` writes the same IDX files:
+    point ``root`` at its ``raw`` folder.)
+    """
+
+    classes = FASHION_MNIST_CLASSES
+    in_chans = 1
+    img_size = 28
+    mean, std = 0.2860, 0.3530
+
+    def __init__(
+            self,
+            source: Source = "auto",
+            root: str | None = None,
+            batch_size: int = 128,
+            num_workers: int = 0,
+            val_fraction: float = 0.1,
+            augment: bool = True,
+            seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        self.source, self.root = _resolve_source(source, root, FASHION_MNIST_DIR, "Fashion-MNIST", "dataset-fashion-mnist")
+        _check_fraction("val_fraction", val_fraction)
+        self.val_fraction, self.augment, self.seed = val_fraction, augment, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        data = read_fashion_mnist(self.root) if self.source == "system" else load_embedded_fashion_mnist()
+        images, labels = data["train"]
+        val_idx, train_idx = split_indices(labels, [self.val_fraction], seed=self.seed)
+        make = lambda x, y, augment: _ImageArrayDataset(x, y, self.mean, self.std, augment)  # noqa: E731
+        self.train_set = make(images[train_idx], labels[train_idx], self.augment)
+        self.val_set = make(images[val_idx], labels[val_idx], False)
+        self.test_set = make(*data["test"], False)
+
+
+class ImageFolderDataModule(_ClassificationData):
+    """Images in class folders (``train_dir/<class>/*.png``), read by torchvision's ``ImageFolder``.
+
+    Validation comes from ``val_dir`` or, without one, a stratified ``val_fraction`` of the training
+    folder; ``test_dir`` is optional (without it, test and predict use the validation set). Images
+    are transformed by timm's ``create_transform`` at ``img_size``.
+    """
+
+    def __init__(
+            self,
+            train_dir: str,
+            val_dir: str | None = None,
+            test_dir: str | None = None,
+            img_size: int = 224,
+            batch_size: int = 64,
+            num_workers: int = 0,
+            val_fraction: float = 0.1,
+            seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        from torchvision.datasets.folder import find_classes
+
+        for name, path in (("train_dir", train_dir), ("val_dir", val_dir), ("test_dir", test_dir)):
+            if path is not None and not Path(path).is_dir():
+                raise FileNotFoundError(f"{name}: no such directory {path}")
+        self.classes = find_classes(train_dir)[0]
+        self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
+        self.img_size, self.val_fraction, self.seed = img_size, val_fraction, seed
+        _check_fraction("val_fraction", val_fraction)
+
+    def setup(self, stage: str | None = None) -> None:
+        from timm.data import create_transform
+        from torchvision.datasets import ImageFolder
+
+        train_tf = create_transform(self.img_size, is_training=True)
+        eval_tf = create_transform(self.img_size, is_training=False)
+        if self.val_dir is None:
+            train_full, eval_full = ImageFolder(self.train_dir, train_tf), ImageFolder(self.train_dir, eval_tf)
+            val_idx, train_idx = split_indices(np.asarray(train_full.targets), [self.val_fraction], seed=self.seed)
+            self.train_set, self.val_set = Subset(train_full, train_idx.tolist()), Subset(eval_full, val_idx.tolist())
+        else:
+            self.train_set, self.val_set = ImageFolder(self.train_dir, train_tf), ImageFolder(self.val_dir, eval_tf)
+        self.test_set = ImageFolder(self.test_dir, eval_tf) if self.test_dir is not None else self.val_set
+        for name, dataset in (("val_dir", self.val_set), ("test_dir", self.test_set)):
+            folder = dataset.dataset if isinstance(dataset, Subset) else dataset
+            if list(folder.classes) != list(self.classes):
+                raise ValueError(f"{name} has classes {folder.classes}, train_dir has {list(self.classes)}")
+
+
+class _TextDataset(Dataset):
+    def __init__(self, texts: Sequence[str], labels: Sequence[int], tokenizer: ByteTokenizer) -> None:
+        self.ids = [tokenizer.encode(t) for t in texts]
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.ids[i], self.labels[i]
+
+
+class _TextData(_ClassificationData):
+    def __init__(self, max_length: int, batch_size: int, num_workers: int) -> None:
+        super().__init__(batch_size, num_workers)
+        self.tokenizer = ByteTokenizer(max_length)
+        self.collate_fn = self.tokenizer.collate
+        self.max_length = max_length
+
+
+class WordNetGlossesDataModule(_TextData):
+    """WordNet 3.0 glosses, each labelled by its lexicographer file (45 supersense classes).
+
+    ``source``: ``"system"`` reads all 117,659 glosses from Debian's ``wordnet-base`` (``root``,
+    default ``/usr/share/wordnet``); ``"embedded"`` the 24k subset shipped in the package;
+    ``"auto"`` the full set when installed. Train / val / test is a stratified split by ``seed``.
+    Byte-level tokens (``ByteTokenizer``), cut at ``max_length``.
+    """
+
+    classes = WORDNET_LEXNAMES
+
+    def __init__(
+            self,
+            source: Source = "auto",
+            root: str | None = None,
+            max_length: int = 128,
+            batch_size: int = 64,
+            num_workers: int = 0,
+            val_fraction: float = 0.1,
+            test_fraction: float = 0.1,
+            seed: int = 0,
+    ) -> None:
+        super().__init__(max_length, batch_size, num_workers)
+        self.source, self.root = _resolve_source(source, root, WORDNET_DIR, "WordNet", "wordnet-base")
+        _check_fraction("val_fraction", val_fraction)
+        _check_fraction("test_fraction", test_fraction)
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        texts, labels = read_wordnet_glosses(self.root) if self.source == "system" else load_embedded_wordnet_glosses()
+        parts = split_indices(labels, [self.val_fraction, self.test_fraction], seed=self.seed)
+        val_set, test_set, train_set = (
+            _TextDataset([texts[i] for i in idx], labels[idx].tolist(), self.tokenizer) for idx in parts
+        )
+        self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
+
+
+class TextFileDataModule(_TextData):
+    """Users' own labelled text: ``.csv`` (header row) or ``.jsonl`` files with a text and a label field.
+
+    Classes are the sorted distinct labels of ``train_file``; validation comes from ``val_file`` or
+    a stratified ``val_fraction`` of the training rows; test and predict use ``test_file`` (or the
+    validation set).
+    """
+
+    def __init__(
+            self,
+            train_file: str,
+            val_file: str | None = None,
+            test_file: str | None = None,
+            text_field: str = "text",
+            label_field: str = "label",
+            max_length: int = 256,
+            batch_size: int = 64,
+            num_workers: int = 0,
+            val_fraction: float = 0.1,
+            seed: int = 0,
+    ) -> None:
+        super().__init__(max_length, batch_size, num_workers)
+        _check_fraction("val_fraction", val_fraction)
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.fields = (text_field, label_field)
+        self.tables = {split: read_text_table(path, *self.fields) for split, path in self.files.items() if path}
+        self.classes = sorted(set(self.tables["train"][1]))
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.encoded: dict[str, tuple[list[str], np.ndarray]] = {}
+        for split, (texts, labels) in self.tables.items():
+            unknown = sorted(set(labels) - set(index))
+            if unknown:
+                raise ValueError(f"{self.files[split]}: labels {unknown[:5]} do not occur in train_file")
+            self.encoded[split] = (texts, np.asarray([index[x] for x in labels], dtype=np.int64))
+        self.val_fraction, self.seed = val_fraction, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        texts, labels = self.encoded["train"]
+        make = lambda t, y: _TextDataset(t, y.tolist(), self.tokenizer)  # noqa: E731
+        if "val" in self.encoded:
+            self.train_set, self.val_set = make(texts, labels), make(*self.encoded["val"])
+        else:
+            val_idx, train_idx = split_indices(labels, [self.val_fraction], seed=self.seed)
+            self.train_set = make([texts[i] for i in train_idx], labels[train_idx])
+            self.val_set = make([texts[i] for i in val_idx], labels[val_idx])
+        self.test_set = make(*self.encoded["test"]) if "test" in self.encoded else self.val_set

@@ -1,0 +1,182 @@
+"""Readers for the data the project trains on, all offline.
+
+- Fashion-MNIST: the IDX files of Debian's ``dataset-fashion-mnist`` package, or the compact subset
+  shipped inside this package (``assets/``), or torchvision's download for users with internet.
+- WordNet 3.0 glosses labelled by their lexicographer file (45 supersense classes): the data files
+  of Debian's ``wordnet-base`` package, or the shipped subset.
+- Users' own text: CSV or JSONL files with a text and a label field.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ASSETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "WORDNET_DIR", "WORDNET_LEXNAMES", "ByteTokenizer",
+    "load_embedded_fashion_mnist", "load_embedded_wordnet_glosses", "read_fashion_mnist", "read_idx",
+    "read_text_table", "read_wordnet_glosses", "split_indices",
+]
+
+ASSETS = Path(__file__).parent / "assets"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+WORDNET_DIR = Path("/usr/share/wordnet")
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# WordNet's lexicographer files, numbered as in its data files (the ``lex_filenum`` field).
+WORDNET_LEXNAMES: tuple[str, ...] = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute",
+    "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
+    "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant",
+    "noun.possession", "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state",
+    "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication",
+    "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
+    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+)
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no such file {path}")
+    return path
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (as used by MNIST and Fashion-MNIST), gzipped or not."""
+    path = _require_file(Path(path), "IDX file")
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    body = data[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path} is truncated: header says {shape}, found {len(body)} bytes")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def read_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The full Fashion-MNIST from IDX files: ``{"train": (images, labels), "test": ...}``, uint8 28 x 28."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Fashion-MNIST directory {root} not found: install Debian's dataset-fashion-mnist package, "
+            "or use the embedded subset (source='embedded')"
+        )
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{root}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
+        out[split] = (images, labels)
+    return out
+
+
+def load_embedded_fashion_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The Fashion-MNIST subset shipped in this package (class-balanced; see ``assets/README.md``)."""
+    with np.load(_require_file(ASSETS / "fashion_mnist_subset.npz", "embedded Fashion-MNIST")) as f:
+        return {split: (f[f"{split}_images"], f[f"{split}_labels"].astype(np.int64)) for split in ("train", "test")}
+
+
+def read_wordnet_glosses(root: str | Path = WORDNET_DIR) -> tuple[list[str], np.ndarray]:
+    """Every synset gloss of WordNet 3.0 with its lexicographer-file label (index into ``WORDNET_LEXNAMES``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"WordNet directory {root} not found: install Debian's wordnet-base package, "
+            "or use the embedded subset (source='embedded')"
+        )
+    texts, labels = [], []
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = _require_file(root / f"data.{pos}", "WordNet data file")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  "):  # the licence header
+                    continue
+                head, sep, gloss = line.partition(" | ")
+                if not sep:
+                    raise ValueError(f"{path}: a synset line without a gloss: {line[:60]!r}")
+                texts.append(gloss.strip())
+                labels.append(int(head.split(" ", 2)[1]))
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def load_embedded_wordnet_glosses() -> tuple[list[str], np.ndarray]:
+    """The WordNet gloss subset shipped in this package (see ``assets/README.md``)."""
+    path = _require_file(ASSETS / "wordnet_glosses_subset.tsv.gz", "embedded WordNet glosses")
+    texts, labels = [], []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            label, text = line.rstrip("\n").split("\t", 1)
+            texts.append(text)
+            labels.append(int(label))
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def read_text_table(path: str | Path, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list[str]]:
+    """Texts and labels (as strings) from a ``.csv`` (with a header row) or ``.jsonl`` file."""
+    path = _require_file(Path(path), "text data")
+    texts, labels = [], []
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        raise ValueError(f"{path}: text data must be a .csv or .jsonl file")
+    for i, row in enumerate(rows):
+        if text_field not in row or label_field not in row:
+            raise ValueError(f"{path}: row {i + 1} lacks the field {text_field!r} or {label_field!r}")
+        texts.append(str(row[text_field]))
+        labels.append(str(row[label_field]))
+    if not texts:
+        raise ValueError(f"{path} holds no rows")
+    return texts, labels
+
+
+def split_indices(labels: np.ndarray, fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:
+    """Deterministic stratified split of ``range(len(labels))`` into ``len(fractions)`` + 1 parts.
+
+    Each class is shuffled with ``seed`` and cut by ``fractions`` (the last part takes the rest),
+    so every part has the class balance of the whole, and the same seed gives the same split.
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        cuts = np.cumsum([round(f * len(idx)) for f in fractions])
+        for part, chunk in zip(parts, np.split(idx, cuts)):
+            part.append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: id ``b + 1`` for byte ``b``, 0 for padding; nothing to download."""
+
+    pad_id = 0
+    vocab_size = 257
+
+    def __init__(self, max_length: int = 256) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.max_length = max_length
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids of ``text``, cut to ``max_length``; an empty text gives one padding token."""
+        ids = torch.tensor(list(text.encode("utf-8")[: self.max_length]), dtype=torch.long) + 1
+        return ids if ids.numel() else torch.zeros(1, dtype=torch.long)
+
+    def collate(self, batch: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        """Pad a batch of ``(ids, label)`` to its longest sequence."""
+        ids = torch.nn.utils.rnn.pad_sequence([b[0] for b in batch], batch_first=True, padding_value=self.pad_id)
+        return {"input_ids": ids, "labels": torch.tensor([b[1] for b in batch], dtype=torch.long)}

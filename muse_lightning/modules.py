@@ -1,0 +1,227 @@
+"""LightningModules: image and text classifiers with MUSE token mixers.
+
+The module holds the model and the optimisation: AdamW (no decay on biases, norms, gates and
+position tables), linear warm-up then cosine decay per step, label smoothing, and torchmetrics
+accuracy (top-1; top-5 when there are more than 5 classes), macro F1 and mean loss, all synced
+across processes under DDP.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from .attention import ConvProj
+from .conv import ConvType
+from . import swap
+from .text import MUSETextNet
+
+__all__ = ["ClassifierModule", "ImageClassifier", "TextClassifier"]
+
+
+class ClassifierModule(L.LightningModule):
+    """Shared training, evaluation and optimisation of the classifiers; ``self.model`` maps inputs to logits."""
+
+    model: nn.Module
+
+    def __init__(
+            self,
+            num_classes: int,
+            lr: float = 1e-3,
+            weight_decay: float = 0.05,
+            warmup_fraction: float = 0.05,
+            min_lr_ratio: float = 0.01,
+            label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        self.num_classes = num_classes
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        metrics = {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+        }
+        if num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        collection = MetricCollection(metrics)
+        # Attributes, not a ModuleDict: a "train" key would clash with nn.Module.train.
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_metrics", collection.clone(prefix=f"{stage}/"))
+            setattr(self, f"{stage}_loss", MeanMetric())
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        """Logits for a batch's inputs."""
+        return self.model(inputs)
+
+    @staticmethod
+    def _split(batch: Any) -> tuple[Any, torch.Tensor]:
+        if isinstance(batch, dict):
+            return batch["input_ids"], batch["labels"]
+        return batch[0], batch[1]
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        inputs, labels = self._split(batch)
+        logits = self(inputs)
+        loss = self.criterion(logits, labels)
+        mean_loss, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
+        mean_loss.update(loss.detach(), weight=labels.numel())
+        metrics.update(logits.detach(), labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=not on_step)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not on_step)
+        if on_step:
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class probabilities and predicted class of each input."""
+        probs = self(self._split(batch)[0]).softmax(-1)
+        return {"probs": probs, "preds": probs.argmax(-1)}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW; per-step linear warm-up for ``warmup_fraction`` of training, then cosine to ``min_lr_ratio``."""
+        hp = self.hparams
+        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=skip)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(hp.warmup_fraction * total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        """Fail before training when the data's classes do not match the model's head."""
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"the data has {data_classes} classes but the model was built with num_classes={self.num_classes}"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with a clear message, a checkpoint whose tensors do not fit (another ``num_classes``...)."""
+        own = self.state_dict()
+        mismatched = [
+            f"{name}: {tuple(value.shape)} in the checkpoint, {tuple(own[name].shape)} here"
+            for name, value in checkpoint.get("state_dict", {}).items()
+            if name in own and own[name].shape != value.shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"the checkpoint does not fit this model (num_classes={self.num_classes} here; another class count "
+                f"or architecture?): {'; '.join(mismatched[:4])}"
+            )
+
+
+class ImageClassifier(ClassifierModule):
+    """A timm image model by name: a registered ``muse_vit_*``, or any timm model with MUSE swapped in."""
+
+    def __init__(
+            self,
+            model_name: str = "muse_vit_tiny_patch4_28",
+            num_classes: int = 10,
+            model_kwargs: dict[str, Any] | None = None,
+            pretrained: bool = False,
+            swap_attention: bool = False,
+            mixer_kwargs: dict[str, Any] | None = None,
+            lr: float = 1e-3,
+            weight_decay: float = 0.05,
+            warmup_fraction: float = 0.05,
+            min_lr_ratio: float = 0.01,
+            label_smoothing: float = 0.1,
+    ) -> None:
+        """
+        Args:
+            model_name: timm model name, e.g. ``muse_vit_small_patch16_224`` or ``deit_small_patch16_224``.
+            num_classes: Output classes (the CLI links it from the data).
+            model_kwargs: More arguments of ``timm.create_model`` (``depth``, ``img_size``, ...).
+            pretrained: Load the model's pretrained weights (from a hub unless ``model_kwargs``
+                carries ``pretrained_cfg_overlay=dict(file=...)``).
+            swap_attention: Replace the model's timm attention by MUSE (``muse_lightning.swap_attention``).
+            mixer_kwargs: Options for the swapped mixers (``kernel_sizes``, ``conv_type``, ...).
+            lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
+        """
+        super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
+        self.save_hyperparameters()
+        if not timm.is_model(model_name):
+            close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+            raise ValueError(
+                f"unknown model_name {model_name!r}; close matches: {close}; MUSE models: {timm.list_models('muse_vit_*')}"
+            )
+        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+        if swap_attention:
+            swap.swap_attention(self.model, **(mixer_kwargs or {}))
+        elif mixer_kwargs:
+            raise ValueError("mixer_kwargs is only used with swap_attention=True")
+
+
+class TextClassifier(ClassifierModule):
+    """Byte-level text classifier of MUSE blocks (``MUSETextNet``): nothing to download."""
+
+    def __init__(
+            self,
+            num_classes: int = 45,
+            max_length: int = 256,
+            dim: int = 128,
+            depth: int = 4,
+            num_heads: int = 4,
+            mlp_ratio: float = 4.0,
+            kernel_sizes: Sequence[int] | None = None,
+            conv_type: ConvType = "static",
+            conv_proj: ConvProj = "separate",
+            drop_rate: float = 0.1,
+            drop_path_rate: float = 0.1,
+            lr: float = 1e-3,
+            weight_decay: float = 0.05,
+            warmup_fraction: float = 0.05,
+            min_lr_ratio: float = 0.01,
+            label_smoothing: float = 0.1,
+    ) -> None:
+        """
+        Args:
+            num_classes: Output classes (the CLI links it from the data).
+            max_length: Longest token sequence; at least the data module's ``max_length``.
+            dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, drop_rate,
+                drop_path_rate: The network, see ``MUSETextNet``.
+            lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
+        """
+        super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
+        self.save_hyperparameters()
+        self.model = MUSETextNet(
+            num_classes, max_length=max_length, dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+        )
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        data_length = getattr(self.trainer.datamodule, "max_length", None)
+        if data_length is not None and data_length > self.hparams.max_length:
+            raise ValueError(f"the data's max_length={data_length} exceeds the model's max_length={self.hparams.max_length}")

@@ -1,0 +1,91 @@
+"""A Transformer text classifier of MUSE blocks."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from timm.layers import LayerNorm, trunc_normal_
+from torch import nn
+
+from .attention import ConvProj
+from .block import MUSEBlock
+from .conv import ConvType
+
+__all__ = ["MUSETextNet"]
+
+
+class MUSETextNet(nn.Module):
+    """Token embedding + learned positions + ``MUSEBlock``s (1-D) + masked mean pooling + linear head.
+
+    Padding (``input_ids == pad_id``, or an explicit ``key_padding_mask``) is excluded from attention,
+    never read by the convolutions and left out of the pooling, so a sequence's logits do not depend
+    on how much it was padded.
+    """
+
+    def __init__(
+            self,
+            num_classes: int,
+            vocab_size: int = 257,
+            max_length: int = 256,
+            dim: int = 128,
+            depth: int = 4,
+            num_heads: int = 4,
+            mlp_ratio: float = 4.0,
+            kernel_sizes: Sequence[int] | None = None,
+            conv_type: ConvType = "static",
+            conv_proj: ConvProj = "separate",
+            drop_rate: float = 0.1,
+            drop_path_rate: float = 0.1,
+            pad_id: int = 0,
+    ) -> None:
+        """
+        Args:
+            num_classes: Output classes.
+            vocab_size: Token ids are in ``[0, vocab_size)``; 257 fits ``ByteTokenizer``.
+            max_length: Longest sequence (size of the position table).
+            dim, depth, num_heads, mlp_ratio: Transformer width, blocks, heads, MLP ratio.
+            kernel_sizes, conv_type, conv_proj: The MUSE convolution (see ``MUSEAttention``).
+            drop_rate: Dropout on embeddings and on the pooled features.
+            drop_path_rate: Stochastic depth, rising linearly to this rate in the last block.
+            pad_id: Padding token id.
+        """
+        super().__init__()
+        self.max_length, self.pad_id = max_length, pad_id
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_length, dim))
+        self.drop = nn.Dropout(drop_rate)
+        self.blocks = nn.ModuleList(
+            MUSEBlock(
+                dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=drop_path_rate * i / max(depth - 1, 1),
+                kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj,
+            )
+            for i in range(depth)
+        )
+        self.norm = LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.embed.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[pad_id].zero_()
+        trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW should not decay (timm's convention)."""
+        return {"pos_embed"}
+
+    def forward(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` for token ids ``(B, N)``."""
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be a (B, N) long tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.max_length:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than max_length={self.max_length}")
+        if key_padding_mask is None:
+            key_padding_mask = input_ids == self.pad_id
+        x = self.drop(self.embed(input_ids) + self.pos_embed[:, : input_ids.shape[1]])
+        for block in self.blocks:
+            x = block(x, key_padding_mask=key_padding_mask)
+        x = self.norm(x)
+        keep = (~key_padding_mask).unsqueeze(-1).to(x.dtype)
+        pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return self.head(self.drop(pooled))

@@ -1,0 +1,137 @@
+"""Data: readers, embedded subsets, deterministic splits, clear errors for missing or bad files."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from muse_lightning import FashionMNISTDataModule, ImageFolderDataModule, TextFileDataModule, WordNetGlossesDataModule
+from muse_lightning.datasets import (
+    ByteTokenizer, load_embedded_fashion_mnist, load_embedded_wordnet_glosses, read_idx, read_text_table,
+    read_wordnet_glosses, split_indices,
+)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_reader_round_trips_and_rejects_bad_files(tmp_path):
+    images = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 256
+    _write_idx(tmp_path / "x.gz", images)
+    assert np.array_equal(read_idx(tmp_path / "x.gz"), images)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "short.gz")
+
+
+def test_fashion_mnist_reads_a_system_directory(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    dm = FashionMNISTDataModule(source="system", root=str(tmp_path), val_fraction=0.25)
+    dm.setup("fit")
+    assert dm.source == "system" and (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (30, 10, 10)
+    x, y = dm.train_set[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
+
+
+def test_embedded_subsets_are_class_balanced_and_complete():
+    data = load_embedded_fashion_mnist()
+    assert data["train"][0].shape == (10_000, 28, 28) and data["test"][0].shape == (2_000, 28, 28)
+    assert np.bincount(data["train"][1]).tolist() == [1000] * 10
+    texts, labels = load_embedded_wordnet_glosses()
+    assert len(texts) == len(labels) > 20_000 and set(labels.tolist()) == set(range(45))
+
+
+def test_split_is_deterministic_stratified_and_disjoint():
+    labels = np.repeat(np.arange(4), 50)
+    a = split_indices(labels, [0.2, 0.1], seed=3)
+    b = split_indices(labels, [0.2, 0.1], seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], split_indices(labels, [0.2, 0.1], seed=4)[0])
+    assert sorted(np.concatenate(a).tolist()) == list(range(200))
+    assert np.bincount(labels[a[0]]).tolist() == [10] * 4
+
+
+def test_data_modules_split_the_same_way_every_time():
+    first, second = FashionMNISTDataModule(source="embedded"), FashionMNISTDataModule(source="embedded")
+    first.setup("fit"), second.setup("fit")
+    assert torch.equal(first.val_set.labels, second.val_set.labels)
+    assert torch.equal(first.val_set.images, second.val_set.images)
+
+
+def test_wordnet_reader_parses_glosses_and_lexicographer_files(tmp_path):
+    header = "  1 This software and database is being provided to you\n"
+    (tmp_path / "data.noun").write_text(header + "00001740 03 n 01 entity 0 000 | that which is perceived\n")
+    (tmp_path / "data.verb").write_text("00001740 29 v 01 breathe 0 000 | draw air into the lungs\n")
+    (tmp_path / "data.adj").write_text("00001740 00 a 01 able 0 000 | having the power\n")
+    (tmp_path / "data.adv").write_text("00001740 02 r 01 barely 0 000 | only just\n")
+    texts, labels = read_wordnet_glosses(tmp_path)
+    assert texts == ["that which is perceived", "draw air into the lungs", "having the power", "only just"]
+    assert labels.tolist() == [3, 29, 0, 2]
+    dm = WordNetGlossesDataModule(source="system", root=str(tmp_path))
+    assert dm.num_classes == 45 and dm.source == "system"
+
+
+def test_text_files_csv_and_jsonl(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\ngood film,pos\nbad film,neg\nfine film,pos\nawful,neg\n")
+    rows = [{"body": "great", "y": "pos"}, {"body": "poor", "y": "neg"}]
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_text_table(tmp_path / "train.csv")[1] == ["pos", "neg", "pos", "neg"]
+    dm = TextFileDataModule(str(tmp_path / "train.csv"), val_fraction=0.5, batch_size=2)
+    dm.setup("fit")
+    assert dm.classes == ["neg", "pos"] and len(dm.train_set) == 2 and len(dm.val_set) == 2
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].dtype == torch.long and batch["labels"].shape == (2,)
+    with pytest.raises(ValueError, match="lacks the field 'text'"):
+        TextFileDataModule(str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.jsonl"))
+    (tmp_path / "other.csv").write_text("text,label\nhm,maybe\n")
+    with pytest.raises(ValueError, match=r"labels \['maybe'\] do not occur in train_file"):
+        TextFileDataModule(str(tmp_path / "train.csv"), test_file=str(tmp_path / "other.csv"))
+
+
+def test_image_folder_data_module(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "train" / cls / f"{i}.png")
+    dm = ImageFolderDataModule(str(tmp_path / "train"), img_size=16, batch_size=4, val_fraction=0.2)
+    assert dm.num_classes == 2
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 16, 16) and len(dm.val_set) == 2
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda p: FashionMNISTDataModule(source="system", root=str(p / "nowhere")), FileNotFoundError,
+         "Fashion-MNIST directory .* not found: install Debian's dataset-fashion-mnist"),
+        (lambda p: WordNetGlossesDataModule(root=str(p / "nowhere")), FileNotFoundError, "WordNet directory"),
+        (lambda p: TextFileDataModule(str(p / "missing.csv")), FileNotFoundError, "no such file"),
+        (lambda p: ImageFolderDataModule(str(p / "missing")), FileNotFoundError, "train_dir: no such directory"),
+        (lambda p: FashionMNISTDataModule(source="cloud"), ValueError, "source must be"),
+        (lambda p: FashionMNISTDataModule(val_fraction=1.5), ValueError, r"val_fraction must be in \(0, 1\)"),
+    ],
+)
+def test_missing_or_bad_data_is_an_error_at_construction(tmp_path, make, error, match):
+    with pytest.raises(error, match=match):
+        make(tmp_path)
+
+
+def test_byte_tokenizer_pads_and_truncates():
+    tok = ByteTokenizer(max_length=4)
+    assert tok.encode("héllo").tolist() == [ord("h") + 1, 0xC3 + 1, 0xA9 + 1, ord("l") + 1]
+    batch = tok.collate([(tok.encode("ab"), 1), (tok.encode("abcd"), 0)])
+    assert batch["input_ids"].tolist() == [[98, 99, 0, 0], [98, 99, 100, 101]]

@@ -1,0 +1,173 @@
+"""Lightning: the classifiers, the muse-lightning CLI with the shipped configs, resume, DDP, errors."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from muse_lightning import FashionMNISTDataModule, ImageClassifier, TextClassifier, WordNetGlossesDataModule
+from muse_lightning.cli import main
+from muse_lightning.text import MUSETextNet
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+         "--trainer.limit_test_batches", "2"]
+SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def _metrics(log_root: Path) -> dict[str, float]:
+    """The last values of every metric in the newest CSVLogger file under ``log_root``."""
+    newest = max(log_root.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    values: dict[str, float] = {}
+    with open(newest) as f:
+        for row in csv.DictReader(f):
+            values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return values
+
+
+@pytest.mark.parametrize(("config", "name"), [("quickstart.yaml", "quickstart"), ("text_quickstart.yaml", "text_quickstart")])
+def test_shipped_config_fits_then_tests_from_its_checkpoint(tmp_path, monkeypatch, config, name):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # a second run in the same place must not trip over the saved config
+        main(["fit", "--config", str(CONFIGS / config), *QUICK])
+    ckpt = tmp_path / "checkpoints" / name / "best.ckpt"
+    assert ckpt.is_file() and (tmp_path / "logs" / name).is_dir()
+    main(["test", "--config", str(CONFIGS / config), *QUICK, "--ckpt_path", str(ckpt)])
+    metrics = _metrics(tmp_path / "logs" / name)
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and "test/f1_macro" in metrics and "test/acc_top5" in metrics
+
+
+@pytest.mark.parametrize("overlay", ["gpu.yaml", "ddp.yaml", "multinode.yaml", "compiled.yaml"])
+def test_overlay_configs_parse_on_top_of_the_quickstart(overlay, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / overlay), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "muse_lightning.ImageClassifier" in capsys.readouterr().out
+
+
+def test_compiled_run_from_config_trains(tmp_path, monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "compiled.yaml"), *QUICK,
+          "--trainer.limit_val_batches", "0", "--model.init_args.model_kwargs", str(SMALL_VIT)])
+    assert (tmp_path / "checkpoints" / "quickstart" / "last.ckpt").is_file()
+
+
+class _StartStep(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.start = trainer.global_step
+
+
+def test_resume_from_checkpoint_continues_at_the_right_step(tmp_path):
+    def trainer(max_steps, *callbacks):
+        return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         limit_val_batches=0, default_root_dir=tmp_path, callbacks=list(callbacks))
+
+    data = FashionMNISTDataModule(source="embedded", batch_size=32)
+    first = trainer(6)
+    first.fit(ImageClassifier(model_kwargs=SMALL_VIT), datamodule=data)
+    ckpt = tmp_path / "six.ckpt"
+    first.save_checkpoint(ckpt)
+    lr_at_six = first.optimizers[0].param_groups[0]["lr"]
+    start = _StartStep()
+    second = trainer(10, start)
+    second.fit(ImageClassifier(model_kwargs=SMALL_VIT), datamodule=data, ckpt_path=ckpt)
+    assert start.start == 6 and second.global_step == 10
+    assert second.lr_scheduler_configs[0].scheduler.last_epoch == 10  # the schedule went on, not restarted
+    assert lr_at_six > 0
+
+
+def test_ddp_synced_metrics_equal_a_single_process_run(tmp_path, monkeypatch):
+    """validate on 2 CPU processes (strategy=ddp) gives the single-process metrics on the same data."""
+    monkeypatch.chdir(tmp_path)  # a checkpoint made by the CLI, as users make them
+    main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_steps", "2",
+          "--trainer.limit_val_batches", "0", "--model.init_args.model_kwargs", str(SMALL_VIT)])
+    ckpt = tmp_path / "checkpoints" / "quickstart" / "last.ckpt"
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        logs = tmp_path / f"logs{devices}"
+        cmd = [sys.executable, "-m", "muse_lightning.cli", "validate", "--config", str(CONFIGS / "quickstart.yaml"),
+               "--model.init_args.model_kwargs", str(SMALL_VIT), "--trainer.devices", str(devices),
+               "--trainer.strategy", strategy, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+               "--trainer.logger.save_dir", str(logs), "--ckpt_path", str(ckpt)]
+        subprocess.run(cmd, check=True, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
+        results[devices] = _metrics(logs)
+    for key in ("val/acc", "val/acc_top5", "val/f1_macro"):
+        assert results[2][key] == pytest.approx(results[1][key], abs=1e-6), key
+    assert results[2]["val/loss"] == pytest.approx(results[1]["val/loss"], rel=1e-5)
+
+
+def test_image_classifier_learns_fashion_mnist(tmp_path):
+    L.seed_everything(0)
+    data = FashionMNISTDataModule(source="embedded", batch_size=64)
+    model = ImageClassifier(model_kwargs={"embed_dim": 96, "depth": 2, "num_heads": 3}, lr=2e-3)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=150, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    (result,) = trainer.test(model, datamodule=data, verbose=False)
+    assert result["test/acc"] > 0.5  # chance is 0.1
+
+
+def test_text_classifier_learns_wordnet_supersenses(tmp_path):
+    L.seed_everything(0)
+    data = WordNetGlossesDataModule(source="embedded", batch_size=64, max_length=96)
+    model = TextClassifier(max_length=96, dim=96, depth=2, num_heads=4, lr=3e-3)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=120, limit_val_batches=0, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    (result,) = trainer.test(model, datamodule=data, verbose=False)
+    assert result["test/acc"] > 0.2  # the most frequent class is 12% of the glosses
+
+
+def test_text_net_pools_real_tokens_only():
+    net = MUSETextNet(5, max_length=16, dim=32, depth=2, num_heads=4).eval()
+    ids = torch.randint(1, 257, (1, 7))
+    padded = torch.cat([ids, torch.zeros(1, 9, dtype=torch.long)], dim=1)
+    batch = torch.cat([padded, torch.randint(1, 257, (1, 16))])
+    torch.testing.assert_close(net(batch)[0], net(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_predict_returns_probabilities_and_classes(tmp_path):
+    data = FashionMNISTDataModule(source="embedded", batch_size=50)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_predict_batches=2,
+                        default_root_dir=tmp_path)
+    (first, _) = trainer.predict(ImageClassifier(model_kwargs=SMALL_VIT), datamodule=data)
+    assert first["probs"].shape == (50, 10) and torch.allclose(first["probs"].sum(-1), torch.ones(50))
+    assert first["preds"].shape == (50,)
+
+
+def test_unknown_model_name_fails_early_with_suggestions():
+    with pytest.raises(ValueError, match=r"unknown model_name 'muse_vit_tiny_patch4_29'; close matches: \[.*'muse_vit_tiny_patch4_28'"):
+        ImageClassifier(model_name="muse_vit_tiny_patch4_29")
+
+
+def test_cli_fails_early_on_missing_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # LightningCLI reports it while building the data module, before anything runs.
+    with pytest.raises((FileNotFoundError, ValueError), match="Fashion-MNIST directory .* not found"):
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.source", "system",
+              "--data.init_args.root", str(tmp_path / "nowhere")])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_mismatched_class_counts_fail_early(tmp_path):
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="the data has 10 classes but the model was built with num_classes=45"):
+        trainer.fit(ImageClassifier(num_classes=45, model_kwargs=SMALL_VIT), datamodule=FashionMNISTDataModule())
+    ckpt = tmp_path / "ten.ckpt"
+    fit = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=0,
+                    default_root_dir=tmp_path, enable_checkpointing=False)
+    fit.fit(ImageClassifier(model_kwargs=SMALL_VIT), datamodule=FashionMNISTDataModule(source="embedded"))
+    fit.save_checkpoint(ckpt)
+    match = r"the checkpoint does not fit this model \(num_classes=45 here.*model.head.weight: \(10, 64\) in the checkpoint"
+    with pytest.raises(ValueError, match=match):
+        ImageClassifier.load_from_checkpoint(ckpt, num_classes=45)
+    with pytest.raises(ValueError, match=match):
+        images = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 45, (8,)))
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path).test(
+            ImageClassifier(num_classes=45, model_kwargs=SMALL_VIT), ckpt_path=ckpt,
+                 dataloaders=torch.utils.data.DataLoader(images, batch_size=8))
