@@ -39,6 +39,12 @@ def test_shipped_config_fits_then_tests_from_its_checkpoint(tmp_path, monkeypatc
     main(["test", "--config", str(CONFIGS / config), *QUICK, "--ckpt_path", str(ckpt)])
     metrics = _metrics(tmp_path / "logs" / name)
     assert 0.0 <= metrics["test/acc"] <= 1.0 and "test/f1_macro" in metrics and "test/acc_top5" in metrics
+    main(["predict", "--config", str(CONFIGS / config), "--trainer.limit_predict_batches", "2", "--ckpt_path", str(ckpt)])
+    with open(tmp_path / "predictions" / f"{name}.csv") as f:
+        rows = list(csv.DictReader(f))
+    batch = 128 if name == "quickstart" else 64
+    assert [int(r["index"]) for r in rows] == list(range(2 * batch))
+    assert all(0.0 < float(r["prob"]) <= 1.0 and r["label"] for r in rows)
 
 
 @pytest.mark.parametrize("overlay", ["gpu.yaml", "ddp.yaml", "multinode.yaml", "compiled.yaml"])
