@@ -1,17 +1,23 @@
-"""Token-mixer speed ratio: MUSE against timm's ``Attention`` and the seed's design, in one run.
+"""``muse-bench``: token mixers and whole models side by side, eager and compiled, in one run.
 
-``python -m muse_lightning.bench`` times forward+backward of each mixer on the same input, after
-warm-up, interleaving the mixers round by round so that machine noise hits all of them alike.
-It prints median milliseconds and the ratio to timm's ``Attention`` and writes the records as JSON.
+Every measurement is a median over rounds after warm-up, and every mixer is reported as a ratio to
+timm's ``Attention`` measured in the same run on the same shape, mode and pass. Peak memory is the
+largest amount of tensor memory a step allocates beyond its inputs and weights: CUDA's allocator
+statistics on GPU, the profiler's allocation events on CPU.
+
+    muse-bench --quick --out bench.json --plot bench.png
 """
 from __future__ import annotations
 
 import json
 import math
 import statistics
+import sys
 import time
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
 import torch
 from jsonargparse import CLI
 from timm.layers import Attention
@@ -20,96 +26,310 @@ from torch import nn
 from .attention import MUSEAttention
 from .seed import SeedMUSEAttention
 
-__all__ = ["measure_mixers", "main"]
+__all__ = ["Shape", "main", "measure_mixers", "measure_models"]
+
+Mode = Literal["eager", "compiled", "max-autotune"]
+Pass = Literal["fwd", "fwd+bwd"]
+BASELINE = "timm Attention"
 
 
-def _mixers(dim: int, num_heads: int, seq_len: int) -> dict[str, Callable[[], nn.Module]]:
-    head_dim = dim // num_heads
-    mixers = {
-        "timm Attention": lambda: Attention(dim, num_heads, qkv_bias=True),
-        "MUSE static": lambda: MUSEAttention(dim, num_heads, qkv_bias=True),
-        "MUSE static conv_proj=shared": lambda: MUSEAttention(dim, num_heads, qkv_bias=True, conv_proj="shared"),
-        "MUSE dynamic": lambda: MUSEAttention(dim, num_heads, qkv_bias=True, conv_type="dynamic"),
-        "seed design, dropout 0.1": lambda: SeedMUSEAttention(dim, head_dim, head_dim, num_heads),
-        "seed design, dropout 0": lambda: SeedMUSEAttention(dim, head_dim, head_dim, num_heads, dropout=0.0),
+@dataclass(frozen=True)
+class Shape:
+    """One mixer workload: ``batch`` sequences of ``seq_len`` tokens of width ``dim``."""
+
+    name: str
+    batch: int
+    seq_len: int
+    dim: int
+    num_heads: int
+
+
+def _text_shapes(lengths: list[int], tokens: int, dim: int = 384, heads: int = 6) -> list[Shape]:
+    return [Shape(f"text N={n}", max(1, tokens // n), n, dim, heads) for n in lengths]
+
+
+def presets(quick: bool, device: str) -> dict[str, list[Shape]]:
+    """The shapes of each preset: ViT-Ti/S/B at 224 px (class token + 14 x 14 patches), text 128..4096."""
+    vit_batch = 8 if quick else (32 if device == "cpu" else 128)
+    vit = [Shape("ViT-Ti/16 224", vit_batch, 197, 192, 3), Shape("ViT-S/16 224", vit_batch, 197, 384, 6),
+           Shape("ViT-B/16 224", vit_batch, 197, 768, 12)]
+    lengths = [128, 256, 512, 1024, 2048, 4096]
+    return {
+        "vit": vit[1:2] if quick else vit,
+        "vit-s": vit[1:2],
+        "text": _text_shapes(lengths[:4] if quick else lengths, 4096 if quick else 16384),
+        "tiny": [Shape("tiny N=16", 2, 17, 32, 2), Shape("tiny N=32", 2, 32, 32, 2)],
     }
-    if seq_len > 1 and math.isqrt(seq_len - 1) ** 2 == seq_len - 1:  # a class token and a square patch grid
-        mixers["MUSE static 2-D, class token"] = lambda: MUSEAttention(
-            dim, num_heads, qkv_bias=True, conv_layout="2d", num_prefix_tokens=1,
-        )
+
+
+def _mixers(shape: Shape, with_seed: bool) -> dict[str, Callable[[], nn.Module]]:
+    dim, heads = shape.dim, shape.num_heads
+    head_dim = dim // heads
+
+    def plain() -> nn.Module:
+        attn = Attention(dim, heads, qkv_bias=True)
+        attn.fused_attn = False  # softmax(q k^T) v with the N x N matrix in memory
+        return attn
+
+    mixers = {
+        BASELINE: lambda: Attention(dim, heads, qkv_bias=True),
+        "plain attention (N x N)": plain,
+        "MUSE static 1-D": lambda: MUSEAttention(dim, heads, qkv_bias=True),
+        "MUSE static 1-D, shared proj": lambda: MUSEAttention(dim, heads, qkv_bias=True, conv_proj="shared"),
+        "MUSE dynamic 1-D": lambda: MUSEAttention(dim, heads, qkv_bias=True, conv_type="dynamic"),
+    }
+    if shape.seq_len > 1 and math.isqrt(shape.seq_len - 1) ** 2 == shape.seq_len - 1:  # class token + square grid
+        mixers["MUSE static 2-D"] = lambda: MUSEAttention(dim, heads, qkv_bias=True, conv_layout="2d", num_prefix_tokens=1)
+    if with_seed:
+        mixers["seed design, as shipped"] = lambda: SeedMUSEAttention(dim, head_dim, head_dim, heads)
+        mixers["seed design, dropout 0"] = lambda: SeedMUSEAttention(dim, head_dim, head_dim, heads, dropout=0.0)
     return mixers
 
 
-def measure_mixers(
-        batch: int = 32,
-        seq_len: int = 197,
-        dim: int = 384,
-        num_heads: int = 6,
-        rounds: int = 15,
-        warmup: int = 3,
-        device: Literal["cpu", "cuda"] = "cpu",
-) -> list[dict]:
-    """Median forward+backward time of each mixer; ``ratio`` is against timm's ``Attention``."""
-    torch.manual_seed(0)
-    factories = _mixers(dim, num_heads, seq_len)
-    modules = {name: make().to(device) for name, make in factories.items()}
-    x = torch.randn(batch, seq_len, dim, device=device, requires_grad=True)
-    times: dict[str, list[float]] = {name: [] for name in modules}
+def _prepare(module: nn.Module, mode: str) -> Callable[..., Any]:
+    if mode == "eager":
+        return module
+    return torch.compile(module, mode="max-autotune" if mode == "max-autotune" else None)
 
-    def step(module: nn.Module) -> None:
-        module(x).sum().backward()
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mb(fn: Callable[[], Any], device: str) -> float:
+    """Peak tensor memory (MiB) one call of ``fn`` allocates beyond what is already allocated."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _time_rounds(steps: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: str) -> dict[str, float]:
+    """Median ms of each step, the steps interleaved round by round so that noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + rounds):
-        for name, module in modules.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
+        for name, step in steps.items():
+            _sync(device)
             start = time.perf_counter()
-            step(module)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            step()
+            _sync(device)
             if i >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
-    baseline = statistics.median(times["timm Attention"])
-    return [
-        {
-            "impl": name, "pass": "fwd+bwd", "mode": "eager", "device": device, "batch": batch, "seq_len": seq_len,
-            "dim": dim, "num_heads": num_heads, "ms_median": statistics.median(t),
-            "ratio": statistics.median(t) / baseline, "threads": torch.get_num_threads(),
-        }
-        for name, t in times.items()
-    ]
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _mixer_step(fn: Callable[..., Any], x: torch.Tensor, kind: str) -> Callable[[], Any]:
+    if kind == "fwd":
+        def step() -> Any:
+            with torch.no_grad():
+                return fn(x)
+        return step
+
+    def step() -> Any:
+        out = fn(x)
+        out.float().sum().backward()
+    return step
+
+
+def _autocast(device: str) -> Any:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def measure_mixers(
+        shapes: list[Shape],
+        modes: list[str],
+        passes: list[str],
+        device: str,
+        rounds: int,
+        warmup: int,
+        with_seed: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Records of every mixer x shape x mode x pass; ``ratio`` is against timm's ``Attention``."""
+    dtype = "bf16" if device == "cuda" else "fp32"
+    for shape in shapes:
+        torch.manual_seed(0)
+        factories = _mixers(shape, with_seed)
+        modules = {name: make().to(device) for name, make in factories.items()}
+        x = torch.randn(shape.batch, shape.seq_len, shape.dim, device=device, requires_grad=True)
+        for mode in modes:
+            for kind in passes:
+                torch._dynamo.reset()
+                steps = {name: _mixer_step(_prepare(m, mode), x, kind) for name, m in modules.items()}
+                with _autocast(device):
+                    medians = _time_rounds(steps, rounds, warmup, device)
+                    peaks = {name: _peak_memory_mb(step, device) for name, step in steps.items()}
+                for name in steps:
+                    yield {
+                        "level": "mixer", "impl": name, "mode": mode, "pass": kind, "shape": shape.name,
+                        "batch": shape.batch, "seq_len": shape.seq_len, "dim": shape.dim,
+                        "num_heads": shape.num_heads, "device": device, "dtype": dtype,
+                        "ms_median": medians[name], "tokens_per_s": shape.batch * shape.seq_len / medians[name] * 1e3,
+                        "peak_mem_mb": peaks[name], "ratio": medians[name] / medians[BASELINE],
+                    }
+
+
+def measure_models(
+        modes: list[str], device: str, batch: int, depth: int, rounds: int, warmup: int,
+) -> Iterator[dict[str, Any]]:
+    """Training-step throughput (forward, backward, AdamW step) of MUSE ViT-S/16 against timm's ViT-S/16."""
+    import timm
+
+    from . import vit  # noqa: F401  (registers muse_vit_*)
+
+    dtype = "bf16" if device == "cuda" else "fp32"
+    names = {"timm vit_small_patch16_224": "vit_small_patch16_224",
+             "muse_vit_small_patch16_224": "muse_vit_small_patch16_224"}
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    for mode in modes:
+        torch._dynamo.reset()
+        steps = {}
+        for label, name in names.items():
+            torch.manual_seed(0)
+            model = timm.create_model(name, depth=depth).to(device)
+            fn = _prepare(model, mode)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step(fn: Callable[..., Any] = fn, opt: torch.optim.Optimizer = opt) -> None:
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(fn(images).float(), labels).backward()
+                opt.step()
+            steps[label] = step
+        with _autocast(device):
+            medians = _time_rounds(steps, rounds, warmup, device)
+            peaks = {name: _peak_memory_mb(step, device) for name, step in steps.items()}
+        for label in steps:
+            yield {
+                "level": "model", "impl": label, "mode": mode, "pass": "train step", "shape": f"depth {depth}",
+                "batch": batch, "seq_len": 197, "dim": 384, "num_heads": 6, "device": device, "dtype": dtype,
+                "ms_median": medians[label], "images_per_s": batch / medians[label] * 1e3,
+                "tokens_per_s": batch * 197 / medians[label] * 1e3, "peak_mem_mb": peaks[label],
+                "ratio": medians[label] / medians["timm vit_small_patch16_224"],
+            }
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    lines = [f"{'level':<6} {'shape':<15} {'impl':<29} {'mode':<12} {'pass':<10} {'ms':>9} {'tok/s':>10} "
+             f"{'img/s':>7} {'peak MiB':>9} {'ratio':>6}"]
+    for r in records:
+        img = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
+        lines.append(
+            f"{r['level']:<6} {r['shape']:<15} {r['impl']:<29} {r['mode']:<12} {r['pass']:<10} {r['ms_median']:>9.2f} "
+            f"{r['tokens_per_s']:>10.0f} {img:>7} {r['peak_mem_mb']:>9.1f} {r['ratio']:>6.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(records: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in records if r["level"] == "mixer" and r["shape"].startswith(("text", "tiny"))
+             and r["mode"] == "eager" and r["pass"] == "fwd+bwd"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for impl in dict.fromkeys(r["impl"] for r in sweep):
+        rows = sorted((r for r in sweep if r["impl"] == impl), key=lambda r: r["seq_len"])
+        lengths = [r["seq_len"] for r in rows]
+        axes[0].plot(lengths, [r["ms_median"] for r in rows], marker="o", label=impl)
+        axes[1].plot(lengths, [r["peak_mem_mb"] for r in rows], marker="o", label=impl)
+    for ax, label in zip(axes, ("forward+backward time (ms, median)", "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N (batch x N fixed)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    device = sweep[0]["device"] if sweep else "?"
+    fig.suptitle(f"token mixers, eager, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(
-        out: str = "mixer_ratio.json",
-        batch: int = 32,
-        seq_len: int = 197,
-        dim: int = 384,
-        num_heads: int = 6,
-        rounds: int = 15,
-        device: Literal["cpu", "cuda"] = "cpu",
-) -> list[dict]:
-    """Print the ratio table and write it to ``out`` as JSON.
+        preset: Literal["all", "vit", "vit-s", "text", "tiny"] = "all",
+        quick: bool = False,
+        device: Literal["auto", "cpu", "cuda"] = "auto",
+        modes: list[Mode] | None = None,
+        passes: list[Pass] | None = None,
+        models: bool = True,
+        seed_design: bool = False,
+        rounds: int | None = None,
+        warmup: int = 2,
+        out: str | None = None,
+        plot: str | None = None,
+) -> list[dict[str, Any]]:
+    """Benchmark token mixers (and, with ``models``, whole ViT-S/16 training steps); print a table.
 
     Args:
-        out: JSON file for the records.
-        batch: Batch size B.
-        seq_len: Tokens N.
-        dim: Token width C.
-        num_heads: Attention heads.
-        rounds: Timed rounds after warm-up; the median is reported.
-        device: Where to run.
+        preset: Shapes: ``vit`` (ViT-Ti/S/B at 224 px), ``vit-s`` (ViT-S/16 only), ``text``
+            (N = 128 .. 4096, batch x N fixed), ``all`` (vit and text), ``tiny`` (seconds; for tests).
+        quick: A short run (about 5 minutes on 2 CPU cores): ViT-S only, N up to 1024, fewer rounds,
+            a 2-block model.
+        device: ``auto`` takes CUDA when available (in bf16 autocast), else the CPU (fp32).
+        modes: ``eager``, ``compiled`` (``torch.compile``), ``max-autotune``; default eager and
+            compiled, plus max-autotune on CUDA.
+        passes: ``fwd`` (no grad) and/or ``fwd+bwd``; default both.
+        models: Also time training steps of muse_vit_small_patch16_224 and vit_small_patch16_224.
+        seed_design: Also time the seed's design (``muse_lightning.seed``), as shipped (attention
+            dropout 0.1, active in the fwd+bwd pass) and with dropout 0.
+        rounds: Timed rounds per measurement (default 10, 5 with ``quick``); the median is reported.
+        warmup: Untimed rounds first (compilation happens here).
+        out: Write the records to this JSON file.
+        plot: Write time and memory against sequence length to this PNG.
     """
-    records = measure_mixers(batch, seq_len, dim, num_heads, rounds=rounds, device=device)
-    print(f"B={batch} N={seq_len} C={dim} heads={num_heads}, forward+backward, {device}, "
-          f"{torch.get_num_threads()} threads, median of {rounds}")
-    print(f"{'mixer':<32} {'ms':>9} {'x timm Attention':>17}")
-    for r in records:
-        print(f"{r['impl']:<32} {r['ms_median']:>9.1f} {r['ratio']:>17.2f}")
-    with open(out, "w") as f:
-        json.dump(records, f, indent=2)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+    modes = modes or (["eager", "compiled", "max-autotune"] if device == "cuda" else ["eager", "compiled"])
+    passes = passes or ["fwd", "fwd+bwd"]
+    rounds = rounds or (5 if quick else 10)
+    table = presets(quick, device)
+    shapes = table["vit"] + table["text"] if preset == "all" else table[preset]
+    records = list(measure_mixers(shapes, modes, passes, device, rounds, warmup, seed_design))
+    if models and preset not in ("tiny", "vit-s"):
+        batch = 4 if quick else (32 if device == "cpu" else 128)
+        records += list(measure_models(modes, device, batch, 2 if quick else 12, rounds, warmup))
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}; ratio = ms / timm's "
+          "(Attention at mixer level, ViT-S/16 at model level), same shape, mode and pass")
+    print(_table(records))
+    if out:
+        with open(out, "w") as f:
+            json.dump(records, f, indent=1)
+    if plot:
+        _plot(records, plot)
     return records
 
 
+_FLAGS = ("--quick", "--models", "--seed_design")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Entry point of the ``muse-bench`` console script; a boolean option given alone (``--quick``) means true."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = [
+        f"{a}=true" if a in _FLAGS and (i + 1 == len(argv) or argv[i + 1].startswith("-")) else a
+        for i, a in enumerate(argv)
+    ]
+    CLI(main, as_positional=False, args=args)
+
+
 if __name__ == "__main__":
-    CLI(main)
+    cli()

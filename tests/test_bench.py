@@ -1,18 +1,34 @@
-"""The speed-ratio script runs and writes its records (no timing is asserted)."""
+"""muse-bench runs on a tiny preset and writes valid JSON and a plot (no timing is asserted)."""
 import json
 import subprocess
 import sys
 
+REQUIRED = {"impl", "mode", "pass", "batch", "seq_len", "dim", "ms_median", "peak_mem_mb", "tokens_per_s", "ratio"}
 
-def test_ratio_script_prints_table_and_writes_json(tmp_path):
-    out = tmp_path / "ratio.json"
-    cmd = [sys.executable, "-m", "muse_lightning.bench", "--out", str(out), "--batch", "2", "--seq_len", "9",
-           "--dim", "16", "--num_heads", "2", "--rounds", "2"]
+
+def test_bench_tiny_preset_writes_json_table_and_plot(tmp_path):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    cmd = [sys.executable, "-m", "muse_lightning.bench", "--preset", "tiny", "--device", "cpu", "--rounds", "1",
+           "--warmup", "1", "--modes", "[eager, compiled]", "--seed_design", "true", "--out", str(out), "--plot", str(plot)]
     printed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     records = json.loads(out.read_text())
-    impls = [r["impl"] for r in records]
-    assert impls[0] == "timm Attention" and "MUSE static" in impls and any(i.startswith("seed") for i in impls)
+    assert all(REQUIRED <= set(r) for r in records)
+    impls = {r["impl"] for r in records}
+    assert {"timm Attention", "plain attention (N x N)", "MUSE static 1-D", "MUSE static 1-D, shared proj",
+            "MUSE dynamic 1-D", "MUSE static 2-D", "seed design, as shipped", "seed design, dropout 0"} <= impls
+    assert {(r["mode"], r["pass"]) for r in records} == {(m, p) for m in ("eager", "compiled") for p in ("fwd", "fwd+bwd")}
     for r in records:
-        assert r["ms_median"] > 0 and r["pass"] == "fwd+bwd" and (r["batch"], r["seq_len"], r["dim"]) == (2, 9, 16)
-        assert r["impl"] in printed
-    assert records[0]["ratio"] == 1.0
+        assert r["ms_median"] > 0 and r["peak_mem_mb"] >= 0 and r["impl"] in printed
+        if r["impl"] == "timm Attention":
+            assert r["ratio"] == 1.0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_peak_memory_sees_the_attention_matrix():
+    """At N=1024 the materialised N x N attention needs far more memory than fused SDPA."""
+    from muse_lightning.bench import Shape, measure_mixers
+
+    records = list(measure_mixers([Shape("N=1024", 1, 1024, 32, 2)], ["eager"], ["fwd+bwd"], "cpu", 1, 1))
+    peak = {r["impl"]: r["peak_mem_mb"] for r in records}
+    assert peak["plain attention (N x N)"] > 2 * peak["timm Attention"]
+    assert peak["MUSE static 1-D"] < peak["plain attention (N x N)"]
