@@ -77,7 +77,8 @@ class MUSEAttention(nn.Module):
             kernel_sizes: Distinct positive odd convolution kernel sizes; None takes the conv
                 type's default, ``(1, 3, 5)`` for static and ``(3, 15)`` for dynamic.
             conv_type: ``"static"``: learned depthwise kernels; ``"dynamic"``: per-token kernels
-                predicted from the values, softmax-normalised per head.
+                predicted from the values, softmax-normalised per head; ``"none"``: no convolution
+                (attention alone, with the same masking: the baseline for ablations).
             conv_proj: How the convolution output is projected. ``"separate"``: its own bias-free
                 linear layer, added to the attention's projection (the official code's
                 concatenated output projection); ``"shared"``: added to the attention output
@@ -132,8 +133,10 @@ class MUSEAttention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.conv = create_conv(conv_type, self.attn_dim, num_heads, kernel_sizes, conv_layout, **dd)
-        self.kernel_sizes = self.conv.kernel_sizes
+        self.kernel_sizes = self.conv.kernel_sizes if self.conv is not None else ()
         conv_proj_in = {"separate": self.attn_dim, "shared": 0, "per_kernel": self.attn_dim * len(self.kernel_sizes)}
+        if self.conv is None:
+            conv_proj_in = {conv_proj: 0}
         self.conv_proj = nn.Linear(conv_proj_in[conv_proj], dim_out, bias=False, **dd) if conv_proj_in[conv_proj] else None
         self.init_weights()
 
@@ -144,7 +147,8 @@ class MUSEAttention(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.conv.reset_parameters()
+        if self.conv is not None:
+            self.conv.reset_parameters()
 
     def forward(
             self,
@@ -168,7 +172,7 @@ class MUSEAttention(nn.Module):
             grid_size: ``(H, W)`` of the patch grid for the 2-D layout (see the constructor).
         """
         B, N, _ = self._check_inputs(x, attn_mask, key_padding_mask)
-        conv_kwargs = self._conv_kwargs(N, is_causal, grid_size)
+        conv_kwargs = self._conv_kwargs(N, is_causal, grid_size) if self.conv is not None else {}
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)
@@ -192,6 +196,18 @@ class MUSEAttention(nn.Module):
         if gate is not None:
             attn = attn * gate
 
+        if self.conv is None:
+            out = self.proj(attn)
+        else:
+            out = self._mix_conv(attn, values, key_padding_mask, conv_kwargs)
+        if key_padding_mask is not None:
+            out = out.masked_fill(key_padding_mask[..., None], 0.0)
+        return self.proj_drop(out)
+
+    def _mix_conv(
+            self, attn: torch.Tensor, values: torch.Tensor, key_padding_mask: torch.Tensor | None, conv_kwargs: dict,
+    ) -> torch.Tensor:
+        """Projected attention output plus the convolution branch on the shared ``values``."""
         if key_padding_mask is not None:
             values = values.masked_fill(key_padding_mask[..., None], 0.0)
         values = values[:, self.num_prefix_tokens:]
@@ -202,12 +218,8 @@ class MUSEAttention(nn.Module):
         if self.num_prefix_tokens:
             conv = F.pad(conv, (0, 0, self.num_prefix_tokens, 0))  # prefix tokens: attention only
         if self.conv_proj_mode == "shared":
-            out = self.proj(attn + conv)
-        else:
-            out = self.proj(attn) + self.conv_proj(conv)
-        if key_padding_mask is not None:
-            out = out.masked_fill(key_padding_mask[..., None], 0.0)
-        return self.proj_drop(out)
+            return self.proj(attn + conv)
+        return self.proj(attn) + self.conv_proj(conv)
 
     def _conv_kwargs(self, seq_len: int, is_causal: bool, grid_size: tuple[int, int] | None) -> dict:
         """The convolution's arguments: ``is_causal`` for 1-D, the resolved ``grid_size`` for 2-D."""

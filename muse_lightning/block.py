@@ -27,7 +27,9 @@ class MUSEBlock(nn.Module):
     """The official MUSE parallel block.
 
     ``y = x + drop_path(ls1(mixer(norm(x)))) + drop_path(ls2(mlp(norm(x))))``: one pre-norm shared
-    by the MUSE mixer and the MLP, which run side by side. Arguments follow timm's ``Block``.
+    by the MUSE mixer and the MLP, which run side by side. ``parallel=False`` gives the usual
+    sequential pre-norm block instead (``x = x + mixer(norm(x)); y = x + mlp(norm2(x))``), for
+    ablations. Arguments follow timm's ``Block``.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class MUSEBlock(nn.Module):
             conv_layout: ConvLayout = "1d",
             num_prefix_tokens: int = 0,
             grid_size: tuple[int, int] | None = None,
+            parallel: bool = True,
             attn_layer: Callable[..., nn.Module] | None = None,
             depth: int = 0,
             device: torch.device | str | None = None,
@@ -70,6 +73,7 @@ class MUSEBlock(nn.Module):
             attn_layer: The mixer class, ``MUSEAttention`` or a subclass / ``functools.partial`` of
                 one; None and timm's ``Attention`` (what timm's ``VisionTransformer`` passes as
                 ``block_fn`` arguments by default) both mean ``MUSEAttention``.
+            parallel: Mixer and MLP side by side on one norm (MUSE), or one after the other.
             depth: Block index; accepted for timm's ``block_fn`` interface, unused.
             Others: as timm's ``Block``.
         """
@@ -94,6 +98,7 @@ class MUSEBlock(nn.Module):
             drop=proj_drop,
             **dd,
         )
+        self.norm2 = None if parallel else norm_layer(dim, **dd)
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -110,4 +115,7 @@ class MUSEBlock(nn.Module):
         mixed = self.attn(
             y, attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, grid_size=grid_size,
         )
-        return x + self.drop_path1(self.ls1(mixed)) + self.drop_path2(self.ls2(self.mlp(y)))
+        if self.norm2 is None:
+            return x + self.drop_path1(self.ls1(mixed)) + self.drop_path2(self.ls2(self.mlp(y)))
+        x = x + self.drop_path1(self.ls1(mixed))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -26,8 +26,8 @@ __all__ = [
     "ConvLayout", "ConvType", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "check_kernel_sizes", "create_conv",
 ]
 
-ConvType = Literal["static", "dynamic"]
-CONV_TYPES: tuple[str, ...] = ("static", "dynamic")
+ConvType = Literal["static", "dynamic", "none"]
+CONV_TYPES: tuple[str, ...] = ("static", "dynamic", "none")
 ConvLayout = Literal["1d", "2d"]
 CONV_LAYOUTS: tuple[str, ...] = ("1d", "2d")
 DEFAULT_KERNEL_SIZES: dict[str, tuple[int, ...]] = {"static": (1, 3, 5), "dynamic": (3, 15)}
@@ -239,14 +239,19 @@ def create_conv(
         layout: ConvLayout = "1d",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-) -> MultiScaleDepthwiseConv | MultiScaleDynamicConv:
-    """Build the convolution branch named by ``conv_type`` (``"static"`` or ``"dynamic"``).
+) -> MultiScaleDepthwiseConv | MultiScaleDynamicConv | None:
+    """Build the convolution branch named by ``conv_type``: ``"static"``, ``"dynamic"``, or ``"none"``
+    (no convolution: attention alone, the baseline of ablations).
 
     ``kernel_sizes=None`` takes the type's default: ``(1, 3, 5)`` (the seed's) for static,
     ``(3, 15)`` (the official code's) for dynamic. Dynamic kernels are 1-D only.
     """
     if conv_type not in CONV_TYPES:
         raise ValueError(f"conv_type must be one of {CONV_TYPES}, got {conv_type!r}")
+    if layout not in CONV_LAYOUTS:
+        raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {layout!r}")
+    if conv_type == "none":
+        return None
     sizes = DEFAULT_KERNEL_SIZES[conv_type] if kernel_sizes is None else kernel_sizes
     if conv_type == "static":
         return MultiScaleDepthwiseConv(dim, sizes, layout, device=device, dtype=dtype)

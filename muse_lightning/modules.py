@@ -196,6 +196,7 @@ class TextClassifier(ClassifierModule):
             kernel_sizes: Sequence[int] | None = None,
             conv_type: ConvType = "static",
             conv_proj: ConvProj = "separate",
+            parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
             lr: float = 1e-3,
@@ -208,7 +209,7 @@ class TextClassifier(ClassifierModule):
         Args:
             num_classes: Output classes (the CLI links it from the data).
             max_length: Longest token sequence; at least the data module's ``max_length``.
-            dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, drop_rate,
+            dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
                 drop_path_rate: The network, see ``MUSETextNet``.
             lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
         """
@@ -216,7 +217,7 @@ class TextClassifier(ClassifierModule):
         self.save_hyperparameters()
         self.model = MUSETextNet(
             num_classes, max_length=max_length, dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, drop_rate=drop_rate,
+            kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel, drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
         )
 

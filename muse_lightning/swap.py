@@ -56,6 +56,8 @@ def swap_attention(
     unknown = sorted(set(mixer_kwargs) - set(MIXER_OPTIONS))
     if unknown:
         raise TypeError(f"unknown mixer options {unknown}; mixer options are {MIXER_OPTIONS}")
+    if mixer_kwargs.get("conv_type") == "none":
+        raise ValueError("conv_type='none' would swap attention for attention; use 'static' or 'dynamic'")
     if mixer_kwargs.get("conv_proj") == "shared" and mixer_kwargs.get("conv_type") == "dynamic":
         raise ValueError(
             "conv_proj='shared' with conv_type='dynamic' cannot start silent (dynamic kernels sum to one): "

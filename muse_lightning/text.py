@@ -34,6 +34,7 @@ class MUSETextNet(nn.Module):
             kernel_sizes: Sequence[int] | None = None,
             conv_type: ConvType = "static",
             conv_proj: ConvProj = "separate",
+            parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
             pad_id: int = 0,
@@ -45,6 +46,7 @@ class MUSETextNet(nn.Module):
             max_length: Longest sequence (size of the position table).
             dim, depth, num_heads, mlp_ratio: Transformer width, blocks, heads, MLP ratio.
             kernel_sizes, conv_type, conv_proj: The MUSE convolution (see ``MUSEAttention``).
+            parallel: MUSE's parallel block (mixer and MLP on one norm), or sequential blocks.
             drop_rate: Dropout on embeddings and on the pooled features.
             drop_path_rate: Stochastic depth, rising linearly to this rate in the last block.
             pad_id: Padding token id.
@@ -57,7 +59,7 @@ class MUSETextNet(nn.Module):
         self.blocks = nn.ModuleList(
             MUSEBlock(
                 dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=drop_path_rate * i / max(depth - 1, 1),
-                kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj,
+                kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel,
             )
             for i in range(depth)
         )

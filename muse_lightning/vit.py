@@ -105,18 +105,19 @@ def _create_muse_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> V
     (``global_pool="avg"``, no class token, as timm's ``*_gap`` ViTs) and every block's
     convolution reaches the logits; ``class_token=True, global_pool="token"`` gives the classic head.
 
-    MUSE options (``kernel_sizes``, ``conv_type``, ``conv_proj``, ``conv_layout``) may be given as
-    keyword arguments beside timm's; ``block_fn`` replaces the block (e.g. timm's ``Block`` for a
+    MUSE options (``kernel_sizes``, ``conv_type``, ``conv_proj``, ``conv_layout``, and the block's
+    ``parallel``) may be given as keyword arguments beside timm's; ``block_fn`` replaces the block (e.g. timm's ``Block`` for a
     sequential block, whose ``attn_layer`` then defaults to a 2-D ``MUSEAttention``).
     """
     out_indices = kwargs.pop("out_indices", 3)
     kwargs.setdefault("class_token", False)
     kwargs.setdefault("global_pool", "avg")
     mixer_kwargs = {k: kwargs.pop(k) for k in ("kernel_sizes", "conv_type", "conv_proj", "conv_layout") if k in kwargs}
+    block_kwargs = {"parallel": kwargs.pop("parallel")} if "parallel" in kwargs else {}
     mixer_kwargs.setdefault("conv_layout", "2d")
     block_fn = kwargs.pop("block_fn", MUSEBlock)
     if block_fn is MUSEBlock:
-        kwargs["block_fn"] = partial(MUSEBlock, **mixer_kwargs)
+        kwargs["block_fn"] = partial(MUSEBlock, **mixer_kwargs, **block_kwargs)
     else:
         kwargs["block_fn"] = block_fn
         kwargs.setdefault("attn_layer", partial(MUSEAttention, **mixer_kwargs))

@@ -242,3 +242,15 @@ def test_timm_init_hook_reinitialises_through_init_weights():
     init_weights_vit_timm(mixer)
     assert (mixer.conv.gate == 0).all() and (mixer.qkv.bias == 0).all()
     assert abs(mixer.qkv.weight.std().item() - 0.02) < 0.003
+
+
+def test_conv_type_none_is_timms_attention_with_muse_masking():
+    mixer = make_mixer(32, 4, conv_type="none")
+    assert mixer.conv is None and mixer.conv_proj is None
+    timm_attn = Attention(32, 4, qkv_bias=True)
+    timm_attn.load_state_dict(mixer.state_dict())
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(mixer(x), timm_attn(x))
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    torch.testing.assert_close(mixer(x, key_padding_mask=padding)[1, :6], mixer(x[1:, :6])[0], atol=1e-5, rtol=1e-5)

@@ -46,3 +46,11 @@ def test_block_drop_path_is_random_in_training_and_off_in_eval():
 
 def test_block_mlp_ratio_sets_hidden_width():
     assert MUSEBlock(32, 4, mlp_ratio=2.0).mlp.fc1.out_features == 64
+
+
+def test_sequential_block_option_is_two_residual_steps():
+    block = MUSEBlock(32, 4, parallel=False, init_values=0.5).eval()
+    x = torch.randn(2, 7, 32)
+    h = x + 0.5 * block.attn(block.norm(x))
+    torch.testing.assert_close(block(x), h + 0.5 * block.mlp(block.norm2(h)))
+    assert MUSEBlock(32, 4).norm2 is None

@@ -18,7 +18,7 @@ from muse_lightning import MUSEAttention, MUSEBlock, MultiScaleDynamicConv
         ({"kernel_sizes": (3, 3)}, ValueError, "kernel_sizes must be distinct"),
         ({"kernel_sizes": 3}, TypeError, "kernel_sizes must be a sequence of ints"),
         ({"kernel_sizes": (1, 2.0)}, ValueError, "kernel_sizes"),
-        ({"conv_type": "fancy"}, ValueError, r"conv_type must be one of \('static', 'dynamic'\)"),
+        ({"conv_type": "fancy"}, ValueError, r"conv_type must be one of \('static', 'dynamic', 'none'\)"),
         ({"conv_proj": "both"}, ValueError, "conv_proj must be one of"),
         ({"qk_norm": True}, ValueError, "norm_layer must be given"),
         ({"attn_drop": 1.0}, ValueError, r"attn_drop must be in \[0, 1\)"),

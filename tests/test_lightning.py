@@ -29,7 +29,11 @@ def _metrics(log_root: Path) -> dict[str, float]:
     return values
 
 
-@pytest.mark.parametrize(("config", "name"), [("quickstart.yaml", "quickstart"), ("text_quickstart.yaml", "text_quickstart")])
+SHIPPED = [("quickstart.yaml", "quickstart"), ("text_quickstart.yaml", "text_quickstart"),
+           ("quickstart_attention.yaml", "quickstart_attention"), ("text_quickstart_attention.yaml", "text_quickstart_attention")]
+
+
+@pytest.mark.parametrize(("config", "name"), SHIPPED)
 def test_shipped_config_fits_then_tests_from_its_checkpoint(tmp_path, monkeypatch, config, name):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):  # a second run in the same place must not trip over the saved config
@@ -42,7 +46,7 @@ def test_shipped_config_fits_then_tests_from_its_checkpoint(tmp_path, monkeypatc
     main(["predict", "--config", str(CONFIGS / config), "--trainer.limit_predict_batches", "2", "--ckpt_path", str(ckpt)])
     with open(tmp_path / "predictions" / f"{name}.csv") as f:
         rows = list(csv.DictReader(f))
-    batch = 128 if name == "quickstart" else 64
+    batch = 128 if name.startswith("quickstart") else 64
     assert [int(r["index"]) for r in rows] == list(range(2 * batch))
     assert all(0.0 < float(r["prob"]) <= 1.0 and r["label"] for r in rows)
 
@@ -177,3 +181,23 @@ def test_mismatched_class_counts_fail_early(tmp_path):
         L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path).test(
             ImageClassifier(num_classes=45, model_kwargs=SMALL_VIT), ckpt_path=ckpt,
                  dataloaders=torch.utils.data.DataLoader(images, batch_size=8))
+
+
+@pytest.mark.parametrize(("muse", "attention", "num_classes"), [
+    ("quickstart.yaml", "quickstart_attention.yaml", 10), ("text_quickstart.yaml", "text_quickstart_attention.yaml", 45),
+])
+def test_attention_twin_configs_match_the_muse_quickstarts_within_two_percent_of_parameters(muse, attention, num_classes):
+    import importlib
+
+    import yaml
+
+    def build(config):
+        model = yaml.safe_load((CONFIGS / config).read_text())["model"]
+        module, name = model["class_path"].rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)(num_classes=num_classes, **model["init_args"])
+
+    with_conv, attention_only = build(muse), build(attention)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert abs(count(attention_only) / count(with_conv) - 1) < 0.02
+    assert all(m.conv is None for m in attention_only.modules() if hasattr(m, "conv_proj_mode"))
+    assert all(m.conv is not None for m in with_conv.modules() if hasattr(m, "conv_proj_mode"))

@@ -195,6 +195,8 @@ def test_swap_errors_are_clear():
         swap_attention(_pretrained_vit(), num_heads=4)
     with pytest.raises(TypeError, match=r"unknown mixer options \['kernel'\]"):
         swap_attention(_pretrained_vit(), kernel=3)
+    with pytest.raises(ValueError, match="conv_type='none' would swap attention for attention"):
+        swap_attention(_pretrained_vit(), conv_type="none")
     with pytest.raises(ValueError, match="cannot start silent"):
         swap_attention(_pretrained_vit(), conv_type="dynamic", conv_proj="shared", conv_layout="1d")
     with pytest.raises(ValueError, match="needs conv_type='static'"):
