@@ -1,0 +1,160 @@
+"""``muse-compare``: does MUSE help? Train MUSE and its attention-only twin (and ablations) over seeds.
+
+Each run is the shipped quickstart config of its task with a variant's overrides and a seed, driven
+through the ``muse-lightning`` CLI (fit, then test from the best checkpoint). A finished run leaves
+one JSON record in ``results``; runs already recorded are skipped, so a comparison can be built up
+over several sessions. ``--table`` prints the markdown table of whatever is recorded.
+
+    muse-compare --task vision --variants [muse, attention] --seeds [0, 1, 2]
+    muse-compare --table_only true
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from jsonargparse import CLI
+
+from .cli import main as cli_main
+
+__all__ = ["VARIANTS", "run", "table", "main"]
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+Task = Literal["vision", "text"]
+
+
+def _vit_kwargs(**changes: Any) -> list[str]:
+    """``model_kwargs`` of the vision quickstart with ``changes``, as a CLI override."""
+    base = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())["model"]["init_args"]["model_kwargs"]
+    return ["--model.init_args.model_kwargs", json.dumps({**base, **changes})]
+
+
+# Variant name -> (config, extra CLI arguments), per task. muse-k3 / muse-k1357: kernel sizes (3,)
+# and (1, 3, 5, 7) instead of (1, 3, 5); muse-1d: 1-D layout over the flattened patches;
+# muse-sequential: sequential instead of parallel blocks; muse-dynamic: dynamic kernels (3, 15).
+VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
+    "vision": {
+        "muse": ("quickstart.yaml", []),
+        "attention": ("quickstart_attention.yaml", []),
+        "muse-k3": ("quickstart.yaml", _vit_kwargs(kernel_sizes=[3])),
+        "muse-k1357": ("quickstart.yaml", _vit_kwargs(kernel_sizes=[1, 3, 5, 7])),
+        "muse-1d": ("quickstart.yaml", _vit_kwargs(conv_layout="1d")),
+        "muse-sequential": ("quickstart.yaml", _vit_kwargs(parallel=False)),
+    },
+    "text": {
+        "muse": ("text_quickstart.yaml", []),
+        "attention": ("text_quickstart_attention.yaml", []),
+        "muse-dynamic": ("text_quickstart.yaml", ["--model.init_args.conv_type", "dynamic",
+                                                       "--model.init_args.kernel_sizes", "[3, 15]"]),
+        "muse-k3": ("text_quickstart.yaml", ["--model.init_args.kernel_sizes", "[3]"]),
+        "muse-sequential": ("text_quickstart.yaml", ["--model.init_args.parallel", "false"]),
+    },
+}
+
+
+def _record_path(results: Path, task: str, variant: str, seed: int) -> Path:
+    slug = "".join(c if c.isalnum() else "-" for c in variant).strip("-")
+    return results / f"{task}__{slug}__seed{seed}.json"
+
+
+def _last_metrics(log_root: Path) -> dict[str, float]:
+    newest = max(log_root.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    values: dict[str, float] = {}
+    with open(newest) as f:
+        for row in csv.DictReader(f):
+            values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return values
+
+
+def run(task: Task, variant: str, seed: int, results: Path, extra: list[str] | None = None) -> dict[str, Any]:
+    """Fit and test one (task, variant, seed) in its own folder under ``results/runs``; record it."""
+    config, overrides = VARIANTS[task][variant]
+    workdir = results / "runs" / _record_path(results, task, variant, seed).stem
+    workdir.mkdir(parents=True, exist_ok=True)
+    common = ["--config", str(CONFIGS / config), "--seed_everything", str(seed), *overrides, *(extra or [])]
+    name = config.removesuffix(".yaml")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        start = time.perf_counter()
+        cli_main(["fit", *common])
+        train_seconds = time.perf_counter() - start
+        cli_main(["test", *common, "--ckpt_path", f"checkpoints/{name}/best.ckpt"])
+        metrics = _last_metrics(Path("logs") / name)
+        params = sum(t.numel() for k, t in torch.load(f"checkpoints/{name}/best.ckpt", weights_only=False)["state_dict"].items()
+                     if k.startswith("model."))
+    finally:
+        os.chdir(cwd)
+    record = {
+        "task": task, "variant": variant, "seed": seed, "config": config, "overrides": overrides + (extra or []),
+        "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"], "params": params,
+        "train_seconds": train_seconds, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    _record_path(results, task, variant, seed).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def table(results: Path) -> str:
+    """Markdown table of the recorded runs: test accuracy mean +- std over seeds, parameters, time."""
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["variant"]), []).append(r)
+    lines = ["| task | variant | seeds | test acc (%) | macro F1 (%) | params | train time (s) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for (task, variant), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], list(VARIANTS[kv[0][0]]).index(kv[0][1]))):
+        acc = [100 * r["test_acc"] for r in rs]
+        f1 = [100 * r["test_f1_macro"] for r in rs]
+        std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
+        lines.append(
+            f"| {task} | {variant} | {len(rs)} | {statistics.mean(acc):.2f} +- {std:.2f} | {statistics.mean(f1):.2f} | "
+            f"{rs[0]['params']:,} | {statistics.median(r['train_seconds'] for r in rs):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(
+        task: Task = "vision",
+        variants: list[str] | None = None,
+        seeds: list[int] | None = None,
+        results: str = "results/compare",
+        table_only: bool = False,
+        extra: list[str] | None = None,
+) -> None:
+    """Run the missing (variant, seed) pairs of ``task``, then print the table of every recorded run.
+
+    Args:
+        task: ``vision`` (Fashion-MNIST quickstart) or ``text`` (WordNet glosses quickstart).
+        variants: Names from ``VARIANTS[task]``; default ``muse`` and ``attention``.
+        seeds: Seeds to run; default 0, 1, 2.
+        results: Folder of the JSON records (and of the runs' logs and checkpoints, under ``runs/``).
+        table_only: Only print the table.
+        extra: More ``muse-lightning`` arguments for every run (e.g. ``--data.init_args.source system``).
+    """
+    out = Path(results)
+    out.mkdir(parents=True, exist_ok=True)
+    if not table_only:
+        for variant in variants or ["muse", "attention"]:
+            if variant not in VARIANTS[task]:
+                raise ValueError(f"unknown variant {variant!r} for {task}; choose from {list(VARIANTS[task])}")
+            for seed in seeds if seeds is not None else [0, 1, 2]:
+                if not _record_path(out, task, variant, seed).exists():
+                    run(task, variant, seed, out, extra)
+    print(table(out))
+
+
+def cli() -> None:
+    """Entry point of the ``muse-compare`` console script."""
+    CLI(main, as_positional=False, args=sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()
