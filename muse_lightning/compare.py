@@ -25,7 +25,7 @@ from jsonargparse import CLI
 
 from .cli import main as cli_main
 
-__all__ = ["VARIANTS", "run", "table", "main"]
+__all__ = ["VARIANTS", "last_metrics", "main", "run", "table"]
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 Task = Literal["vision", "text"]
@@ -65,7 +65,8 @@ def _record_path(results: Path, task: str, variant: str, seed: int) -> Path:
     return results / f"{task}__{slug}__seed{seed}.json"
 
 
-def _last_metrics(log_root: Path) -> dict[str, float]:
+def last_metrics(log_root: Path) -> dict[str, float]:
+    """The last logged value of every metric in the newest CSVLogger ``metrics.csv`` under ``log_root``."""
     newest = max(log_root.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
     values: dict[str, float] = {}
     with open(newest) as f:
@@ -88,7 +89,7 @@ def run(task: Task, variant: str, seed: int, results: Path, extra: list[str] | N
         cli_main(["fit", *common])
         train_seconds = time.perf_counter() - start
         cli_main(["test", *common, "--ckpt_path", f"checkpoints/{name}/best.ckpt"])
-        metrics = _last_metrics(Path("logs") / name)
+        metrics = last_metrics(Path("logs") / name)
         params = sum(t.numel() for k, t in torch.load(f"checkpoints/{name}/best.ckpt", weights_only=False)["state_dict"].items()
                      if k.startswith("model."))
     finally:

@@ -11,22 +11,13 @@ import torch
 
 from muse_lightning import FashionMNISTDataModule, ImageClassifier, TextClassifier, WordNetGlossesDataModule
 from muse_lightning.cli import main
+from muse_lightning.compare import last_metrics
 from muse_lightning.text import MUSETextNet
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
          "--trainer.limit_test_batches", "2"]
 SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2}
-
-
-def _metrics(log_root: Path) -> dict[str, float]:
-    """The last values of every metric in the newest CSVLogger file under ``log_root``."""
-    newest = max(log_root.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    values: dict[str, float] = {}
-    with open(newest) as f:
-        for row in csv.DictReader(f):
-            values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return values
 
 
 SHIPPED = [("quickstart.yaml", "quickstart"), ("text_quickstart.yaml", "text_quickstart"),
@@ -41,7 +32,7 @@ def test_shipped_config_fits_then_tests_from_its_checkpoint(tmp_path, monkeypatc
     ckpt = tmp_path / "checkpoints" / name / "best.ckpt"
     assert ckpt.is_file() and (tmp_path / "logs" / name).is_dir()
     main(["test", "--config", str(CONFIGS / config), *QUICK, "--ckpt_path", str(ckpt)])
-    metrics = _metrics(tmp_path / "logs" / name)
+    metrics = last_metrics(tmp_path / "logs" / name)
     assert 0.0 <= metrics["test/acc"] <= 1.0 and "test/f1_macro" in metrics and "test/acc_top5" in metrics
     main(["predict", "--config", str(CONFIGS / config), "--trainer.limit_predict_batches", "2", "--ckpt_path", str(ckpt)])
     with open(tmp_path / "predictions" / f"{name}.csv") as f:
@@ -105,7 +96,7 @@ def test_ddp_synced_metrics_equal_a_single_process_run(tmp_path, monkeypatch):
                "--trainer.strategy", strategy, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
                "--trainer.logger.save_dir", str(logs), "--ckpt_path", str(ckpt)]
         subprocess.run(cmd, check=True, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
-        results[devices] = _metrics(logs)
+        results[devices] = last_metrics(logs)
     for key in ("val/acc", "val/acc_top5", "val/f1_macro"):
         assert results[2][key] == pytest.approx(results[1][key], abs=1e-6), key
     assert results[2]["val/loss"] == pytest.approx(results[1]["val/loss"], rel=1e-5)
