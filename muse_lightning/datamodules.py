@@ -6,9 +6,9 @@ deterministically: a stratified split with a fixed ``seed``.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -46,6 +46,7 @@ class _ClassificationData(L.LightningDataModule):
     """Loaders over ``self.train_set`` / ``val_set`` / ``test_set``; predict runs on the test set."""
 
     classes: Sequence[str]
+    collate_fn: Callable[[list[Any]], Any] | None = None  # the default collation unless a subclass sets one
 
     def __init__(self, batch_size: int, num_workers: int) -> None:
         super().__init__()
@@ -67,7 +68,7 @@ class _ClassificationData(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() has not been run")
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=getattr(self, "collate_fn", None), persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn, persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
