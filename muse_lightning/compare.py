@@ -3,9 +3,14 @@
 Each run is the shipped quickstart config of its task with a variant's overrides and a seed, driven
 through the ``muse-lightning`` CLI (fit, then test from the best checkpoint). A finished run leaves
 one JSON record in ``results``; runs already recorded are skipped, so a comparison can be built up
-over several sessions. ``--table`` prints the markdown table of whatever is recorded.
+over several sessions. ``--table_only true`` prints the markdown table of whatever is recorded.
+
+The data is the full set (Fashion-MNIST 60k/10k, WordNet's 117k glosses) where its Debian package is
+installed and the subset embedded in the package otherwise; full-data runs add the task's overlay
+config (``FULL_DATA``), which switches the source and sizes the schedule.
 
     muse-compare --task vision --variants [muse, attention] --seeds [0, 1, 2]
+    muse-compare --task text --data embedded
     muse-compare --table_only true
 """
 from __future__ import annotations
@@ -24,11 +29,14 @@ import yaml
 from jsonargparse import CLI
 
 from .cli import main as cli_main
+from .datamodules import _resolve_source
+from .datasets import FASHION_MNIST_DIR, WORDNET_DIR
 
-__all__ = ["VARIANTS", "last_metrics", "main", "run", "table"]
+__all__ = ["FULL_DATA", "VARIANTS", "last_metrics", "main", "resolve_data", "run", "table"]
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 Task = Literal["vision", "text"]
+Data = Literal["auto", "embedded", "full"]
 
 
 def _vit_kwargs(**changes: Any) -> list[str]:
@@ -60,9 +68,25 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
 }
 
 
-def _record_path(results: Path, task: str, variant: str, seed: int) -> Path:
+# Task -> (data set, its Debian directory and package, the overlay config for the full set).
+FULL_DATA: dict[str, tuple[str, Path, str, str]] = {
+    "vision": ("Fashion-MNIST", FASHION_MNIST_DIR, "dataset-fashion-mnist", "fashion_mnist_full.yaml"),
+    "text": ("WordNet", WORDNET_DIR, "wordnet-base", "wordnet_full.yaml"),
+}
+
+
+def resolve_data(task: Task, data: Data) -> Literal["embedded", "full"]:
+    """``"full"`` or ``"embedded"``: ``auto`` is the full set when its Debian package is installed."""
+    if data not in ("auto", "embedded", "full"):
+        raise ValueError(f"data must be 'auto', 'embedded' or 'full', got {data!r}")
+    name, directory, package, _ = FULL_DATA[task]
+    source, _ = _resolve_source("system" if data == "full" else data, None, directory, name, package)
+    return "full" if source == "system" else "embedded"
+
+
+def _record_path(results: Path, task: str, data: str, variant: str, seed: int) -> Path:
     slug = "".join(c if c.isalnum() else "-" for c in variant).strip("-")
-    return results / f"{task}__{slug}__seed{seed}.json"
+    return results / f"{task}__{data}__{slug}__seed{seed}.json"
 
 
 def last_metrics(log_root: Path) -> dict[str, float]:
@@ -75,12 +99,15 @@ def last_metrics(log_root: Path) -> dict[str, float]:
     return values
 
 
-def run(task: Task, variant: str, seed: int, results: Path, extra: list[str] | None = None) -> dict[str, Any]:
-    """Fit and test one (task, variant, seed) in its own folder under ``results/runs``; record it."""
+def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, results: Path,
+        extra: list[str] | None = None) -> dict[str, Any]:
+    """Fit and test one (task, data, variant, seed) in its own folder under ``results/runs``; record it."""
     config, overrides = VARIANTS[task][variant]
-    workdir = results / "runs" / _record_path(results, task, variant, seed).stem
+    record_path = _record_path(results, task, data, variant, seed)
+    workdir = results / "runs" / record_path.stem
     workdir.mkdir(parents=True, exist_ok=True)
-    common = ["--config", str(CONFIGS / config), "--seed_everything", str(seed), *overrides, *(extra or [])]
+    overlay = ["--config", str(CONFIGS / FULL_DATA[task][3])] if data == "full" else []
+    common = ["--config", str(CONFIGS / config), *overlay, "--seed_everything", str(seed), *overrides, *(extra or [])]
     name = config.removesuffix(".yaml")
     cwd = os.getcwd()
     os.chdir(workdir)
@@ -95,28 +122,30 @@ def run(task: Task, variant: str, seed: int, results: Path, extra: list[str] | N
     finally:
         os.chdir(cwd)
     record = {
-        "task": task, "variant": variant, "seed": seed, "config": config, "overrides": overrides + (extra or []),
+        "task": task, "data": data, "variant": variant, "seed": seed, "config": config,
+        "overrides": overlay[1:] + overrides + (extra or []),
         "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"], "params": params,
         "train_seconds": train_seconds, "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
-    _record_path(results, task, variant, seed).write_text(json.dumps(record, indent=1))
+    record_path.write_text(json.dumps(record, indent=1))
     return record
 
 
 def table(results: Path) -> str:
     """Markdown table of the recorded runs: test accuracy mean +- std over seeds, parameters, time."""
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["task"], r["variant"]), []).append(r)
-    lines = ["| task | variant | seeds | test acc (%) | macro F1 (%) | params | train time (s) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for (task, variant), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], list(VARIANTS[kv[0][0]]).index(kv[0][1]))):
+        groups.setdefault((r["task"], r["data"], r["variant"]), []).append(r)
+    lines = ["| task | data | variant | seeds | test acc (%) | macro F1 (%) | params | train time (s) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    order = lambda key: (key[0], key[1], list(VARIANTS[key[0]]).index(key[2]))  # noqa: E731
+    for (task, data, variant), rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         acc = [100 * r["test_acc"] for r in rs]
         f1 = [100 * r["test_f1_macro"] for r in rs]
         std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
         lines.append(
-            f"| {task} | {variant} | {len(rs)} | {statistics.mean(acc):.2f} +- {std:.2f} | {statistics.mean(f1):.2f} | "
+            f"| {task} | {data} | {variant} | {len(rs)} | {statistics.mean(acc):.2f} +- {std:.2f} | {statistics.mean(f1):.2f} | "
             f"{rs[0]['params']:,} | {statistics.median(r['train_seconds'] for r in rs):.0f} |"
         )
     return "\n".join(lines)
@@ -124,6 +153,7 @@ def table(results: Path) -> str:
 
 def main(
         task: Task = "vision",
+        data: Data = "auto",
         variants: list[str] | None = None,
         seeds: list[int] | None = None,
         results: str = "results/compare",
@@ -134,6 +164,8 @@ def main(
 
     Args:
         task: ``vision`` (Fashion-MNIST quickstart) or ``text`` (WordNet glosses quickstart).
+        data: ``full`` (the Debian package's full set, with the task's overlay config), ``embedded``
+            (the subset in the package), or ``auto``: full when installed.
         variants: Names from ``VARIANTS[task]``; default ``muse`` and ``attention``.
         seeds: Seeds to run; default 0, 1, 2.
         results: Folder of the JSON records (and of the runs' logs and checkpoints, under ``runs/``).
@@ -143,12 +175,13 @@ def main(
     out = Path(results)
     out.mkdir(parents=True, exist_ok=True)
     if not table_only:
+        resolved = resolve_data(task, data)
         for variant in variants or ["muse", "attention"]:
             if variant not in VARIANTS[task]:
                 raise ValueError(f"unknown variant {variant!r} for {task}; choose from {list(VARIANTS[task])}")
             for seed in seeds if seeds is not None else [0, 1, 2]:
-                if not _record_path(out, task, variant, seed).exists():
-                    run(task, variant, seed, out, extra)
+                if not _record_path(out, task, resolved, variant, seed).exists():
+                    run(task, resolved, variant, seed, out, extra)
     print(table(out))
 
 

@@ -1,7 +1,10 @@
+import gzip
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -30,3 +33,18 @@ def make_mixer(dim: int = 32, num_heads: int = 4, **kwargs) -> MUSEAttention:
             if "bias" in name or "gate" in name:
                 p.normal_(std=0.1)
     return module
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """``array`` as a gzipped uint8 IDX file (the format of MNIST and Fashion-MNIST)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(root: Path, n_train: int = 40, n_test: int = 10) -> None:
+    """Random images in the file layout of Debian's dataset-fashion-mnist, labels cycling over 10 classes."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)

@@ -1,9 +1,11 @@
-"""muse-compare: runs are recorded once, skipped when recorded, and tabulated."""
+"""muse-compare: runs are recorded once, skipped when recorded, tabulated, and use the full data when asked."""
 import json
 
 import pytest
+from conftest import write_fashion_mnist
 
-from muse_lightning.compare import VARIANTS, main, table
+from muse_lightning import compare
+from muse_lightning.compare import VARIANTS, main, resolve_data, table
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--trainer.limit_test_batches", "1"]
@@ -11,27 +13,54 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--tr
 
 def test_compare_records_runs_skips_recorded_ones_and_tabulates(tmp_path, capsys):
     results = tmp_path / "results"
-    main(task="vision", variants=["muse", "attention"], seeds=[0], results=str(results), extra=TINY)
+    main(task="vision", data="embedded", variants=["muse", "attention"], seeds=[0], results=str(results), extra=TINY)
     records = sorted(results.glob("*.json"))
-    assert [p.name for p in records] == ["vision__attention__seed0.json", "vision__muse__seed0.json"]
-    muse = json.loads((results / "vision__muse__seed0.json").read_text())
-    attention = json.loads((results / "vision__attention__seed0.json").read_text())
-    assert 0.0 <= muse["test_acc"] <= 1.0 and muse["config"] == "quickstart.yaml"
+    assert [p.name for p in records] == ["vision__embedded__attention__seed0.json", "vision__embedded__muse__seed0.json"]
+    muse = json.loads(records[1].read_text())
+    attention = json.loads(records[0].read_text())
+    assert 0.0 <= muse["test_acc"] <= 1.0 and muse["config"] == "quickstart.yaml" and muse["data"] == "embedded"
     assert abs(attention["params"] / muse["params"] - 1) < 0.02
     stamps = [p.stat().st_mtime for p in records]
-    main(task="vision", variants=["muse", "attention"], seeds=[0], results=str(results), extra=TINY)
+    main(task="vision", data="embedded", variants=["muse", "attention"], seeds=[0], results=str(results), extra=TINY)
     assert [p.stat().st_mtime for p in records] == stamps  # recorded runs are not run again
     rows = table(results).splitlines()
-    assert rows[0].startswith("| task | variant") and len(rows) == 4
-    assert "| vision | muse | 1 |" in capsys.readouterr().out
+    assert rows[0].startswith("| task | data | variant") and len(rows) == 4
+    assert "| vision | embedded | muse | 1 |" in capsys.readouterr().out
 
 
-def test_every_variant_is_a_shipped_config_with_overrides():
-    assert set(VARIANTS) == {"vision", "text"}
-    for task in VARIANTS.values():
-        assert {"muse", "attention"} <= set(task)
+def test_full_data_runs_add_the_overlay_config_and_are_recorded_apart(tmp_path, monkeypatch):
+    root = tmp_path / "fashion-mnist"
+    root.mkdir()
+    write_fashion_mnist(root, n_train=60, n_test=20)
+    name, _, package, overlay = compare.FULL_DATA["vision"]
+    monkeypatch.setitem(compare.FULL_DATA, "vision", (name, root, package, overlay))
+    assert resolve_data("vision", "auto") == "full"
+    results = tmp_path / "results"
+    main(task="vision", data="auto", variants=["muse"], seeds=[0], results=str(results),
+         extra=[*TINY, "--data.init_args.root", str(root)])
+    record = json.loads((results / "vision__full__muse__seed0.json").read_text())
+    assert record["data"] == "full" and record["overrides"][0].endswith("fashion_mnist_full.yaml")
+    config = (results / "runs" / "vision__full__muse__seed0" / "logs" / "quickstart" / "version_0" / "config.yaml")
+    assert "source: system" in config.read_text()
+
+
+def test_missing_full_data_is_named_with_its_package(tmp_path, monkeypatch):
+    name, _, package, overlay = compare.FULL_DATA["text"]
+    monkeypatch.setitem(compare.FULL_DATA, "text", (name, tmp_path / "missing", package, overlay))
+    assert resolve_data("text", "auto") == "embedded"
+    with pytest.raises(FileNotFoundError, match="install Debian's wordnet-base package"):
+        resolve_data("text", "full")
+    with pytest.raises(ValueError, match="data must be 'auto', 'embedded' or 'full'"):
+        resolve_data("text", "everything")
+
+
+def test_every_task_has_muse_attention_and_a_full_data_overlay():
+    assert set(VARIANTS) == set(compare.FULL_DATA) == {"vision", "text"}
+    for task, variants in VARIANTS.items():
+        assert {"muse", "attention"} <= set(variants)
+        assert (compare.CONFIGS / compare.FULL_DATA[task][3]).is_file()
 
 
 def test_unknown_variant_is_named(tmp_path):
     with pytest.raises(ValueError, match="unknown variant 'muse-k9' for vision"):
-        main(task="vision", variants=["muse-k9"], results=str(tmp_path))
+        main(task="vision", data="embedded", variants=["muse-k9"], results=str(tmp_path))

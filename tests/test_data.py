@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_fashion_mnist, write_idx
 
 from muse_lightning import FashionMNISTDataModule, ImageFolderDataModule, TextFileDataModule, WordNetGlossesDataModule
 from muse_lightning.datasets import (
@@ -13,15 +14,9 @@ from muse_lightning.datasets import (
 )
 
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_idx_reader_round_trips_and_rejects_bad_files(tmp_path):
     images = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 256
-    _write_idx(tmp_path / "x.gz", images)
+    write_idx(tmp_path / "x.gz", images)
     assert np.array_equal(read_idx(tmp_path / "x.gz"), images)
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="not an IDX file"):
@@ -33,10 +28,7 @@ def test_idx_reader_round_trips_and_rejects_bad_files(tmp_path):
 
 
 def test_fashion_mnist_reads_a_system_directory(tmp_path):
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 40), ("t10k", 10)):
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    write_fashion_mnist(tmp_path)
     dm = FashionMNISTDataModule(source="system", root=str(tmp_path), val_fraction=0.25)
     dm.setup("fit")
     assert dm.source == "system" and (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (30, 10, 10)
