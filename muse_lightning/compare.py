@@ -106,8 +106,10 @@ def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, 
     record_path = _record_path(results, task, data, variant, seed)
     workdir = results / "runs" / record_path.stem
     workdir.mkdir(parents=True, exist_ok=True)
-    overlay = ["--config", str(CONFIGS / FULL_DATA[task][3])] if data == "full" else []
-    common = ["--config", str(CONFIGS / config), *overlay, "--seed_everything", str(seed), *overrides, *(extra or [])]
+    overlay = FULL_DATA[task][3] if data == "full" else None
+    configs = [config] + ([overlay] if overlay else [])
+    common = [*(a for c in configs for a in ("--config", str(CONFIGS / c))), "--seed_everything", str(seed),
+              *overrides, *(extra or [])]
     name = config.removesuffix(".yaml")
     cwd = os.getcwd()
     os.chdir(workdir)
@@ -122,8 +124,8 @@ def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, 
     finally:
         os.chdir(cwd)
     record = {
-        "task": task, "data": data, "variant": variant, "seed": seed, "config": config,
-        "overrides": overlay[1:] + overrides + (extra or []),
+        "task": task, "data": data, "variant": variant, "seed": seed, "config": config, "overlay": overlay,
+        "overrides": overrides + (extra or []),
         "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"], "params": params,
         "train_seconds": train_seconds, "threads": torch.get_num_threads(), "torch": torch.__version__,
     }

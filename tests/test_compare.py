@@ -19,6 +19,7 @@ def test_compare_records_runs_skips_recorded_ones_and_tabulates(tmp_path, capsys
     muse = json.loads(records[1].read_text())
     attention = json.loads(records[0].read_text())
     assert 0.0 <= muse["test_acc"] <= 1.0 and muse["config"] == "quickstart.yaml" and muse["data"] == "embedded"
+    assert muse["overlay"] is None
     assert abs(attention["params"] / muse["params"] - 1) < 0.02
     stamps = [p.stat().st_mtime for p in records]
     main(task="vision", data="embedded", variants=["muse", "attention"], seeds=[0], results=str(results), extra=TINY)
@@ -39,7 +40,7 @@ def test_full_data_runs_add_the_overlay_config_and_are_recorded_apart(tmp_path, 
     main(task="vision", data="auto", variants=["muse"], seeds=[0], results=str(results),
          extra=[*TINY, "--data.init_args.root", str(root)])
     record = json.loads((results / "vision__full__muse__seed0.json").read_text())
-    assert record["data"] == "full" and record["overrides"][0].endswith("fashion_mnist_full.yaml")
+    assert record["data"] == "full" and record["overlay"] == "fashion_mnist_full.yaml"
     config = (results / "runs" / "vision__full__muse__seed0" / "logs" / "quickstart" / "version_0" / "config.yaml")
     assert "source: system" in config.read_text()
 
