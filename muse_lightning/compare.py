@@ -145,9 +145,9 @@ def table(results: Path) -> str:
     for (task, data, variant), rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         acc = [100 * r["test_acc"] for r in rs]
         f1 = [100 * r["test_f1_macro"] for r in rs]
-        std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
+        spread = f" +- {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""  # one seed has no spread
         lines.append(
-            f"| {task} | {data} | {variant} | {len(rs)} | {statistics.mean(acc):.2f} +- {std:.2f} | {statistics.mean(f1):.2f} | "
+            f"| {task} | {data} | {variant} | {len(rs)} | {statistics.mean(acc):.2f}{spread} | {statistics.mean(f1):.2f} | "
             f"{rs[0]['params']:,} | {statistics.median(r['train_seconds'] for r in rs):.0f} |"
         )
     return "\n".join(lines)

@@ -26,7 +26,7 @@ def test_compare_records_runs_skips_recorded_ones_and_tabulates(tmp_path, capsys
     assert [p.stat().st_mtime for p in records] == stamps  # recorded runs are not run again
     rows = table(results).splitlines()
     assert rows[0].startswith("| task | data | variant") and len(rows) == 4
-    assert "| vision | embedded | muse | 1 |" in capsys.readouterr().out
+    assert "| vision | embedded | muse | 1 | " in capsys.readouterr().out and "nan" not in rows[2]
 
 
 def test_full_data_runs_add_the_overlay_config_and_are_recorded_apart(tmp_path, monkeypatch):
