@@ -29,8 +29,7 @@ import yaml
 from jsonargparse import CLI
 
 from .cli import main as cli_main
-from .datamodules import _resolve_source
-from .datasets import FASHION_MNIST_DIR, WORDNET_DIR
+from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
 
 __all__ = ["FULL_DATA", "VARIANTS", "last_metrics", "main", "resolve_data", "run", "table"]
 
@@ -68,10 +67,10 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
 }
 
 
-# Task -> (data set, its Debian directory and package, the overlay config for the full set).
-FULL_DATA: dict[str, tuple[str, Path, str, str]] = {
-    "vision": ("Fashion-MNIST", FASHION_MNIST_DIR, "dataset-fashion-mnist", "fashion_mnist_full.yaml"),
-    "text": ("WordNet", WORDNET_DIR, "wordnet-base", "wordnet_full.yaml"),
+# Task -> (its data module, which knows where the full set lives, and the overlay config for the full set).
+FULL_DATA: dict[str, tuple[type[FashionMNISTDataModule | WordNetGlossesDataModule], str]] = {
+    "vision": (FashionMNISTDataModule, "fashion_mnist_full.yaml"),
+    "text": (WordNetGlossesDataModule, "wordnet_full.yaml"),
 }
 
 
@@ -79,8 +78,8 @@ def resolve_data(task: Task, data: Data) -> Literal["embedded", "full"]:
     """``"full"`` or ``"embedded"``: ``auto`` is the full set when its Debian package is installed."""
     if data not in ("auto", "embedded", "full"):
         raise ValueError(f"data must be 'auto', 'embedded' or 'full', got {data!r}")
-    name, directory, package, _ = FULL_DATA[task]
-    source, _ = _resolve_source("system" if data == "full" else data, None, directory, name, package)
+    datamodule, _ = FULL_DATA[task]
+    source = datamodule(source="system" if data == "full" else data).source
     return "full" if source == "system" else "embedded"
 
 
@@ -106,10 +105,9 @@ def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, 
     record_path = _record_path(results, task, data, variant, seed)
     workdir = results / "runs" / record_path.stem
     workdir.mkdir(parents=True, exist_ok=True)
-    overlay = FULL_DATA[task][3] if data == "full" else None
-    configs = [config] + ([overlay] if overlay else [])
-    common = [*(a for c in configs for a in ("--config", str(CONFIGS / c))), "--seed_everything", str(seed),
-              *overrides, *(extra or [])]
+    overlay = FULL_DATA[task][1] if data == "full" else None
+    configs = ["--config", str(CONFIGS / config)] + (["--config", str(CONFIGS / overlay)] if overlay else [])
+    common = [*configs, "--seed_everything", str(seed), *overrides, *(extra or [])]
     name = config.removesuffix(".yaml")
     cwd = os.getcwd()
     os.chdir(workdir)

@@ -118,6 +118,7 @@ class FashionMNISTDataModule(_ClassificationData):
     """
 
     classes = FASHION_MNIST_CLASSES
+    default_root = FASHION_MNIST_DIR  # where Debian's package puts the IDX files
     in_chans = 1
     img_size = 28
     mean, std = 0.2860, 0.3530
@@ -133,7 +134,7 @@ class FashionMNISTDataModule(_ClassificationData):
             seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers)
-        self.source, self.root = _resolve_source(source, root, FASHION_MNIST_DIR, "Fashion-MNIST", "dataset-fashion-mnist")
+        self.source, self.root = _resolve_source(source, root, self.default_root, "Fashion-MNIST", "dataset-fashion-mnist")
         _check_fraction("val_fraction", val_fraction)
         self.val_fraction, self.augment, self.seed = val_fraction, augment, seed
 
@@ -226,6 +227,7 @@ class WordNetGlossesDataModule(_TextData):
     """
 
     classes = WORDNET_LEXNAMES
+    default_root = WORDNET_DIR  # where Debian's wordnet-base puts data.noun, data.verb, ...
 
     def __init__(
             self,
@@ -239,7 +241,7 @@ class WordNetGlossesDataModule(_TextData):
             seed: int = 0,
     ) -> None:
         super().__init__(max_length, batch_size, num_workers)
-        self.source, self.root = _resolve_source(source, root, WORDNET_DIR, "WordNet", "wordnet-base")
+        self.source, self.root = _resolve_source(source, root, self.default_root, "WordNet", "wordnet-base")
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed

@@ -4,7 +4,7 @@ import json
 import pytest
 from conftest import write_fashion_mnist
 
-from muse_lightning import compare
+from muse_lightning import FashionMNISTDataModule, WordNetGlossesDataModule, compare
 from muse_lightning.compare import VARIANTS, main, resolve_data, table
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -33,12 +33,10 @@ def test_full_data_runs_add_the_overlay_config_and_are_recorded_apart(tmp_path, 
     root = tmp_path / "fashion-mnist"
     root.mkdir()
     write_fashion_mnist(root, n_train=60, n_test=20)
-    name, _, package, overlay = compare.FULL_DATA["vision"]
-    monkeypatch.setitem(compare.FULL_DATA, "vision", (name, root, package, overlay))
+    monkeypatch.setattr(FashionMNISTDataModule, "default_root", root)  # as if Debian's package were installed
     assert resolve_data("vision", "auto") == "full"
     results = tmp_path / "results"
-    main(task="vision", data="auto", variants=["muse"], seeds=[0], results=str(results),
-         extra=[*TINY, "--data.init_args.root", str(root)])
+    main(task="vision", data="auto", variants=["muse"], seeds=[0], results=str(results), extra=TINY)
     record = json.loads((results / "vision__full__muse__seed0.json").read_text())
     assert record["data"] == "full" and record["overlay"] == "fashion_mnist_full.yaml"
     config = (results / "runs" / "vision__full__muse__seed0" / "logs" / "quickstart" / "version_0" / "config.yaml")
@@ -46,8 +44,7 @@ def test_full_data_runs_add_the_overlay_config_and_are_recorded_apart(tmp_path, 
 
 
 def test_missing_full_data_is_named_with_its_package(tmp_path, monkeypatch):
-    name, _, package, overlay = compare.FULL_DATA["text"]
-    monkeypatch.setitem(compare.FULL_DATA, "text", (name, tmp_path / "missing", package, overlay))
+    monkeypatch.setattr(WordNetGlossesDataModule, "default_root", tmp_path / "missing")
     assert resolve_data("text", "auto") == "embedded"
     with pytest.raises(FileNotFoundError, match="install Debian's wordnet-base package"):
         resolve_data("text", "full")
@@ -59,7 +56,7 @@ def test_every_task_has_muse_attention_and_a_full_data_overlay():
     assert set(VARIANTS) == set(compare.FULL_DATA) == {"vision", "text"}
     for task, variants in VARIANTS.items():
         assert {"muse", "attention"} <= set(variants)
-        assert (compare.CONFIGS / compare.FULL_DATA[task][3]).is_file()
+        assert (compare.CONFIGS / compare.FULL_DATA[task][1]).is_file()
 
 
 def test_unknown_variant_is_named(tmp_path):
