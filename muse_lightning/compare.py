@@ -44,9 +44,12 @@ def _vit_kwargs(**changes: Any) -> list[str]:
     return ["--model.init_args.model_kwargs", json.dumps({**base, **changes})]
 
 
+_CONVSTEM = ["--model.init_args.model_name", "muse_vit_tiny_convstem_28"]
+
 # Variant name -> (config, extra CLI arguments), per task. muse-k3 / muse-k1357: kernel sizes (3,)
 # and (1, 3, 5, 7) instead of (1, 3, 5); muse-1d: 1-D layout over the flattened patches;
-# muse-sequential: sequential instead of parallel blocks; muse-dynamic: dynamic kernels (3, 15).
+# muse-sequential: sequential instead of parallel blocks; muse-dynamic: dynamic kernels (3, 15);
+# *-convstem: a convolutional stem (muse_vit_tiny_convstem_28) instead of 4 x 4 patches, in both arms.
 VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
     "vision": {
         "muse": ("quickstart.yaml", []),
@@ -55,6 +58,8 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "muse-k1357": ("quickstart.yaml", _vit_kwargs(kernel_sizes=[1, 3, 5, 7])),
         "muse-1d": ("quickstart.yaml", _vit_kwargs(conv_layout="1d")),
         "muse-sequential": ("quickstart.yaml", _vit_kwargs(parallel=False)),
+        "muse-convstem": ("quickstart.yaml", _CONVSTEM),
+        "attention-convstem": ("quickstart_attention.yaml", _CONVSTEM),
     },
     "text": {
         "muse": ("text_quickstart.yaml", []),

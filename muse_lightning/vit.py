@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import HybridEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from .attention import MUSEAttention
@@ -86,6 +88,10 @@ default_cfgs = generate_default_cfgs({
     "muse_vit_tiny_patch4_28.untrained": _cfg(
         num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, mean=(0.2860,), std=(0.3530,),
     ),
+    "muse_vit_tiny_convstem_28.untrained": _cfg(
+        num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, mean=(0.2860,), std=(0.3530,),
+        first_conv="patch_embed.backbone.0.conv",
+    ),
     "muse_vit_tiny_patch4_32.untrained": _cfg(
         num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
     ),
@@ -157,6 +163,23 @@ def muse_vit_tiny_patch4_28(pretrained: bool = False, **kwargs: Any) -> VisionTr
     """MUSE ViT-Ti/4 for 28 x 28 single-channel images (Fashion-MNIST): a 7 x 7 patch grid."""
     model_args = dict(img_size=28, in_chans=1, num_classes=10, patch_size=4, embed_dim=192, depth=12, num_heads=3)
     return _create_muse_vit("muse_vit_tiny_patch4_28", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def muse_vit_tiny_convstem_28(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """MUSE ViT-Ti for 28 x 28 grey images with a convolutional stem instead of 4 x 4 patches.
+
+    Two overlapping 3 x 3 stride-2 convolutions (BatchNorm and GELU between; Xiao et al. 2021,
+    "Early Convolutions Help Transformers See Better") turn the image into the same 7 x 7 token grid,
+    with ``stem_chs`` channels after the first and ``embed_dim`` after the second.
+    """
+    model_args = {**dict(img_size=28, in_chans=1, num_classes=10, embed_dim=192, depth=12, num_heads=3), **kwargs}
+    stem = ConvStem(
+        in_chans=model_args["in_chans"], depth=2, channels=(model_args.pop("stem_chs", 32), model_args["embed_dim"]),
+        kernel_size=3, stride=(2, 2), padding=1, act_layer=nn.GELU,
+    )
+    model_args.update(embed_layer=partial(HybridEmbed, backbone=stem, proj=False), patch_size=1)
+    return _create_muse_vit("muse_vit_tiny_convstem_28", pretrained=pretrained, **model_args)
 
 
 @register_model

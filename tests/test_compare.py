@@ -2,9 +2,12 @@
 import json
 
 import pytest
+import timm
+import yaml
 from conftest import write_fashion_mnist
 
 from muse_lightning import FashionMNISTDataModule, WordNetGlossesDataModule, compare
+from muse_lightning.cli import main as cli_main
 from muse_lightning.compare import VARIANTS, main, resolve_data, table
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -62,3 +65,20 @@ def test_every_task_has_muse_attention_and_a_full_data_overlay():
 def test_unknown_variant_is_named(tmp_path):
     with pytest.raises(ValueError, match="unknown variant 'muse-k9' for vision"):
         main(task="vision", data="embedded", variants=["muse-k9"], results=str(tmp_path))
+
+
+@pytest.mark.parametrize("task,variant", [(t, v) for t, vs in VARIANTS.items() for v in vs])
+def test_every_variant_is_a_valid_cli_invocation(task, variant, capsys):
+    config, overrides = VARIANTS[task][variant]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(compare.CONFIGS / config), *overrides, "--print_config"])
+    assert exit_info.value.code == 0 and "class_path: muse_lightning." in capsys.readouterr().out
+
+
+def test_convstem_arms_keep_the_parameter_parity():
+    params = []
+    for config in ("quickstart.yaml", "quickstart_attention.yaml"):
+        kwargs = yaml.safe_load((compare.CONFIGS / config).read_text())["model"]["init_args"]["model_kwargs"]
+        model = timm.create_model("muse_vit_tiny_convstem_28", **kwargs)
+        params.append(sum(p.numel() for p in model.parameters()))
+    assert abs(params[1] / params[0] - 1) < 0.02

@@ -11,9 +11,9 @@ from muse_lightning import MUSEAttention, MUSEBlock, swap_attention
 
 REGISTERED = [
     "muse_vit_tiny_patch16_224", "muse_vit_small_patch16_224", "muse_vit_base_patch16_224",
-    "muse_vit_tiny_patch4_28", "muse_vit_tiny_patch4_32",
+    "muse_vit_tiny_patch4_28", "muse_vit_tiny_convstem_28", "muse_vit_tiny_patch4_32",
 ]
-SMALL = ["muse_vit_tiny_patch4_28", "muse_vit_tiny_patch4_32"]
+SMALL = ["muse_vit_tiny_patch4_28", "muse_vit_tiny_convstem_28", "muse_vit_tiny_patch4_32"]
 
 
 def _input(model, batch=2, size=None):
@@ -54,6 +54,20 @@ def test_registered_model_backward_reaches_every_parameter(name):
     model(_input(model)).logsumexp(-1).sum().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def test_convstem_model_makes_the_patch_grid_with_overlapping_convolutions_of_the_given_widths():
+    model = timm.create_model("muse_vit_tiny_convstem_28", depth=2, embed_dim=64, num_heads=2, stem_chs=16).eval()
+    convs = [m for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [(16, (3, 3), (2, 2)), (64, (3, 3), (2, 2))]
+    x = _input(model)
+    assert model.forward_features(x).shape == (2, 49, 64)
+    assert all(b.attn.grid_size == (7, 7) for b in model.blocks)
+    # Overlap: pixel (3, 3), the corner of the first 4 x 4 patch, reaches the four tokens around it.
+    x2 = x.clone()
+    x2[..., 3, 3] += 1.0
+    changed = (model.patch_embed(x2) - model.patch_embed(x)).abs().sum(-1).view(2, 7, 7)[0] > 0
+    assert changed[:2, :2].all() and changed.sum() == 4
 
 
 def test_registered_model_with_class_token_head_gives_every_parameter_a_gradient():
