@@ -80,18 +80,16 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
+# 28 x 28 grey images (Fashion-MNIST): its classes, size and normalisation.
+_FASHION_MNIST_CFG = dict(num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, mean=(0.2860,), std=(0.3530,))
+
 default_cfgs = generate_default_cfgs({
     "muse_vit_tiny_patch16_224.untrained": _cfg(),
     "muse_vit_small_patch16_224.untrained": _cfg(),
     "muse_vit_base_patch16_224.untrained": _cfg(),
-    # Small images (Fashion-MNIST 28 x 28 grey, CIFAR 32 x 32 colour): 4 x 4 patches.
-    "muse_vit_tiny_patch4_28.untrained": _cfg(
-        num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, mean=(0.2860,), std=(0.3530,),
-    ),
-    "muse_vit_tiny_convstem_28.untrained": _cfg(
-        num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, mean=(0.2860,), std=(0.3530,),
-        first_conv="patch_embed.backbone.0.conv",
-    ),
+    # Small images (Fashion-MNIST 28 x 28 grey, CIFAR 32 x 32 colour): 4 x 4 patches, or a stem making that grid.
+    "muse_vit_tiny_patch4_28.untrained": _cfg(**_FASHION_MNIST_CFG),
+    "muse_vit_tiny_convstem_28.untrained": _cfg(**_FASHION_MNIST_CFG, first_conv="patch_embed.backbone.0.conv"),
     "muse_vit_tiny_patch4_32.untrained": _cfg(
         num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
     ),
