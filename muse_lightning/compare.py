@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ from jsonargparse import CLI
 from .cli import main as cli_main
 from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
 
-__all__ = ["FULL_DATA", "VARIANTS", "last_metrics", "main", "resolve_data", "run", "table"]
+__all__ = ["FULL_DATA", "VARIANTS", "cpu_name", "last_metrics", "main", "resolve_data", "run", "table"]
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 Task = Literal["vision", "text"]
@@ -93,6 +94,14 @@ def _record_path(results: Path, task: str, data: str, variant: str, seed: int) -
     return results / f"{task}__{data}__{slug}__seed{seed}.json"
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def last_metrics(log_root: Path) -> dict[str, float]:
     """The last logged value of every metric in the newest CSVLogger ``metrics.csv`` under ``log_root``."""
     newest = max(log_root.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
@@ -130,28 +139,37 @@ def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, 
         "task": task, "data": data, "variant": variant, "seed": seed, "config": config, "overlay": overlay,
         "overrides": overrides + (extra or []),
         "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"], "params": params,
-        "train_seconds": train_seconds, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "train_seconds": train_seconds, "threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__,
     }
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
 
 def table(results: Path) -> str:
-    """Markdown table of the recorded runs: test accuracy mean +- std over seeds, parameters, time."""
+    """Markdown table of the recorded runs: test accuracy mean +- std over seeds, parameters, time.
+
+    ``x attention`` is the median over seeds of a run's training time over that of the ``attention``
+    run with the same task, data and seed on the same processor and thread count, so that it compares
+    like with like when runs were made on different machines; blank where no run has such a twin.
+    """
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    machine = lambda r: (r["task"], r["data"], r["seed"], r.get("cpu"), r["threads"])  # noqa: E731
+    attention_seconds = {machine(r): r["train_seconds"] for r in records if r["variant"] == "attention"}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["task"], r["data"], r["variant"]), []).append(r)
-    lines = ["| task | data | variant | seeds | test acc (%) | macro F1 (%) | params | train time (s) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| task | data | variant | seeds | test acc (%) | macro F1 (%) | params | train time (s) | x attention |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     order = lambda key: (key[0], key[1], list(VARIANTS[key[0]]).index(key[2]))  # noqa: E731
     for (task, data, variant), rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         acc = [100 * r["test_acc"] for r in rs]
         f1 = [100 * r["test_f1_macro"] for r in rs]
         spread = f" +- {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""  # one seed has no spread
+        ratios = [r["train_seconds"] / attention_seconds[machine(r)] for r in rs if machine(r) in attention_seconds]
+        ratio = f"{statistics.median(ratios):.2f}" if ratios else ""
         lines.append(
             f"| {task} | {data} | {variant} | {len(rs)} | {statistics.mean(acc):.2f}{spread} | {statistics.mean(f1):.2f} | "
-            f"{rs[0]['params']:,} | {statistics.median(r['train_seconds'] for r in rs):.0f} |"
+            f"{rs[0]['params']:,} | {statistics.median(r['train_seconds'] for r in rs):.0f} | {ratio} |"
         )
     return "\n".join(lines)
 

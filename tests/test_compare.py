@@ -1,5 +1,6 @@
 """muse-compare: runs are recorded once, skipped when recorded, tabulated, and use the full data when asked."""
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -22,7 +23,7 @@ def test_compare_records_runs_skips_recorded_ones_and_tabulates(tmp_path, capsys
     muse = json.loads(records[1].read_text())
     attention = json.loads(records[0].read_text())
     assert 0.0 <= muse["test_acc"] <= 1.0 and muse["config"] == "quickstart.yaml" and muse["data"] == "embedded"
-    assert muse["overlay"] is None
+    assert muse["overlay"] is None and muse["cpu"] == compare.cpu_name() != ""
     assert abs(attention["params"] / muse["params"] - 1) < 0.02
     stamps = [p.stat().st_mtime for p in records]
     main(task="vision", data="embedded", variants=["muse", "attention"], seeds=[0], results=str(results), extra=TINY)
@@ -30,6 +31,32 @@ def test_compare_records_runs_skips_recorded_ones_and_tabulates(tmp_path, capsys
     rows = table(results).splitlines()
     assert rows[0].startswith("| task | data | variant") and len(rows) == 4
     assert "| vision | embedded | muse | 1 | " in capsys.readouterr().out and "nan" not in rows[2]
+    assert rows[2].endswith(" | 1.00 |")  # attention is its own time baseline
+
+
+def _record(results, variant, seed, seconds, cpu):
+    record = dict(task="vision", data="embedded", variant=variant, seed=seed, test_acc=0.8, test_f1_macro=0.8,
+                  params=1000, train_seconds=seconds, threads=2, cpu=cpu)
+    (results / f"{variant}__seed{seed}.json").write_text(json.dumps(record))
+
+
+def test_time_ratio_pairs_each_run_with_attention_of_its_seed_on_its_machine(tmp_path):
+    _record(tmp_path, "attention", 0, 100.0, "fast cpu")
+    _record(tmp_path, "attention", 1, 300.0, "slow cpu")
+    _record(tmp_path, "muse", 0, 110.0, "fast cpu")
+    _record(tmp_path, "muse", 1, 360.0, "slow cpu")
+    _record(tmp_path, "muse-k3", 0, 150.0, "slow cpu")  # no attention run of seed 0 on this machine
+    rows = {row.split(" | ")[2]: row for row in table(tmp_path).splitlines()[2:]}
+    assert rows["muse"].endswith(" | 235 | 1.15 |")  # seconds: median across machines; ratio: median of 1.1 and 1.2
+    assert rows["attention"].endswith(" | 1.00 |")
+    assert rows["muse-k3"].endswith(" | 150 |  |")
+
+
+def test_readme_results_table_is_the_recorded_runs_table():
+    root = Path(__file__).parents[1]
+    recorded = table(root / "results" / "compare")
+    readme = (root / "README.md").read_text()
+    assert recorded in readme, "README's Results table is stale: paste `muse-compare --table_only true`"
 
 
 def test_full_data_runs_add_the_overlay_config_and_are_recorded_apart(tmp_path, monkeypatch):
