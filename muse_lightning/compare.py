@@ -148,13 +148,16 @@ def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, 
 def table(results: Path) -> str:
     """Markdown table of the recorded runs: test accuracy mean +- std over seeds, parameters, time.
 
-    ``x attention`` is the median over seeds of a run's training time over that of the ``attention``
-    run with the same task, data and seed on the same processor and thread count, so that it compares
-    like with like when runs were made on different machines; blank where no run has such a twin.
+    Times compare like with like when runs were made on different machines (processor and thread
+    count, as recorded): ``train time`` is the median over the runs made on the machine that made
+    most of the row's runs (the earliest seed's on a tie), and ``x attention`` the median over seeds
+    of a run's time over that of the ``attention`` run with the same task, data and seed on the same
+    machine, blank where no run has such a twin.
     """
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
-    machine = lambda r: (r["task"], r["data"], r["seed"], r.get("cpu"), r["threads"])  # noqa: E731
-    attention_seconds = {machine(r): r["train_seconds"] for r in records if r["variant"] == "attention"}
+    machine = lambda r: (r.get("cpu"), r["threads"])  # noqa: E731
+    twin = lambda r: (r["task"], r["data"], r["seed"], machine(r))  # noqa: E731
+    attention_seconds = {twin(r): r["train_seconds"] for r in records if r["variant"] == "attention"}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["task"], r["data"], r["variant"]), []).append(r)
@@ -165,11 +168,13 @@ def table(results: Path) -> str:
         acc = [100 * r["test_acc"] for r in rs]
         f1 = [100 * r["test_f1_macro"] for r in rs]
         spread = f" +- {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""  # one seed has no spread
-        ratios = [r["train_seconds"] / attention_seconds[machine(r)] for r in rs if machine(r) in attention_seconds]
+        home = statistics.mode(machine(r) for r in sorted(rs, key=lambda r: r["seed"]))
+        seconds = statistics.median(r["train_seconds"] for r in rs if machine(r) == home)
+        ratios = [r["train_seconds"] / attention_seconds[twin(r)] for r in rs if twin(r) in attention_seconds]
         ratio = f"{statistics.median(ratios):.2f}" if ratios else ""
         lines.append(
             f"| {task} | {data} | {variant} | {len(rs)} | {statistics.mean(acc):.2f}{spread} | {statistics.mean(f1):.2f} | "
-            f"{rs[0]['params']:,} | {statistics.median(r['train_seconds'] for r in rs):.0f} | {ratio} |"
+            f"{rs[0]['params']:,} | {seconds:.0f} | {ratio} |"
         )
     return "\n".join(lines)
 

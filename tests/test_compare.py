@@ -45,10 +45,11 @@ def test_time_ratio_pairs_each_run_with_attention_of_its_seed_on_its_machine(tmp
     _record(tmp_path, "attention", 1, 300.0, "slow cpu")
     _record(tmp_path, "muse", 0, 110.0, "fast cpu")
     _record(tmp_path, "muse", 1, 360.0, "slow cpu")
+    _record(tmp_path, "muse", 2, 120.0, "fast cpu")  # no attention run of seed 2
     _record(tmp_path, "muse-k3", 0, 150.0, "slow cpu")  # no attention run of seed 0 on this machine
     rows = {row.split(" | ")[2]: row for row in table(tmp_path).splitlines()[2:]}
-    assert rows["muse"].endswith(" | 235 | 1.15 |")  # seconds: median across machines; ratio: median of 1.1 and 1.2
-    assert rows["attention"].endswith(" | 1.00 |")
+    assert rows["muse"].endswith(" | 115 | 1.15 |")  # seconds: the fast machine's two runs; ratios 1.1 and 1.2
+    assert rows["attention"].endswith(" | 100 | 1.00 |")  # a tie between machines: the earliest seed's
     assert rows["muse-k3"].endswith(" | 150 |  |")
 
 
