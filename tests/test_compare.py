@@ -31,7 +31,8 @@ def test_compare_records_runs_skips_recorded_ones_and_tabulates(tmp_path, capsys
     rows = table(results).splitlines()
     assert rows[0].startswith("| task | data | variant") and len(rows) == 4
     assert "| vision | embedded | muse | 1 | " in capsys.readouterr().out and "nan" not in rows[2]
-    assert rows[2].endswith(" | 1.00 |")  # attention is its own time baseline
+    assert rows[3].startswith("| vision | embedded | attention |")
+    assert rows[3].endswith(" | 1.00 |")  # attention is its own time baseline
 
 
 def _record(results, variant, seed, seconds, cpu):
