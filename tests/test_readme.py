@@ -1,9 +1,12 @@
-"""The README's Python examples run as written."""
+"""The README: its Python examples run as written; its Results table is the recorded runs' table."""
 import re
 import textwrap
 from pathlib import Path
 
+from muse_lightning.compare import table
+
 README = Path(__file__).parents[1] / "README.md"
+RESULTS = Path(__file__).parents[1] / "results" / "compare"
 
 
 def test_readme_python_examples_run():
@@ -19,3 +22,7 @@ def test_readme_opens_with_install_and_test_commands():
     assert first[0].endswith("muse-lightning test --config configs/quickstart.yaml --ckpt_path checkpoints/quickstart/best.ckpt")
     assert 'pip install -e ".[dev]"' in first[0]
     assert first[1] == "python -m pytest -q"
+
+
+def test_readme_results_table_is_the_recorded_runs_table():
+    assert table(RESULTS) in README.read_text(), "README's Results table is stale: paste `muse-compare --table_only true`"
