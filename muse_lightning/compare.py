@@ -4,6 +4,8 @@ Each run is the shipped quickstart config of its task with a variant's overrides
 through the ``muse-lightning`` CLI (fit, then test from the best checkpoint). A finished run leaves
 one JSON record in ``results``; runs already recorded are skipped, so a comparison can be built up
 over several sessions. ``--table_only true`` prints the markdown table of whatever is recorded.
+``--lrs`` makes it a learning-rate sweep: every (variant, lr, seed) is recorded apart and tabulated
+apart, validation and test accuracy per learning rate (``tuning_table``).
 
 The data is the full set (Fashion-MNIST 60k/10k, WordNet's 117k glosses) where its Debian package is
 installed and the subset embedded in the package otherwise; full-data runs add the task's overlay
@@ -12,6 +14,7 @@ config (``FULL_DATA``), which switches the source and sizes the schedule.
     muse-compare --task vision --variants [muse, attention] --seeds [0, 1, 2]
     muse-compare --task text --data embedded
     muse-compare --table_only true
+    muse-compare --task vision --data embedded --lrs [0.001, 0.002, 0.004] --results results/tune
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from jsonargparse import CLI
 from .cli import main as cli_main
 from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
 
-__all__ = ["FULL_DATA", "VARIANTS", "cpu_name", "last_metrics", "main", "resolve_data", "run", "table"]
+__all__ = ["FULL_DATA", "VARIANTS", "cpu_name", "last_metrics", "main", "resolve_data", "run", "table",
+           "tuning_table"]
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 Task = Literal["vision", "text"]
@@ -89,9 +93,10 @@ def resolve_data(task: Task, data: Data) -> Literal["embedded", "full"]:
     return "full" if source == "system" else "embedded"
 
 
-def _record_path(results: Path, task: str, data: str, variant: str, seed: int) -> Path:
+def _record_path(results: Path, task: str, data: str, variant: str, seed: int, lr: float | None = None) -> Path:
     slug = "".join(c if c.isalnum() else "-" for c in variant).strip("-")
-    return results / f"{task}__{data}__{slug}__seed{seed}.json"
+    swept = "" if lr is None else f"__lr{lr:g}"
+    return results / f"{task}__{data}__{slug}{swept}__seed{seed}.json"
 
 
 def cpu_name() -> str:
@@ -112,11 +117,22 @@ def last_metrics(log_root: Path) -> dict[str, float]:
     return values
 
 
+def _best_score(checkpoint: dict[str, Any]) -> float:
+    """The monitored score (``val/acc``) of the ``ModelCheckpoint`` that saved ``checkpoint``."""
+    scores = [state["best_model_score"] for state in checkpoint["callbacks"].values() if "best_model_score" in state]
+    return float(scores[0])
+
+
 def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, results: Path,
-        extra: list[str] | None = None) -> dict[str, Any]:
-    """Fit and test one (task, data, variant, seed) in its own folder under ``results/runs``; record it."""
+        extra: list[str] | None = None, lr: float | None = None) -> dict[str, Any]:
+    """Fit and test one (task, data, variant, seed) in its own folder under ``results/runs``; record it.
+
+    ``lr`` overrides the config's learning rate and is recorded (a sweep's run); ``None`` keeps it.
+    """
     config, overrides = VARIANTS[task][variant]
-    record_path = _record_path(results, task, data, variant, seed)
+    if lr is not None:
+        overrides = [*overrides, "--model.init_args.lr", str(lr)]
+    record_path = _record_path(results, task, data, variant, seed, lr)
     workdir = results / "runs" / record_path.stem
     workdir.mkdir(parents=True, exist_ok=True)
     overlay = FULL_DATA[task][1] if data == "full" else None
@@ -131,18 +147,25 @@ def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, 
         train_seconds = time.perf_counter() - start
         cli_main(["test", *common, "--ckpt_path", f"checkpoints/{name}/best.ckpt"])
         metrics = last_metrics(Path("logs") / name)
-        params = sum(t.numel() for k, t in torch.load(f"checkpoints/{name}/best.ckpt", weights_only=False)["state_dict"].items()
-                     if k.startswith("model."))
+        best = torch.load(f"checkpoints/{name}/best.ckpt", weights_only=False)
+        params = sum(t.numel() for k, t in best["state_dict"].items() if k.startswith("model."))
     finally:
         os.chdir(cwd)
     record = {
         "task": task, "data": data, "variant": variant, "seed": seed, "config": config, "overlay": overlay,
         "overrides": overrides + (extra or []),
-        "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"], "params": params,
+        "val_acc": _best_score(best), "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"],
+        "params": params, **({} if lr is None else {"lr": lr}),
         "train_seconds": train_seconds, "threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__,
     }
     record_path.write_text(json.dumps(record, indent=1))
     return record
+
+
+def _records(results: Path, swept: bool) -> list[dict[str, Any]]:
+    """The records in ``results``: a sweep's (those with an ``lr``) or the others."""
+    records = (json.loads(p.read_text()) for p in sorted(results.glob("*.json")))
+    return [r for r in records if ("lr" in r) == swept]
 
 
 def table(results: Path) -> str:
@@ -152,9 +175,9 @@ def table(results: Path) -> str:
     count, as recorded): ``train time`` is the median over the runs made on the machine that made
     most of the row's runs (the earliest seed's on a tie), and ``x attention`` the median over seeds
     of a run's time over that of the ``attention`` run with the same task, data and seed on the same
-    machine, blank where no run has such a twin.
+    machine, blank where no run has such a twin. A sweep's runs (with an ``lr``) are left to ``tuning_table``.
     """
-    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    records = _records(results, swept=False)
     machine = lambda r: (r.get("cpu"), r["threads"])  # noqa: E731
     twin = lambda r: (r["task"], r["data"], r["seed"], machine(r))  # noqa: E731
     attention_seconds = {twin(r): r["train_seconds"] for r in records if r["variant"] == "attention"}
@@ -179,6 +202,31 @@ def table(results: Path) -> str:
     return "\n".join(lines)
 
 
+def tuning_table(results: Path) -> str:
+    """Markdown table of a learning-rate sweep's runs: validation and test accuracy, mean +- std over seeds.
+
+    One row per (task, data, variant, lr); each variant's learning rate with the best mean validation
+    accuracy is in bold (the one a tuning picks; test accuracy plays no part in it).
+    """
+    groups: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
+    for r in _records(results, swept=True):
+        groups.setdefault((r["task"], r["data"], r["variant"], r["lr"]), []).append(r)
+    val = {key: [100 * r["val_acc"] for r in rs] for key, rs in groups.items()}
+    test = {key: [100 * r["test_acc"] for r in rs] for key, rs in groups.items()}
+    best: dict[tuple[str, ...], float] = {}
+    for key in groups:
+        arm, lr = key[:3], key[3]
+        best[arm] = max(best.get(arm, lr), lr, key=lambda x: statistics.mean(val[(*arm, x)]))
+    stat = lambda xs: f"{statistics.mean(xs):.2f}" + (f" +- {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")  # noqa: E731
+    lines = ["| task | data | variant | lr | seeds | val acc (%) | test acc (%) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    order = lambda key: (key[0], key[1], list(VARIANTS[key[0]]).index(key[2]), key[3])  # noqa: E731
+    for key in sorted(groups, key=order):
+        shown = f"**{key[3]:g}**" if best[key[:3]] == key[3] else f"{key[3]:g}"
+        lines.append(f"| {' | '.join(key[:3])} | {shown} | {len(groups[key])} | {stat(val[key])} | {stat(test[key])} |")
+    return "\n".join(lines)
+
+
 def main(
         task: Task = "vision",
         data: Data = "auto",
@@ -187,8 +235,9 @@ def main(
         results: str = "results/compare",
         table_only: bool = False,
         extra: list[str] | None = None,
+        lrs: list[float] | None = None,
 ) -> None:
-    """Run the missing (variant, seed) pairs of ``task``, then print the table of every recorded run.
+    """Run the missing (variant, seed) pairs of ``task``, then print the tables of every recorded run.
 
     Args:
         task: ``vision`` (Fashion-MNIST quickstart) or ``text`` (WordNet glosses quickstart).
@@ -197,8 +246,10 @@ def main(
         variants: Names from ``VARIANTS[task]``; default ``muse`` and ``attention``.
         seeds: Seeds to run; default 0, 1, 2.
         results: Folder of the JSON records (and of the runs' logs and checkpoints, under ``runs/``).
-        table_only: Only print the table.
+        table_only: Only print the tables.
         extra: More ``muse-lightning`` arguments for every run (e.g. ``--data.init_args.source system``).
+        lrs: Learning rates of a sweep: each (variant, lr, seed) is run and recorded apart, and
+            tabulated apart (``tuning_table``, printed after the comparison's table).
     """
     out = Path(results)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,10 +258,11 @@ def main(
         for variant in variants or ["muse", "attention"]:
             if variant not in VARIANTS[task]:
                 raise ValueError(f"unknown variant {variant!r} for {task}; choose from {list(VARIANTS[task])}")
-            for seed in seeds if seeds is not None else [0, 1, 2]:
-                if not _record_path(out, task, resolved, variant, seed).exists():
-                    run(task, resolved, variant, seed, out, extra)
-    print(table(out))
+            for lr in lrs or [None]:
+                for seed in seeds if seeds is not None else [0, 1, 2]:
+                    if not _record_path(out, task, resolved, variant, seed, lr).exists():
+                        run(task, resolved, variant, seed, out, extra, lr)
+    print("\n\n".join(show(out) for show, swept in ((table, False), (tuning_table, True)) if _records(out, swept)))
 
 
 def cli() -> None:

@@ -103,3 +103,30 @@ def test_convstem_arms_keep_the_parameter_parity():
         model = timm.create_model("muse_vit_tiny_convstem_28", **kwargs)
         params.append(sum(p.numel() for p in model.parameters()))
     assert abs(params[1] / params[0] - 1) < 0.02
+
+
+def test_lr_sweep_records_each_lr_apart_with_its_validation_score(tmp_path, capsys):
+    results = tmp_path / "tune"
+    main(task="vision", data="embedded", variants=["attention"], seeds=[0], results=str(results), extra=TINY,
+         lrs=[0.001, 0.004])
+    records = {p.name: json.loads(p.read_text()) for p in results.glob("*.json")}
+    assert set(records) == {"vision__embedded__attention__lr0.001__seed0.json",
+                            "vision__embedded__attention__lr0.004__seed0.json"}
+    for name, record in records.items():
+        assert f"lr{record['lr']:g}" in name and 0.0 <= record["val_acc"] <= 1.0
+        config = results / "runs" / name.removesuffix(".json") / "logs" / "quickstart_attention" / "version_0" / "config.yaml"
+        assert yaml.safe_load(config.read_text())["model"]["init_args"]["lr"] == record["lr"]
+    printed = capsys.readouterr().out
+    assert printed[printed.index("| task |"):].startswith("| task | data | variant | lr |")  # the sweep's table alone
+    assert "| vision | embedded | attention | 0.001 | 1 | " in printed.replace("**", "")
+    assert table(results).count("\n") == 1  # the comparison's table leaves a sweep's runs out
+
+
+def test_tuning_table_bolds_the_lr_with_the_best_mean_validation_accuracy(tmp_path):
+    for lr, val, test in [(0.001, (0.70, 0.72), (0.90, 0.90)), (0.002, (0.80, 0.76), (0.60, 0.60))]:
+        for seed, v in enumerate(val):
+            record = dict(task="text", data="embedded", variant="muse", seed=seed, lr=lr, val_acc=v, test_acc=test[seed])
+            (tmp_path / f"muse__lr{lr}__seed{seed}.json").write_text(json.dumps(record))
+    rows = compare.tuning_table(tmp_path).splitlines()[2:]
+    assert rows == ["| text | embedded | muse | 0.001 | 2 | 71.00 +- 1.41 | 90.00 +- 0.00 |",
+                    "| text | embedded | muse | **0.002** | 2 | 78.00 +- 2.83 | 60.00 +- 0.00 |"]
