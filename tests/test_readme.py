@@ -1,12 +1,13 @@
-"""The README: its Python examples run as written; its Results table is the recorded runs' table."""
+"""The README: its Python examples run as written; its Results tables are the recorded runs' tables."""
 import re
 import textwrap
 from pathlib import Path
 
-from muse_lightning.compare import table
+from muse_lightning.compare import table, tuning_table
 
 README = Path(__file__).parents[1] / "README.md"
 RESULTS = Path(__file__).parents[1] / "results" / "compare"
+SWEEP = Path(__file__).parents[1] / "results" / "tune"
 
 
 def test_readme_python_examples_run():
@@ -26,3 +27,8 @@ def test_readme_opens_with_install_and_test_commands():
 
 def test_readme_results_table_is_the_recorded_runs_table():
     assert table(RESULTS) in README.read_text(), "README's Results table is stale: paste `muse-compare --table_only true`"
+
+
+def test_readme_tuning_table_is_the_recorded_sweep_table():
+    stale = "README's tuning table is stale: paste `muse-compare --results results/tune --table_only true`"
+    assert tuning_table(SWEEP) in README.read_text(), stale
