@@ -168,6 +168,16 @@ def _records(results: Path, swept: bool) -> list[dict[str, Any]]:
     return [r for r in records if ("lr" in r) == swept]
 
 
+def _mean_std(xs: list[float]) -> str:
+    """``mean +- std`` to two decimals; the mean alone for one value (one seed has no spread)."""
+    return f"{statistics.mean(xs):.2f}" + (f" +- {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+
+
+def _row_order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Sort key of a table row ``(task, data, variant, ...)``: variants in ``VARIANTS`` order."""
+    return key[0], key[1], list(VARIANTS[key[0]]).index(key[2]), *key[3:]
+
+
 def table(results: Path) -> str:
     """Markdown table of the recorded runs: test accuracy mean +- std over seeds, parameters, time.
 
@@ -186,17 +196,15 @@ def table(results: Path) -> str:
         groups.setdefault((r["task"], r["data"], r["variant"]), []).append(r)
     lines = ["| task | data | variant | seeds | test acc (%) | macro F1 (%) | params | train time (s) | x attention |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    order = lambda key: (key[0], key[1], list(VARIANTS[key[0]]).index(key[2]))  # noqa: E731
-    for (task, data, variant), rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
+    for (task, data, variant), rs in sorted(groups.items(), key=lambda kv: _row_order(kv[0])):
         acc = [100 * r["test_acc"] for r in rs]
         f1 = [100 * r["test_f1_macro"] for r in rs]
-        spread = f" +- {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""  # one seed has no spread
         home = statistics.mode(machine(r) for r in sorted(rs, key=lambda r: r["seed"]))
         seconds = statistics.median(r["train_seconds"] for r in rs if machine(r) == home)
         ratios = [r["train_seconds"] / attention_seconds[twin(r)] for r in rs if twin(r) in attention_seconds]
         ratio = f"{statistics.median(ratios):.2f}" if ratios else ""
         lines.append(
-            f"| {task} | {data} | {variant} | {len(rs)} | {statistics.mean(acc):.2f}{spread} | {statistics.mean(f1):.2f} | "
+            f"| {task} | {data} | {variant} | {len(rs)} | {_mean_std(acc)} | {statistics.mean(f1):.2f} | "
             f"{rs[0]['params']:,} | {seconds:.0f} | {ratio} |"
         )
     return "\n".join(lines)
@@ -217,13 +225,12 @@ def tuning_table(results: Path) -> str:
     for key in groups:
         arm, lr = key[:3], key[3]
         best[arm] = max(best.get(arm, lr), lr, key=lambda x: statistics.mean(val[(*arm, x)]))
-    stat = lambda xs: f"{statistics.mean(xs):.2f}" + (f" +- {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")  # noqa: E731
     lines = ["| task | data | variant | lr | seeds | val acc (%) | test acc (%) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    order = lambda key: (key[0], key[1], list(VARIANTS[key[0]]).index(key[2]), key[3])  # noqa: E731
-    for key in sorted(groups, key=order):
+    for key in sorted(groups, key=_row_order):
         shown = f"**{key[3]:g}**" if best[key[:3]] == key[3] else f"{key[3]:g}"
-        lines.append(f"| {' | '.join(key[:3])} | {shown} | {len(groups[key])} | {stat(val[key])} | {stat(test[key])} |")
+        lines.append(f"| {' | '.join(key[:3])} | {shown} | {len(groups[key])} | {_mean_std(val[key])} | "
+                     f"{_mean_std(test[key])} |")
     return "\n".join(lines)
 
 
