@@ -2,14 +2,16 @@
 from .attention import MUSEAttention
 from .block import MUSEBlock
 from .conv import MultiScaleDepthwiseConv, MultiScaleDynamicConv
-from .datamodules import FashionMNISTDataModule, ImageFolderDataModule, TextFileDataModule, WordNetGlossesDataModule
+from .datamodules import (
+    FashionMNISTDataModule, ImageFolderDataModule, ResumableSampler, TextFileDataModule, WordNetGlossesDataModule,
+)
 from .modules import ClassifierModule, ImageClassifier, TextClassifier
 from .swap import swap_attention
 from .vit import track_token_layout  # importing registers the muse_vit_* models with timm
 
 __all__ = [
     "ClassifierModule", "FashionMNISTDataModule", "ImageClassifier", "ImageFolderDataModule", "MUSEAttention",
-    "MUSEBlock", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "TextClassifier", "TextFileDataModule",
-    "WordNetGlossesDataModule", "swap_attention", "track_token_layout",
+    "MUSEBlock", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "ResumableSampler", "TextClassifier",
+    "TextFileDataModule", "WordNetGlossesDataModule", "swap_attention", "track_token_layout",
 ]
 __version__ = "0.1.0"

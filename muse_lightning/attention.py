@@ -231,10 +231,10 @@ class MUSEAttention(nn.Module):
         if is_causal:
             raise ValueError("is_causal=True is not defined for conv_layout='2d'")
         if grid_size is not None:
-            if len(grid_size) != 2 or grid_size[0] * grid_size[1] != num_tokens:
+            if len(grid_size) != 2 or min(grid_size) < 1 or grid_size[0] * grid_size[1] != num_tokens:
                 raise ValueError(
-                    f"grid_size must be (H, W) with H * W = {num_tokens} (tokens after {self.num_prefix_tokens} "
-                    f"prefix tokens), got {tuple(grid_size)}"
+                    f"grid_size must be (H, W) of positive ints with H * W = {num_tokens} (tokens after "
+                    f"{self.num_prefix_tokens} prefix tokens), got {tuple(grid_size)}"
                 )
             return {"grid_size": (grid_size[0], grid_size[1])}
         if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == num_tokens:
@@ -259,6 +259,12 @@ class MUSEAttention(nn.Module):
         B, N, C = x.shape
         if C != self.dim:
             raise ValueError(f"x has {C} channels but the module was built with dim={self.dim}")
+        weight_dtype = self.qkv.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x is {x.dtype} but the mixer's weights are {weight_dtype}: cast one to the other "
+                f"(module.to({x.dtype})) or run under torch.autocast"
+            )
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
                 raise TypeError("key_padding_mask must be a bool tensor (True marks padding)")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import statistics
 import sys
@@ -119,7 +118,8 @@ def last_metrics(log_root: Path) -> dict[str, float]:
 
 def _best_score(checkpoint: dict[str, Any]) -> float:
     """The monitored score (``val/acc``) of the ``ModelCheckpoint`` that saved ``checkpoint``."""
-    scores = [state["best_model_score"] for state in checkpoint["callbacks"].values() if "best_model_score" in state]
+    scores = [state["best_model_score"] for state in checkpoint["callbacks"].values()
+              if state.get("monitor") is not None and state.get("best_model_score") is not None]
     return float(scores[0])
 
 
@@ -137,20 +137,18 @@ def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, 
     workdir.mkdir(parents=True, exist_ok=True)
     overlay = FULL_DATA[task][1] if data == "full" else None
     configs = ["--config", str(CONFIGS / config)] + (["--config", str(CONFIGS / overlay)] if overlay else [])
-    common = [*configs, "--seed_everything", str(seed), *overrides, *(extra or [])]
-    name = config.removesuffix(".yaml")
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        start = time.perf_counter()
-        cli_main(["fit", *common])
-        train_seconds = time.perf_counter() - start
-        cli_main(["test", *common, "--ckpt_path", f"checkpoints/{name}/best.ckpt"])
-        metrics = last_metrics(Path("logs") / name)
-        best = torch.load(f"checkpoints/{name}/best.ckpt", weights_only=False)
-        params = sum(t.numel() for k, t in best["state_dict"].items() if k.startswith("model."))
-    finally:
-        os.chdir(cwd)
+    # The run's folder is its default_root_dir: checkpoints/, logs/ and predictions go there. A run cut short
+    # left its checkpoints behind and has no record: it starts again (--overwrite).
+    common = [*configs, "--seed_everything", str(seed), "--trainer.default_root_dir", str(workdir), *overrides,
+              *(extra or [])]
+    start = time.perf_counter()
+    cli_main(["fit", *common, "--overwrite", "true"])
+    train_seconds = time.perf_counter() - start
+    best_path = workdir / "checkpoints" / "best.ckpt"
+    cli_main(["test", *common, "--ckpt_path", str(best_path)])
+    metrics = last_metrics(workdir / "logs")
+    best = torch.load(best_path, weights_only=False)
+    params = sum(t.numel() for k, t in best["state_dict"].items() if k.startswith("model."))
     record = {
         "task": task, "data": data, "variant": variant, "seed": seed, "config": config, "overlay": overlay,
         "overrides": overrides + (extra or []),

@@ -203,7 +203,10 @@ class MultiScaleDynamicConv(nn.Module):
     def _kernels(self, v: torch.Tensor) -> list[torch.Tensor]:
         """Per-token kernels, one ``(B, N, H, k)`` tensor per kernel size, each summing to 1."""
         B, N, _ = v.shape
-        logits = self.weight_proj(v).view(B, N, self.num_heads, -1) if self.weight_proj is not None else None
+        logits = (
+            self.weight_proj(v).view(B, N, self.num_heads, self.weight_proj.out_features // self.num_heads)
+            if self.weight_proj is not None else None
+        )
         kernels, start = [], 0
         for k in self.kernel_sizes:
             if k == 1:

@@ -6,21 +6,25 @@ deterministically: a stratified split with a fixed ``seed``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .datasets import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, WORDNET_LEXNAMES, ByteTokenizer, load_embedded_fashion_mnist,
     load_embedded_wordnet_glosses, read_fashion_mnist, read_text_table, read_wordnet_glosses, split_indices,
 )
 
-__all__ = ["FashionMNISTDataModule", "ImageFolderDataModule", "TextFileDataModule", "WordNetGlossesDataModule"]
+__all__ = [
+    "FashionMNISTDataModule", "ImageFolderDataModule", "ResumableSampler", "TextFileDataModule", "WordNetGlossesDataModule",
+]
 
 Source = Literal["auto", "embedded", "system"]
 
@@ -42,8 +46,49 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in (0, 1), got {value!r}")
 
 
+def _split(what: str, labels: np.ndarray, fractions: dict[str, float], seed: int) -> list[np.ndarray]:
+    """``split_indices`` by named fractions, refusing a split that comes out empty."""
+    parts = split_indices(labels, list(fractions.values()), seed=seed)
+    for name, part in zip([*fractions, "the training split"], parts):
+        if len(part) == 0:
+            raise ValueError(
+                f"{what}: {len(labels)} rows are too few to split by {fractions}: {name} would be empty "
+                "(give more data, other fractions, or a separate validation file)"
+            )
+    return parts
+
+
+class ResumableSampler(DistributedSampler):
+    """Training order that an interrupted run can pick up mid-epoch.
+
+    A ``DistributedSampler`` (each epoch a permutation seeded by ``seed + epoch``, this process's share
+    under DDP, so Lightning keeps it as it is) whose ``resume_at = (epoch, samples)`` makes the first
+    pass over that epoch skip the samples the interrupted run had already trained on.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
+        super().__init__(dataset, shuffle=True, seed=seed, **replicas)
+        self.resume_at: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            indices = indices[self.resume_at[1]:]
+        self.resume_at = None
+        return iter(indices)
+
+
 class _ClassificationData(L.LightningDataModule):
-    """Loaders over ``self.train_set`` / ``val_set`` / ``test_set``; predict runs on the test set."""
+    """Loaders over ``self.train_set`` / ``val_set`` / ``test_set``; predict runs on ``predict_set`` (the test set
+    unless a subclass reads its own).
+
+    The training order is seeded by the run's seed (``seed_everything``) and the epoch, and each checkpoint
+    records how far into its epoch training was (``state_dict``), so a run resumed from a mid-epoch checkpoint
+    trains on the rest of that epoch's batches, in order. The loaders draw nothing from the global random
+    generator, which is the model's (dropout, drop-path) and augmentation's.
+    """
 
     classes: Sequence[str]
     collate_fn: Callable[[list[Any]], Any] | None = None  # the default collation unless a subclass sets one
@@ -57,18 +102,36 @@ class _ClassificationData(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained in it), from a checkpoint
 
     @property
     def num_classes(self) -> int:
         """Number of classes, known from construction on."""
         return len(self.classes)
 
+    @property
+    def predict_set(self) -> Dataset | None:
+        """What ``predict`` runs on."""
+        return self.test_set
+
+    @staticmethod
+    def _shuffle_seed() -> int:
+        """The run's seed (``seed_everything`` sets ``PL_GLOBAL_SEED``, on every DDP process alike), else 0."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been run")
+        sampler = None
+        if shuffle:
+            sampler = ResumableSampler(dataset, self._shuffle_seed())
+            if self._resume_at is not None:
+                epoch, batches = self._resume_at
+                sampler.resume_at = (epoch, batches * self.batch_size)
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=self.collate_fn, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self._shuffle_seed()),  # worker seeds, off the global generator
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -81,7 +144,22 @@ class _ClassificationData(L.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.predict_set, shuffle=False)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data when a checkpoint is saved: the epoch and the batches trained in it."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        return {"epoch": trainer.current_epoch, "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the training order where the checkpoint left it (see ``ResumableSampler``)."""
+        self._resume_at = (state_dict["epoch"], state_dict["batches"]) if state_dict else None
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._resume_at = None
 
 
 class _ImageArrayDataset(Dataset):
@@ -141,7 +219,7 @@ class FashionMNISTDataModule(_ClassificationData):
     def setup(self, stage: str | None = None) -> None:
         data = read_fashion_mnist(self.root) if self.source == "system" else load_embedded_fashion_mnist()
         images, labels = data["train"]
-        val_idx, train_idx = split_indices(labels, [self.val_fraction], seed=self.seed)
+        val_idx, train_idx = _split("Fashion-MNIST", labels, {"val_fraction": self.val_fraction}, self.seed)
         make = lambda x, y, augment: _ImageArrayDataset(x, y, self.mean, self.std, augment)  # noqa: E731
         self.train_set = make(images[train_idx], labels[train_idx], self.augment)
         self.val_set = make(images[val_idx], labels[val_idx], False)
@@ -186,7 +264,9 @@ class ImageFolderDataModule(_ClassificationData):
         eval_tf = create_transform(self.img_size, is_training=False)
         if self.val_dir is None:
             train_full, eval_full = ImageFolder(self.train_dir, train_tf), ImageFolder(self.train_dir, eval_tf)
-            val_idx, train_idx = split_indices(np.asarray(train_full.targets), [self.val_fraction], seed=self.seed)
+            val_idx, train_idx = _split(
+                self.train_dir, np.asarray(train_full.targets), {"val_fraction": self.val_fraction}, self.seed
+            )
             self.train_set, self.val_set = Subset(train_full, train_idx.tolist()), Subset(eval_full, val_idx.tolist())
         else:
             self.train_set, self.val_set = ImageFolder(self.train_dir, train_tf), ImageFolder(self.val_dir, eval_tf)
@@ -198,15 +278,18 @@ class ImageFolderDataModule(_ClassificationData):
 
 
 class _TextDataset(Dataset):
-    def __init__(self, texts: Sequence[str], labels: Sequence[int], tokenizer: ByteTokenizer) -> None:
+    """Tokenised texts with their class indices; ``labels=None`` for unlabelled text (label -1 in batches)."""
+
+    def __init__(self, texts: Sequence[str], labels: Sequence[int] | None, tokenizer: ByteTokenizer) -> None:
+        self.texts = list(texts)
         self.ids = [tokenizer.encode(t) for t in texts]
-        self.labels = list(labels)
+        self.labels = None if labels is None else list(labels)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.ids)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.ids[i], self.labels[i]
+        return self.ids[i], -1 if self.labels is None else self.labels[i]
 
 
 class _TextData(_ClassificationData):
@@ -248,7 +331,7 @@ class WordNetGlossesDataModule(_TextData):
 
     def setup(self, stage: str | None = None) -> None:
         texts, labels = read_wordnet_glosses(self.root) if self.source == "system" else load_embedded_wordnet_glosses()
-        parts = split_indices(labels, [self.val_fraction, self.test_fraction], seed=self.seed)
+        parts = _split("WordNet glosses", labels, {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction}, self.seed)
         val_set, test_set, train_set = (
             _TextDataset([texts[i] for i in idx], labels[idx].tolist(), self.tokenizer) for idx in parts
         )
@@ -256,11 +339,13 @@ class WordNetGlossesDataModule(_TextData):
 
 
 class TextFileDataModule(_TextData):
-    """Users' own labelled text: ``.csv`` (header row) or ``.jsonl`` files with a text and a label field.
+    """Users' own labelled text: ``.csv`` (header row, UTF-8) or ``.jsonl`` files with a text and a label field.
 
     Classes are the sorted distinct labels of ``train_file``; validation comes from ``val_file`` or
-    a stratified ``val_fraction`` of the training rows; test and predict use ``test_file`` (or the
-    validation set).
+    a stratified ``val_fraction`` of the training rows; test uses ``test_file`` (or the validation
+    set); predict uses ``predict_file``, whose label field is optional (else the test set). Every file
+    is read and checked when the module is built: a missing field, an empty or null label, a ragged
+    CSV row or a broken JSONL line is an error naming the file and the row.
     """
 
     def __init__(
@@ -268,6 +353,7 @@ class TextFileDataModule(_TextData):
             train_file: str,
             val_file: str | None = None,
             test_file: str | None = None,
+            predict_file: str | None = None,
             text_field: str = "text",
             label_field: str = "label",
             max_length: int = 256,
@@ -278,26 +364,35 @@ class TextFileDataModule(_TextData):
     ) -> None:
         super().__init__(max_length, batch_size, num_workers)
         _check_fraction("val_fraction", val_fraction)
-        self.files = {"train": train_file, "val": val_file, "test": test_file}
-        self.fields = (text_field, label_field)
-        self.tables = {split: read_text_table(path, *self.fields) for split, path in self.files.items() if path}
-        self.classes = sorted(set(self.tables["train"][1]))
+        self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
+        tables = {
+            split: read_text_table(path, text_field, label_field, require_labels=split != "predict")
+            for split, path in self.files.items() if path
+        }
+        self.classes = sorted(set(tables["train"][1]))
         index = {c: i for i, c in enumerate(self.classes)}
-        self.encoded: dict[str, tuple[list[str], np.ndarray]] = {}
-        for split, (texts, labels) in self.tables.items():
-            unknown = sorted(set(labels) - set(index))
+        self.encoded: dict[str, tuple[list[str], np.ndarray | None]] = {}
+        for split, (texts, labels) in tables.items():
+            unknown = sorted(set(labels or ()) - set(index))
             if unknown:
                 raise ValueError(f"{self.files[split]}: labels {unknown[:5]} do not occur in train_file")
-            self.encoded[split] = (texts, np.asarray([index[x] for x in labels], dtype=np.int64))
+            self.encoded[split] = (texts, None if labels is None else np.asarray([index[x] for x in labels], dtype=np.int64))
         self.val_fraction, self.seed = val_fraction, seed
+        self._predict_set: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         texts, labels = self.encoded["train"]
-        make = lambda t, y: _TextDataset(t, y.tolist(), self.tokenizer)  # noqa: E731
+        make = lambda t, y: _TextDataset(t, None if y is None else y.tolist(), self.tokenizer)  # noqa: E731
         if "val" in self.encoded:
             self.train_set, self.val_set = make(texts, labels), make(*self.encoded["val"])
         else:
-            val_idx, train_idx = split_indices(labels, [self.val_fraction], seed=self.seed)
+            val_idx, train_idx = _split(self.files["train"], labels, {"val_fraction": self.val_fraction}, self.seed)
             self.train_set = make([texts[i] for i in train_idx], labels[train_idx])
             self.val_set = make([texts[i] for i in val_idx], labels[val_idx])
         self.test_set = make(*self.encoded["test"]) if "test" in self.encoded else self.val_set
+        self._predict_set = make(*self.encoded["predict"]) if "predict" in self.encoded else self.test_set
+
+    @property
+    def predict_set(self) -> Dataset | None:
+        """``predict_file`` when given, else the test set."""
+        return self._predict_set

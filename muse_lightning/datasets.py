@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,26 +123,71 @@ def load_embedded_wordnet_glosses() -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(labels, dtype=np.int64)
 
 
-def read_text_table(path: str | Path, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list[str]]:
-    """Texts and labels (as strings) from a ``.csv`` (with a header row) or ``.jsonl`` file."""
-    path = _require_file(Path(path), "text data")
-    texts, labels = [], []
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+def _cell(path: Path, where: str, row: dict, field: str, what: str) -> str:
+    """``row[field]`` as a string; a missing, empty, null or nested value is an error naming the place."""
+    if field not in row:
+        raise ValueError(f"{path}: {where} lacks the field {field!r} (fields: {sorted(k for k in row if k)})")
+    value = row[field]
+    if isinstance(value, (str, int, float, bool)) and not (what == "label" and str(value).strip() == ""):
+        return str(value)
+    if value is None:
+        shown = "null"
+    elif isinstance(value, str):
+        shown = "an empty value"
     else:
+        shown = f"a {type(value).__name__} {value!r}"
+    raise ValueError(f"{path}: {where} has {shown} as its {what} {field!r}; expected a string or number")
+
+
+def _table_rows(path: Path) -> list[tuple[str, dict]]:
+    """``(where, row)`` for each record of a ``.csv`` (header row, UTF-8 with or without BOM) or ``.jsonl`` file."""
+    if path.suffix not in (".csv", ".jsonl"):
         raise ValueError(f"{path}: text data must be a .csv or .jsonl file")
-    for i, row in enumerate(rows):
-        if text_field not in row or label_field not in row:
-            raise ValueError(f"{path}: row {i + 1} lacks the field {text_field!r} or {label_field!r}")
-        texts.append(str(row[text_field]))
-        labels.append(str(row[label_field]))
-    if not texts:
+    try:
+        # utf-8-sig reads a byte-order mark as such: spreadsheets often save CSV with one.
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.object[error.start:error.start + 1]!r})") from None
+    rows = []
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            where = f"row {len(rows) + 1} (line {reader.line_num})"
+            if None in row or None in row.values():
+                found = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                raise ValueError(f"{path}: {where} has {found} fields where the header has {len(reader.fieldnames)}")
+            rows.append((where, row))
+        return rows
+    for line_num, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {line_num} is not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {line_num} is a JSON {type(row).__name__}, not an object")
+        rows.append((f"line {line_num}", row))
+    return rows
+
+
+def read_text_table(
+        path: str | Path, text_field: str = "text", label_field: str = "label", require_labels: bool = True,
+) -> tuple[list[str], list[str] | None]:
+    """Texts and labels (as strings) from a ``.csv`` (with a header row) or ``.jsonl`` file.
+
+    Every row needs a text; labels must be non-empty strings or numbers. With ``require_labels=False``
+    a file without the label field anywhere gives ``None`` labels (for prediction); a file that has
+    it must have it in every row.
+    """
+    path = _require_file(Path(path), "text data")
+    rows = _table_rows(path)
+    if not rows:
         raise ValueError(f"{path} holds no rows")
-    return texts, labels
+    texts = [_cell(path, where, row, text_field, "text") for where, row in rows]
+    if not require_labels and not any(label_field in row for _, row in rows):
+        return texts, None
+    return texts, [_cell(path, where, row, label_field, "label") for where, row in rows]
 
 
 def split_indices(labels: np.ndarray, fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import timm
 import torch
 from timm.optim import param_groups_weight_decay
@@ -60,6 +62,11 @@ class ClassifierModule(L.LightningModule):
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_metrics", collection.clone(prefix=f"{stage}/"))
             setattr(self, f"{stage}_loss", MeanMetric())
+        # The training metrics accumulate over an epoch: checkpoints keep them, so that a run resumed
+        # mid-epoch reports the same epoch metrics as one never interrupted.
+        self.train_metrics.persistent(True)
+        self.train_loss.persistent(True)
+        self._rng_states: dict[str, Any] | None = None
 
     def forward(self, inputs: Any) -> torch.Tensor:
         """Logits for a batch's inputs."""
@@ -125,12 +132,41 @@ class ClassifierModule(L.LightningModule):
                 f"the data has {data_classes} classes but the model was built with num_classes={self.num_classes}"
             )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the random generators' states, so that a resumed run draws what the uninterrupted one would."""
+        _, keys, *numpy_rest = np.random.get_state()  # as tensors and ints: checkpoints load with weights_only
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), *numpy_rest],
+            "python": random.getstate(),
+        }
+
+    def on_train_start(self) -> None:
+        """Restore the checkpoint's random generators when resuming (after Lightning's own start-up draws)."""
+        if self._rng_states is not None:
+            states, self._rng_states = self._rng_states, None
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            keys, *numpy_rest = states["numpy"]
+            np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *numpy_rest))
+            random.setstate(states["python"])
+
+    def on_train_epoch_start(self) -> None:
+        """Start the epoch's training metrics afresh (a checkpoint taken at an epoch's end still holds that
+        epoch's); a run resumed mid-epoch does not pass here and keeps the metrics of the batches before it."""
+        self.train_metrics.reset()
+        self.train_loss.reset()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with a clear message, a checkpoint whose tensors do not fit (another ``num_classes``...)."""
+        """Refuse, with a clear message, a checkpoint whose tensors do not fit this model (another
+        ``num_classes``...) or are not finite; keep its random states for ``on_train_start``."""
         own = self.state_dict()
+        weights = checkpoint.get("state_dict", {})
         mismatched = [
             f"{name}: {tuple(value.shape)} in the checkpoint, {tuple(own[name].shape)} here"
-            for name, value in checkpoint.get("state_dict", {}).items()
+            for name, value in sorted(weights.items(), key=lambda item: not item[0].startswith("model."))  # weights first
             if name in own and own[name].shape != value.shape
         ]
         if mismatched:
@@ -138,6 +174,16 @@ class ClassifierModule(L.LightningModule):
                 f"the checkpoint does not fit this model (num_classes={self.num_classes} here; another class count "
                 f"or architecture?): {'; '.join(mismatched[:4])}"
             )
+        broken = [
+            name for name, value in weights.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+        ]
+        if broken:
+            raise ValueError(
+                f"the checkpoint holds non-finite values (NaN or inf) in {len(broken)} tensors, e.g. {broken[:3]}: "
+                "the file is damaged or its training diverged"
+            )
+        self._rng_states = checkpoint.get("rng_states")
 
 
 class ImageClassifier(ClassifierModule):

@@ -82,6 +82,14 @@ class MUSETextNet(nn.Module):
             raise ValueError(f"input_ids must be a (B, N) long tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.max_length:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than max_length={self.max_length}")
+        if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+            vocab_size = self.embed.num_embeddings
+            outside = (input_ids < 0) | (input_ids >= vocab_size)
+            if outside.any():
+                raise ValueError(
+                    f"input_ids holds token ids outside the vocabulary [0, {vocab_size}): e.g. "
+                    f"{input_ids[outside][:5].tolist()}; the tokenizer and the model's vocab_size disagree"
+                )
         if key_padding_mask is None:
             key_padding_mask = input_ids == self.pad_id
         x = self.drop(self.embed(input_ids) + self.pos_embed[:, : input_ids.shape[1]])

@@ -63,7 +63,7 @@ def test_full_data_runs_add_the_overlay_config_and_are_recorded_apart(tmp_path, 
     main(task="vision", data="auto", variants=["muse"], seeds=[0], results=str(results), extra=TINY)
     record = json.loads((results / "vision__full__muse__seed0.json").read_text())
     assert record["data"] == "full" and record["overlay"] == "fashion_mnist_full.yaml"
-    config = (results / "runs" / "vision__full__muse__seed0" / "logs" / "quickstart" / "version_0" / "config.yaml")
+    config = results / "runs" / "vision__full__muse__seed0" / "logs" / "version_0" / "config.yaml"
     assert "source: system" in config.read_text()
 
 
@@ -114,7 +114,7 @@ def test_lr_sweep_records_each_lr_apart_with_its_validation_score(tmp_path, caps
                             "vision__embedded__attention__lr0.004__seed0.json"}
     for name, record in records.items():
         assert f"lr{record['lr']:g}" in name and 0.0 <= record["val_acc"] <= 1.0
-        config = results / "runs" / name.removesuffix(".json") / "logs" / "quickstart_attention" / "version_0" / "config.yaml"
+        config = results / "runs" / name.removesuffix(".json") / "logs" / "version_0" / "config.yaml"
         assert yaml.safe_load(config.read_text())["model"]["init_args"]["lr"] == record["lr"]
     printed = capsys.readouterr().out
     assert printed[printed.index("| task |"):].startswith("| task | data | variant | lr |")  # the sweep's table alone

@@ -91,6 +91,71 @@ def test_text_files_csv_and_jsonl(tmp_path):
         TextFileDataModule(str(tmp_path / "train.csv"), test_file=str(tmp_path / "other.csv"))
 
 
+@pytest.mark.parametrize(("name", "content", "match"), [
+    ("ragged.csv", b"text,label\ngood,pos\nbad\n", r"ragged.csv: row 2 \(line 3\) has 1 fields where the header has 2"),
+    ("long.csv", b"text,label\ngood,pos\nbad,neg,extra\n", r"long.csv: row 2 \(line 3\) has 3 fields where the header has 2"),
+    ("blank.csv", b"text,label\ngood,pos\nbad,\n", r"blank.csv: row 2 \(line 3\) has an empty value as its label 'label'"),
+    ("null.jsonl", b'{"text": "good", "label": "pos"}\n{"text": "bad", "label": null}\n',
+     r"null.jsonl: line 2 has null as its label 'label'; expected a string or number"),
+    ("list.jsonl", b'{"text": "good", "label": ["pos"]}\n', r"list.jsonl: line 1 has a list \['pos'\] as its label"),
+    ("broken.jsonl", b'{"text": "good", "label": "pos"}\n{"text": "bad"\n', r"broken.jsonl: line 2 is not valid JSON"),
+    ("array.jsonl", b'["good", "pos"]\n', r"array.jsonl: line 1 is a JSON list, not an object"),
+    ("latin1.csv", "text,label\nh\xe9las,pos\n".encode("latin-1"), r"latin1.csv: not UTF-8 text \(byte 12"),
+    ("notext.csv", b"body,label\ngood,pos\n", r"notext.csv: row 1 \(line 2\) lacks the field 'text' \(fields: \['body', 'label'\]\)"),
+    ("empty.csv", b"text,label\n", r"empty.csv holds no rows"),
+])
+def test_a_bad_text_file_is_an_error_naming_the_file_and_the_row(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        TextFileDataModule(str(tmp_path / name))
+
+
+def test_a_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,label\ngood,pos\nbad,neg\n")
+    assert read_text_table(tmp_path / "bom.csv") == (["good", "bad"], ["pos", "neg"])
+
+
+def test_too_few_rows_for_a_validation_split_is_an_error(tmp_path):
+    (tmp_path / "tiny.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    dm = TextFileDataModule(str(tmp_path / "tiny.csv"), val_fraction=0.1)
+    with pytest.raises(ValueError, match=r"tiny.csv: 2 rows are too few to split by \{'val_fraction': 0.1\}: val_fraction would be empty"):
+        dm.setup("fit")
+
+
+def test_predict_file_may_lack_labels_and_keeps_its_texts(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\ngood film,pos\nbad film,neg\nfine film,pos\nawful,neg\n")
+    (tmp_path / "new.csv").write_text("text\nlovely\ndull\n")
+    (tmp_path / "labelled.jsonl").write_text('{"text": "lovely", "label": "pos"}\n')
+    dm = TextFileDataModule(str(tmp_path / "train.csv"), predict_file=str(tmp_path / "new.csv"), val_fraction=0.5)
+    dm.setup("predict")
+    assert dm.predict_set.texts == ["lovely", "dull"] and dm.predict_set.labels is None
+    assert next(iter(dm.predict_dataloader()))["input_ids"].shape[0] == 2
+    dm = TextFileDataModule(str(tmp_path / "train.csv"), predict_file=str(tmp_path / "labelled.jsonl"), val_fraction=0.5)
+    dm.setup("predict")
+    assert dm.predict_set.labels == [dm.classes.index("pos")]
+
+
+def test_resumable_sampler_skips_exactly_what_an_interrupted_epoch_trained_on():
+    from muse_lightning import ResumableSampler
+
+    data = list(range(20))
+    sampler = ResumableSampler(data, seed=3)
+    sampler.set_epoch(2)
+    epoch_two = list(sampler)
+    assert sorted(epoch_two) == data and list(sampler) == epoch_two  # a seeded permutation, the same each pass
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch_two
+    resumed = ResumableSampler(data, seed=3)
+    resumed.resume_at = (2, 8)
+    resumed.set_epoch(2)
+    assert list(resumed) == epoch_two[8:]
+    assert list(resumed) == epoch_two  # the skip applies to the first pass only
+    later = ResumableSampler(data, seed=3)
+    later.resume_at = (1, 8)  # a checkpoint of an earlier epoch skips nothing in this one
+    later.set_epoch(2)
+    assert list(later) == epoch_two
+
+
 def test_image_folder_data_module(tmp_path):
     from PIL import Image
 

@@ -68,3 +68,33 @@ def test_block_forwards_masks_and_rejects_bad_padding_mask():
 def test_from_seed_rejects_a_state_dict_that_is_not_the_seeds():
     with pytest.raises(ValueError, match="not a seed MUSEAttention state_dict: missing"):
         MUSEAttention.from_seed(nn.Linear(4, 4).state_dict(), num_heads=2)
+
+
+def test_a_bf16_tensor_into_a_float32_mixer_outside_autocast_is_named():
+    mixer = MUSEAttention(32, 4)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"x is torch.bfloat16 but the mixer's weights are torch.float32.*torch.autocast"):
+        mixer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mixer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("conv_type", ["static", "dynamic"])
+def test_an_empty_batch_gives_an_empty_output(conv_type):
+    assert MUSEAttention(32, 4, conv_type=conv_type)(torch.randn(0, 5, 32)).shape == (0, 5, 32)
+
+
+@pytest.mark.parametrize("grid_size", [(-3, -4), (0, 12), (3, 5)])
+def test_a_grid_size_that_is_not_positive_or_does_not_fit_is_named(grid_size):
+    mixer = MUSEAttention(32, 4, conv_layout="2d")
+    with pytest.raises(ValueError, match=r"grid_size must be \(H, W\) of positive ints with H \* W = 12"):
+        mixer(torch.randn(1, 12, 32), grid_size=grid_size)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 257, 1000])
+def test_token_ids_outside_the_vocabulary_are_named(bad_id):
+    from muse_lightning.text import MUSETextNet
+
+    ids = torch.tensor([[5, 6, bad_id, 7]])
+    with pytest.raises(ValueError, match=rf"token ids outside the vocabulary \[0, 257\): e.g. \[{bad_id}\]"):
+        MUSETextNet(3, max_length=8, dim=16, depth=1, num_heads=2)(ids)

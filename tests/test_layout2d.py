@@ -81,7 +81,7 @@ def test_block_passes_the_grid_to_its_mixer():
     ("kwargs", "call", "match"),
     [
         ({}, lambda m: m(torch.randn(2, 1 + 12, 32)), r"cannot infer the token grid of 12 tokens .* pass grid_size"),
-        ({}, lambda m: m(torch.randn(2, 1 + 12, 32), grid_size=(3, 5)), r"grid_size must be \(H, W\) with H \* W = 12"),
+        ({}, lambda m: m(torch.randn(2, 1 + 12, 32), grid_size=(3, 5)), r"grid_size must be \(H, W\) of positive ints with H \* W = 12"),
         ({}, lambda m: m(torch.randn(2, 1 + 16, 32), is_causal=True), "is_causal=True is not defined for conv_layout='2d'"),
         ({}, lambda m: m(torch.randn(2, 1, 32)), "not more than num_prefix_tokens=1"),
     ],

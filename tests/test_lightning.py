@@ -25,21 +25,29 @@ SHIPPED = [("quickstart.yaml", "quickstart"), ("text_quickstart.yaml", "text_qui
 
 
 @pytest.mark.parametrize(("config", "name"), SHIPPED)
-def test_shipped_config_fits_then_tests_from_its_checkpoint(tmp_path, monkeypatch, config, name):
+def test_shipped_config_fits_tests_and_predicts_under_its_default_root_dir(tmp_path, monkeypatch, config, name):
     monkeypatch.chdir(tmp_path)
-    for _ in range(2):  # a second run in the same place must not trip over the saved config
-        main(["fit", "--config", str(CONFIGS / config), *QUICK])
-    ckpt = tmp_path / "checkpoints" / name / "best.ckpt"
-    assert ckpt.is_file() and (tmp_path / "logs" / name).is_dir()
-    main(["test", "--config", str(CONFIGS / config), *QUICK, "--ckpt_path", str(ckpt)])
-    metrics = last_metrics(tmp_path / "logs" / name)
+    root = tmp_path / "run"
+    args = ["--config", str(CONFIGS / config), *QUICK, "--trainer.default_root_dir", str(root)]
+    main(["fit", *args])
+    ckpt = root / "checkpoints" / "best.ckpt"
+    assert ckpt.is_file() and (root / "checkpoints" / "last.ckpt").is_file()
+    main(["test", *args, "--ckpt_path", str(ckpt)])
+    metrics = last_metrics(root / "logs")
     assert 0.0 <= metrics["test/acc"] <= 1.0 and "test/f1_macro" in metrics and "test/acc_top5" in metrics
-    main(["predict", "--config", str(CONFIGS / config), "--trainer.limit_predict_batches", "2", "--ckpt_path", str(ckpt)])
-    with open(tmp_path / "predictions" / f"{name}.csv") as f:
+    main(["predict", *args, "--trainer.limit_predict_batches", "2", "--ckpt_path", str(ckpt)])
+    with open(root / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     batch = 128 if name.startswith("quickstart") else 64
     assert [int(r["index"]) for r in rows] == list(range(2 * batch))
-    assert all(0.0 < float(r["prob"]) <= 1.0 and r["label"] for r in rows)
+    assert all(0.0 < float(r["probability"]) <= 1.0 and r["prediction"] and r["label"] for r in rows)
+    assert ("text" in rows[0]) == name.startswith("text")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing written outside default_root_dir
+    # One version folder a run (fit, test, predict), holding both loggers' files.
+    assert sorted(p.name for p in (root / "logs").iterdir()) == ["version_0", "version_1", "version_2"]
+    fit_logs = root / "logs" / "version_0"
+    assert (fit_logs / "metrics.csv").is_file() and (fit_logs / "config.yaml").is_file()
+    assert list(fit_logs.glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("overlay", ["gpu.yaml", "ddp.yaml", "multinode.yaml", "compiled.yaml"])
@@ -55,7 +63,7 @@ def test_compiled_run_from_config_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "compiled.yaml"), *QUICK,
           "--trainer.limit_val_batches", "0", "--model.init_args.model_kwargs", str(SMALL_VIT)])
-    assert (tmp_path / "checkpoints" / "quickstart" / "last.ckpt").is_file()
+    assert (tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt").is_file()
 
 
 class _StartStep(L.Callback):
@@ -87,7 +95,7 @@ def test_ddp_synced_metrics_equal_a_single_process_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a checkpoint made by the CLI, as users make them
     main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_steps", "2",
           "--trainer.limit_val_batches", "0", "--model.init_args.model_kwargs", str(SMALL_VIT)])
-    ckpt = tmp_path / "checkpoints" / "quickstart" / "last.ckpt"
+    ckpt = tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
     results = {}
     for devices, strategy in ((1, "auto"), (2, "ddp")):
         logs = tmp_path / f"logs{devices}"
@@ -152,7 +160,7 @@ def test_cli_fails_early_on_missing_data(tmp_path, monkeypatch):
     with pytest.raises((FileNotFoundError, ValueError), match="Fashion-MNIST directory .* not found"):
         main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.source", "system",
               "--data.init_args.root", str(tmp_path / "nowhere")])
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "runs").exists()
 
 
 def test_mismatched_class_counts_fail_early(tmp_path):
@@ -192,3 +200,27 @@ def test_attention_twin_configs_match_the_muse_quickstarts_within_two_percent_of
     assert abs(count(attention_only) / count(with_conv) - 1) < 0.02
     assert all(m.conv is None for m in attention_only.modules() if hasattr(m, "conv_proj_mode"))
     assert all(m.conv is not None for m in with_conv.modules() if hasattr(m, "conv_proj_mode"))
+
+
+def test_text_files_recipe_fits_then_predicts_unlabelled_text_beside_its_texts(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    words = {"pos": ["good", "great", "lovely"], "neg": ["bad", "awful", "dull"]}
+    rows = [(f"a {words[label][i % 3]} film, {i}", label) for i in range(60) for label in words]
+    with open("reviews.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    Path("new.csv").write_text("text\nwhat a lovely film\nso dull\n")
+    args = ["--config", str(CONFIGS / "text_files.yaml"), "--data.train_file", "reviews.csv", "--trainer.max_epochs", "1"]
+    main(["fit", *args])
+    best = tmp_path / "runs" / "text_files" / "checkpoints" / "best.ckpt"
+    # The model's position table follows the data's max_length (256 in the recipe): it is linked, not repeated.
+    assert torch.load(best, weights_only=True)["hyper_parameters"]["max_length"] == 256
+    with caplog.at_level("INFO"):
+        main(["predict", *args, "--data.predict_file", "new.csv", "--ckpt_path", str(best)])
+    written = tmp_path / "runs" / "text_files" / "predictions.csv"
+    assert f"written to {written.relative_to(tmp_path)}" in caplog.text
+    with open(written) as f:
+        predicted = list(csv.DictReader(f))
+    assert list(predicted[0]) == ["index", "text", "prediction", "probability"]  # no label column: the file has none
+    assert [r["text"] for r in predicted] == ["what a lovely film", "so dull"]
+    assert all(r["prediction"] in words and 0.5 <= float(r["probability"]) <= 1.0 for r in predicted)
+

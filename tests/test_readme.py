@@ -20,7 +20,7 @@ def test_readme_python_examples_run():
 
 def test_readme_opens_with_install_and_test_commands():
     first = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1).splitlines()
-    assert first[0].endswith("muse-lightning test --config configs/quickstart.yaml --ckpt_path checkpoints/quickstart/best.ckpt")
+    assert first[0].endswith("muse-lightning test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt")
     assert 'pip install -e ".[dev]"' in first[0]
     assert first[1] == "python -m pytest -q"
 

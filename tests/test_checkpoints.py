@@ -1,0 +1,162 @@
+"""Checkpoints a user can trust: honest last.ckpt, exact resume after kill -9, no silent overrides or
+overwrites, named errors for damaged or foreign checkpoints, and CLI errors that end on their own message."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from muse_lightning.cli import main
+from muse_lightning.compare import last_metrics
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+TINY_VIT = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "drop_path_rate": 0.1})
+QUICK = ["--config", str(CONFIGS / "quickstart.yaml"), "--model.init_args.model_kwargs", TINY_VIT,
+         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+         "--trainer.limit_test_batches", "1"]
+KILLER = '''
+import os, signal
+import lightning as L
+
+class KillAt(L.Callback):
+    """SIGKILL this process when training reaches ``step``: a crash no handler sees."""
+    def __init__(self, step: int):
+        self.step = step
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(cwd), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "muse_lightning.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize(("kill_at", "saved_at"), [(52, 50), (61, 60)], ids=["mid-epoch", "after-epoch-end"])
+def test_fit_killed_then_resumed_ends_with_the_uninterrupted_weights_and_metrics(tmp_path, kill_at, saved_at):
+    """3 epochs of 30 steps; last.ckpt every 50 steps and at epoch ends: kill -9 at step 52 resumes from step 50
+    (mid-epoch: data order, augmentation and drop-path draws must pick up exactly), at 61 from the epoch end (60)."""
+    (tmp_path / "killer.py").write_text(KILLER)
+    fit = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--model.init_args.model_kwargs", TINY_VIT,
+           "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "30", "--trainer.limit_val_batches", "2"]
+    whole = _cli([*fit, "--trainer.default_root_dir", "whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _cli([*fit, "--trainer.default_root_dir", "cut", "--trainer.callbacks+=killer.KillAt",
+                   "--trainer.callbacks.step", str(kill_at)], tmp_path)
+    assert killed.returncode == -9
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == saved_at
+    resumed = _cli([*fit, "--trainer.default_root_dir", "cut", "--ckpt_path", str(last)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 90
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+    def epoch_rows(path: Path) -> dict[str, dict[str, float]]:
+        """Each epoch's train and val metrics (CSVLogger writes them in separate rows)."""
+        epochs: dict[str, dict[str, float]] = {}
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                epochs.setdefault(row["epoch"], {}).update({k: float(v) for k, v in row.items() if v and "/" in k})
+        return {epoch: values for epoch, values in epochs.items() if "train/acc" in values}
+
+    uninterrupted = epoch_rows(tmp_path / "whole" / "logs" / "version_0" / "metrics.csv")
+    after_resume = epoch_rows(tmp_path / "cut" / "logs" / "version_1" / "metrics.csv")
+    assert set(after_resume) == ({"1", "2"} if kill_at == 52 else {"2"})
+    for epoch, row in after_resume.items():  # the resumed epoch's training metrics include the batches before the kill
+        for key in ("train/acc", "train/loss", "val/acc", "val/loss"):
+            assert row[key] == pytest.approx(uninterrupted[epoch][key], abs=1e-6), (epoch, key)
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_the_monitored_metric_does_not_improve(tmp_path):
+    # lr 0: val/acc never improves after the first epoch, so best.ckpt stays at epoch 0.
+    main(["fit", *QUICK, "--trainer.max_epochs", "3", "--model.init_args.lr", "0.0",
+          "--trainer.default_root_dir", str(tmp_path)])
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert best["epoch"] == 0
+    assert last["epoch"] == 2 and last["global_step"] == 9
+
+
+def test_fit_refuses_to_overwrite_an_earlier_runs_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *QUICK])  # the shipped default_root_dir, runs/quickstart
+    best = tmp_path / "runs" / "quickstart" / "checkpoints" / "best.ckpt"
+    before = best.read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints of an earlier run \(best.ckpt, last.ckpt\).*"
+                                              r"--ckpt_path .*last.ckpt.*--trainer.default_root_dir.*--overwrite true"):
+        main(["fit", *QUICK])
+    assert best.read_bytes() == before
+    main(["fit", *QUICK, "--overwrite", "true", "--seed_everything", "1"])  # another seed: other weights
+    assert best.read_bytes() != before
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_untrained_weights_needs_to_be_asked_for(tmp_path, subcommand):
+    args = [subcommand, *QUICK, "--trainer.limit_predict_batches", "1", "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match=f"{subcommand} without --ckpt_path would run the model's untrained weights"):
+        main(args)
+    assert not (tmp_path / "predictions.csv").exists()
+    main([*args, "--allow_untrained", "true"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """best.ckpt of a 3-step quickstart run."""
+    root = tmp_path_factory.mktemp("trained")
+    main(["fit", *QUICK, "--trainer.default_root_dir", str(root)])
+    return root / "checkpoints" / "best.ckpt"
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["--config", str(CONFIGS / "quickstart_attention.yaml"), "--model.init_args.model_kwargs", TINY_VIT[:-1] + ', "conv_type": "none"}'],
+     r"model_kwargs: .* in the checkpoint, .*'conv_type': 'none'.* in the config"),
+    (["--model.init_args.lr", "0.1"], r"lr: 0.002 in the checkpoint, 0.1 in the config"),
+    (["--model", "muse_lightning.TextClassifier", "--data", "muse_lightning.WordNetGlossesDataModule"],
+     r"class_path: muse_lightning.ImageClassifier in the checkpoint, muse_lightning.TextClassifier in the config"),
+], ids=["attention-config", "model-override", "other-class"])
+def test_a_config_that_differs_from_the_checkpoint_is_an_error_naming_both(trained, overrides, match):
+    with pytest.raises(ValueError, match=f"--ckpt_path {trained} was trained with another model than the config gives: "):
+        main(["test", *QUICK, *overrides, "--ckpt_path", str(trained)])
+    with pytest.raises(ValueError, match=match):
+        main(["test", *QUICK, *overrides, "--ckpt_path", str(trained)])
+
+
+def _damaged(trained: Path, tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        path.write_bytes(trained.read_bytes()[:4096])
+    elif kind == "foreign":
+        torch.save({"weight": torch.ones(2)}, path)
+    else:  # a NaN in a weight, as flipped exponent bits give
+        checkpoint = torch.load(trained, weights_only=True)
+        name = next(k for k in checkpoint["state_dict"] if k.endswith("qkv.weight"))
+        checkpoint["state_dict"][name][0, 0] = float("nan")
+        torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "match"), [
+    ("truncated", r"cannot be read as a checkpoint \(truncated, or not a PyTorch file\)"),
+    ("foreign", r"is not a Lightning checkpoint \(it lacks 'pytorch-lightning_version'"),
+    ("non-finite", r"non-finite values \(NaN or inf\) in 1 tensors, e.g. \['model.blocks.0.attn.qkv.weight'\]"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_refused_with_its_reason(trained, tmp_path, kind, match):
+    with pytest.raises(ValueError, match=match):
+        main(["test", *QUICK, "--ckpt_path", str(_damaged(trained, tmp_path, kind))])
+
+
+def test_a_data_module_error_is_the_last_line_the_user_sees(tmp_path):
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    run = _cli(["fit", "--config", str(CONFIGS / "text_quickstart.yaml"), "--data", "muse_lightning.TextFileDataModule",
+                "--data.train_file", "empty.csv"], tmp_path)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == "ValueError: empty.csv holds no rows"
