@@ -55,6 +55,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Model arguments linked from the built data module: the config holds no value for them to compare.
+_INSTANTIATION_LINKS = ("num_classes", "vocab_size", "pad_id")
+
+
 def _next_version(root: Path) -> int:
     """The next free ``version_N`` under ``root``, as Lightning's loggers number them."""
     versions = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
@@ -62,14 +66,17 @@ def _next_version(root: Path) -> int:
 
 
 class MUSELightningCLI(LightningCLI):
-    """LightningCLI with the data's ``num_classes`` and ``max_length`` linked into the model, an optional
+    """LightningCLI with the data's ``num_classes`` (and a text module's ``max_length``, ``vocab_size``,
+    ``pad_id``) linked into the model, an optional
     ``compile: true``, and guards: a checkpoint must match the config, fit does not overwrite an earlier
     run's checkpoints, and test / predict do not run untrained weights unless told to."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        # Text models size their position table by the data's max_length (a no-op for image models).
+        # Text models size their position and token tables by the data (no-ops for image models).
         parser.link_arguments("data.init_args.max_length", "model.init_args.max_length", apply_on="parse")
+        for name in ("vocab_size", "pad_id"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.add_argument("--compile", type=bool, default=False, help="torch.compile the LightningModule")
         parser.add_argument(
             "--overwrite", type=bool, default=False,
@@ -101,7 +108,7 @@ class MUSELightningCLI(LightningCLI):
             differences.append(f"class_path: {saved_class} in the checkpoint, {model.class_path} in the config")
         given = _plain(model.get("init_args") or {})
         for key, value in saved.items():
-            if key != "num_classes" and key in given and _plain(value) != given[key]:  # num_classes: linked from data
+            if key not in _INSTANTIATION_LINKS and key in given and _plain(value) != given[key]:
                 differences.append(f"{key}: {_plain(value)!r} in the checkpoint, {given[key]!r} in the config")
         if differences:
             raise ValueError(

@@ -15,12 +15,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .datasets import (
-    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, WORDNET_LEXNAMES, ByteTokenizer, load_embedded_fashion_mnist,
+    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, WORDNET_LEXNAMES, load_embedded_fashion_mnist,
     load_embedded_wordnet_glosses, read_fashion_mnist, read_text_table, read_wordnet_glosses, split_indices,
 )
+from .tokenization import TRAINED_KINDS, ByteTokenizer, HFTokenizer, create_tokenizer
 
 __all__ = [
     "FashionMNISTDataModule", "ImageFolderDataModule", "ResumableSampler", "TextFileDataModule", "WordNetGlossesDataModule",
@@ -155,7 +157,7 @@ class _ClassificationData(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Resume the training order where the checkpoint left it (see ``ResumableSampler``)."""
-        self._resume_at = (state_dict["epoch"], state_dict["batches"]) if state_dict else None
+        self._resume_at = (state_dict["epoch"], state_dict["batches"]) if "epoch" in state_dict else None
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":
@@ -278,26 +280,92 @@ class ImageFolderDataModule(_ClassificationData):
 
 
 class _TextDataset(Dataset):
-    """Tokenised texts with their class indices; ``labels=None`` for unlabelled text (label -1 in batches)."""
+    """Texts with their class indices, tokenised as they are read; ``labels=None`` for unlabelled text (label -1
+    in batches)."""
 
-    def __init__(self, texts: Sequence[str], labels: Sequence[int] | None, tokenizer: ByteTokenizer) -> None:
+    def __init__(self, texts: Sequence[str], labels: Sequence[int] | None, encode: Callable[[str], torch.Tensor]) -> None:
         self.texts = list(texts)
-        self.ids = [tokenizer.encode(t) for t in texts]
         self.labels = None if labels is None else list(labels)
+        self.encode = encode
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.texts)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.ids[i], -1 if self.labels is None else self.labels[i]
+        return self.encode(self.texts[i]), -1 if self.labels is None else self.labels[i]
 
 
 class _TextData(_ClassificationData):
-    def __init__(self, max_length: int, batch_size: int, num_workers: int) -> None:
+    """Texts tokenised by ``tokenizer`` (``muse_lightning.tokenization``): ``"byte"``, a vocabulary of
+    ``vocab_size`` tokens trained on the training texts (``"bpe"``, ``"wordpiece"``, ``"unigram"``), or a path
+    to a ``tokenizer.json``. A trained vocabulary is learnt once, before the first loader is made, written to
+    ``<default_root_dir>/tokenizer.json`` and kept in every checkpoint, so that ``test``, ``predict`` and a
+    resumed ``fit`` encode exactly as training did. ``vocab_size`` and ``pad_id`` are the model's (the CLI
+    links them, like ``num_classes`` and ``max_length``)."""
+
+    def __init__(self, max_length: int, batch_size: int, num_workers: int, tokenizer: str, vocab_size: int) -> None:
         super().__init__(batch_size, num_workers)
-        self.tokenizer = ByteTokenizer(max_length)
-        self.collate_fn = self.tokenizer.collate
+        if tokenizer in TRAINED_KINDS and vocab_size < 3:
+            raise ValueError(f"vocab_size must be at least 3 (padding, unknown and one token), got {vocab_size}")
         self.max_length = max_length
+        self.tokenizer_name = tokenizer
+        self._vocab_size = vocab_size
+        self._tokenizer = create_tokenizer(tokenizer, max_length)
+        self._train_texts: list[str] = []
+
+    @property
+    def tokenizer(self) -> ByteTokenizer | HFTokenizer:
+        """The tokenizer; a vocabulary still to be trained is learnt from the training texts here."""
+        if self._tokenizer is None:
+            if not self._train_texts:
+                raise RuntimeError(f"{type(self).__name__}.setup() has not been run")
+            self._tokenizer = HFTokenizer.train(self.tokenizer_name, self._train_texts, self._vocab_size, self.max_length)
+            trainer = self.trainer
+            if trainer is not None and trainer.is_global_zero:
+                path = Path(trainer.default_root_dir) / "tokenizer.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._tokenizer.tokenizer.save(str(path))
+                rank_zero_info(
+                    f"Trained a {self.tokenizer_name} vocabulary of {self._tokenizer.vocab_size} tokens on "
+                    f"{len(self._train_texts)} training texts; saved to {path}"
+                )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids lie in ``[0, vocab_size)``: a trained vocabulary's configured size, else the tokenizer's."""
+        return self._vocab_size if self.tokenizer_name in TRAINED_KINDS else self._tokenizer.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id (0 for bytes and trained vocabularies)."""
+        return 0 if self._tokenizer is None else self._tokenizer.pad_id
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids of ``text`` (what the datasets call per item)."""
+        return self.tokenizer.encode(text)
+
+    def collate_fn(self, batch: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        return self.tokenizer.collate(batch)
+
+    def _dataset(self, texts: Sequence[str], labels: Sequence[int] | None) -> _TextDataset:
+        return _TextDataset(texts, labels, self.encode)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        self.tokenizer  # noqa: B018  (train a vocabulary here, once, before loader workers copy the module)
+        return super()._loader(dataset, shuffle)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base state, plus the tokenizer's ``tokenizer.json`` text when it is a Hugging Face one."""
+        state = super().state_dict()
+        if isinstance(self._tokenizer, HFTokenizer):
+            state["tokenizer"] = self._tokenizer.to_str()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "tokenizer" in state_dict:
+            self._tokenizer = HFTokenizer.from_str(state_dict["tokenizer"], self.max_length)
 
 
 class WordNetGlossesDataModule(_TextData):
@@ -306,7 +374,7 @@ class WordNetGlossesDataModule(_TextData):
     ``source``: ``"system"`` reads all 117,659 glosses from Debian's ``wordnet-base`` (``root``,
     default ``/usr/share/wordnet``); ``"embedded"`` the 24k subset shipped in the package;
     ``"auto"`` the full set when installed. Train / val / test is a stratified split by ``seed``.
-    Byte-level tokens (``ByteTokenizer``), cut at ``max_length``.
+    Tokens as ``tokenizer`` says (bytes by default), cut at ``max_length``.
     """
 
     classes = WORDNET_LEXNAMES
@@ -322,8 +390,10 @@ class WordNetGlossesDataModule(_TextData):
             val_fraction: float = 0.1,
             test_fraction: float = 0.1,
             seed: int = 0,
+            tokenizer: str = "byte",
+            vocab_size: int = 8000,
     ) -> None:
-        super().__init__(max_length, batch_size, num_workers)
+        super().__init__(max_length, batch_size, num_workers, tokenizer, vocab_size)
         self.source, self.root = _resolve_source(source, root, self.default_root, "WordNet", "wordnet-base")
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
@@ -332,16 +402,16 @@ class WordNetGlossesDataModule(_TextData):
     def setup(self, stage: str | None = None) -> None:
         texts, labels = read_wordnet_glosses(self.root) if self.source == "system" else load_embedded_wordnet_glosses()
         parts = _split("WordNet glosses", labels, {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction}, self.seed)
-        val_set, test_set, train_set = (
-            _TextDataset([texts[i] for i in idx], labels[idx].tolist(), self.tokenizer) for idx in parts
-        )
+        val_set, test_set, train_set = (self._dataset([texts[i] for i in idx], labels[idx].tolist()) for idx in parts)
         self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
+        self._train_texts = train_set.texts
 
 
 class TextFileDataModule(_TextData):
     """Users' own labelled text: ``.csv`` (header row, UTF-8) or ``.jsonl`` files with a text and a label field.
 
-    Classes are the sorted distinct labels of ``train_file``; validation comes from ``val_file`` or
+    Classes are the sorted distinct labels of ``train_file``; a trained ``tokenizer`` learns from its
+    training rows. Validation comes from ``val_file`` or
     a stratified ``val_fraction`` of the training rows; test uses ``test_file`` (or the validation
     set); predict uses ``predict_file``, whose label field is optional (else the test set). Every file
     is read and checked when the module is built: a missing field, an empty or null label, a ragged
@@ -361,8 +431,10 @@ class TextFileDataModule(_TextData):
             num_workers: int = 0,
             val_fraction: float = 0.1,
             seed: int = 0,
+            tokenizer: str = "byte",
+            vocab_size: int = 8000,
     ) -> None:
-        super().__init__(max_length, batch_size, num_workers)
+        super().__init__(max_length, batch_size, num_workers, tokenizer, vocab_size)
         _check_fraction("val_fraction", val_fraction)
         self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
         tables = {
@@ -382,7 +454,7 @@ class TextFileDataModule(_TextData):
 
     def setup(self, stage: str | None = None) -> None:
         texts, labels = self.encoded["train"]
-        make = lambda t, y: _TextDataset(t, None if y is None else y.tolist(), self.tokenizer)  # noqa: E731
+        make = lambda t, y: self._dataset(t, None if y is None else y.tolist())  # noqa: E731
         if "val" in self.encoded:
             self.train_set, self.val_set = make(texts, labels), make(*self.encoded["val"])
         else:
@@ -391,6 +463,7 @@ class TextFileDataModule(_TextData):
             self.val_set = make([texts[i] for i in val_idx], labels[val_idx])
         self.test_set = make(*self.encoded["test"]) if "test" in self.encoded else self.val_set
         self._predict_set = make(*self.encoded["predict"]) if "predict" in self.encoded else self.test_set
+        self._train_texts = self.train_set.texts
 
     @property
     def predict_set(self) -> Dataset | None:

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 __all__ = [
-    "ASSETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "WORDNET_DIR", "WORDNET_LEXNAMES", "ByteTokenizer",
+    "ASSETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "WORDNET_DIR", "WORDNET_LEXNAMES",
     "load_embedded_fashion_mnist", "load_embedded_wordnet_glosses", "read_fashion_mnist", "read_idx",
     "read_text_table", "read_wordnet_glosses", "split_indices",
 ]
@@ -204,25 +203,3 @@ def split_indices(labels: np.ndarray, fractions: Sequence[float], seed: int = 0)
         for part, chunk in zip(parts, np.split(idx, cuts)):
             part.append(chunk)
     return [np.sort(np.concatenate(p)) for p in parts]
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: id ``b + 1`` for byte ``b``, 0 for padding; nothing to download."""
-
-    pad_id = 0
-    vocab_size = 257
-
-    def __init__(self, max_length: int = 256) -> None:
-        if max_length < 1:
-            raise ValueError(f"max_length must be positive, got {max_length}")
-        self.max_length = max_length
-
-    def encode(self, text: str) -> torch.Tensor:
-        """Token ids of ``text``, cut to ``max_length``; an empty text gives one padding token."""
-        ids = torch.tensor(list(text.encode("utf-8")[: self.max_length]), dtype=torch.long) + 1
-        return ids if ids.numel() else torch.zeros(1, dtype=torch.long)
-
-    def collate(self, batch: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
-        """Pad a batch of ``(ids, label)`` to its longest sequence."""
-        ids = torch.nn.utils.rnn.pad_sequence([b[0] for b in batch], batch_first=True, padding_value=self.pad_id)
-        return {"input_ids": ids, "labels": torch.tensor([b[1] for b in batch], dtype=torch.long)}

@@ -229,12 +229,14 @@ class ImageClassifier(ClassifierModule):
 
 
 class TextClassifier(ClassifierModule):
-    """Byte-level text classifier of MUSE blocks (``MUSETextNet``): nothing to download."""
+    """Text classifier of MUSE blocks (``MUSETextNet``) trained from scratch: nothing to download."""
 
     def __init__(
             self,
             num_classes: int = 45,
             max_length: int = 256,
+            vocab_size: int = 257,
+            pad_id: int = 0,
             dim: int = 128,
             depth: int = 4,
             num_heads: int = 4,
@@ -254,7 +256,9 @@ class TextClassifier(ClassifierModule):
         """
         Args:
             num_classes: Output classes (the CLI links it from the data).
-            max_length: Longest token sequence; at least the data module's ``max_length``.
+            max_length: Longest token sequence; at least the data module's ``max_length`` (the CLI links it).
+            vocab_size, pad_id: The tokenizer's id range and padding id; 257 and 0 fit bytes (the CLI links them
+                from the data module's tokenizer).
             dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
                 drop_path_rate: The network, see ``MUSETextNet``.
             lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
@@ -262,13 +266,21 @@ class TextClassifier(ClassifierModule):
         super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
         self.save_hyperparameters()
         self.model = MUSETextNet(
-            num_classes, max_length=max_length, dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            num_classes, vocab_size=vocab_size, max_length=max_length, pad_id=pad_id, dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel, drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
         )
 
     def setup(self, stage: str) -> None:
+        """Fail before training when the data's tokens do not fit the model: length, id range, padding id."""
         super().setup(stage)
-        data_length = getattr(self.trainer.datamodule, "max_length", None)
-        if data_length is not None and data_length > self.hparams.max_length:
-            raise ValueError(f"the data's max_length={data_length} exceeds the model's max_length={self.hparams.max_length}")
+        data, hp = self.trainer.datamodule, self.hparams
+        data_length = getattr(data, "max_length", None)
+        if data_length is not None and data_length > hp.max_length:
+            raise ValueError(f"the data's max_length={data_length} exceeds the model's max_length={hp.max_length}")
+        for name in ("vocab_size", "pad_id"):
+            value = getattr(data, name, None)
+            if value is not None and value != hp[name]:
+                raise ValueError(
+                    f"the data's tokenizer has {name}={value} but the model was built with {name}={hp[name]}"
+                )

@@ -9,8 +9,8 @@ from conftest import write_fashion_mnist, write_idx
 
 from muse_lightning import FashionMNISTDataModule, ImageFolderDataModule, TextFileDataModule, WordNetGlossesDataModule
 from muse_lightning.datasets import (
-    ByteTokenizer, load_embedded_fashion_mnist, load_embedded_wordnet_glosses, read_idx, read_text_table,
-    read_wordnet_glosses, split_indices,
+    load_embedded_fashion_mnist, load_embedded_wordnet_glosses, read_idx, read_text_table, read_wordnet_glosses,
+    split_indices,
 )
 
 
@@ -185,10 +185,3 @@ def test_image_folder_data_module(tmp_path):
 def test_missing_or_bad_data_is_an_error_at_construction(tmp_path, make, error, match):
     with pytest.raises(error, match=match):
         make(tmp_path)
-
-
-def test_byte_tokenizer_pads_and_truncates():
-    tok = ByteTokenizer(max_length=4)
-    assert tok.encode("héllo").tolist() == [ord("h") + 1, 0xC3 + 1, 0xA9 + 1, ord("l") + 1]
-    batch = tok.collate([(tok.encode("ab"), 1), (tok.encode("abcd"), 0)])
-    assert batch["input_ids"].tolist() == [[98, 99, 0, 0], [98, 99, 100, 101]]
