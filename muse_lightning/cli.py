@@ -55,8 +55,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# Model arguments linked from the built data module: the config holds no value for them to compare.
-_INSTANTIATION_LINKS = ("num_classes", "vocab_size", "pad_id")
+# Model arguments linked from the built data module's attributes (the config holds no value for them to compare).
+_DATA_LINKS = ("num_classes", "max_length", "vocab_size", "pad_id", "in_features")
 
 
 def _next_version(root: Path) -> int:
@@ -66,16 +66,15 @@ def _next_version(root: Path) -> int:
 
 
 class MUSELightningCLI(LightningCLI):
-    """LightningCLI with the data's ``num_classes`` (and a text module's ``max_length``, ``vocab_size``,
-    ``pad_id``) linked into the model, an optional
+    """LightningCLI with the data's ``num_classes`` (and a sequence module's ``max_length``, ``vocab_size``,
+    ``pad_id``, ``in_features``) linked into the model, an optional
     ``compile: true``, and guards: a checkpoint must match the config, fit does not overwrite an earlier
     run's checkpoints, and test / predict do not run untrained weights unless told to."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        # Text models size their position and token tables by the data (no-ops for image models).
-        parser.link_arguments("data.init_args.max_length", "model.init_args.max_length", apply_on="parse")
-        for name in ("vocab_size", "pad_id"):
+        # A link applies where both sides have the name: sequence models size their position, token and input
+        # tables by the data; image models take only num_classes.
+        for name in _DATA_LINKS:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.add_argument("--compile", type=bool, default=False, help="torch.compile the LightningModule")
         parser.add_argument(
@@ -108,7 +107,7 @@ class MUSELightningCLI(LightningCLI):
             differences.append(f"class_path: {saved_class} in the checkpoint, {model.class_path} in the config")
         given = _plain(model.get("init_args") or {})
         for key, value in saved.items():
-            if key not in _INSTANTIATION_LINKS and key in given and _plain(value) != given[key]:
+            if key not in _DATA_LINKS and key in given and _plain(value) != given[key]:
                 differences.append(f"{key}: {_plain(value)!r} in the checkpoint, {given[key]!r} in the config")
         if differences:
             raise ValueError(

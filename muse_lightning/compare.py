@@ -13,6 +13,7 @@ config (``FULL_DATA``), which switches the source and sizes the schedule.
 
     muse-compare --task vision --variants [muse, attention] --seeds [0, 1, 2]
     muse-compare --task text --data embedded
+    muse-compare --task text --data embedded --variants [muse-bpe, attention-bpe, tfidf]
     muse-compare --table_only true
     muse-compare --task vision --data embedded --lrs [0.001, 0.002, 0.004] --results results/tune
 """
@@ -25,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -34,7 +36,7 @@ from jsonargparse import CLI
 from .cli import main as cli_main
 from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
 
-__all__ = ["FULL_DATA", "VARIANTS", "cpu_name", "last_metrics", "main", "resolve_data", "run", "table",
+__all__ = ["BASELINES", "FULL_DATA", "VARIANTS", "cpu_name", "last_metrics", "main", "resolve_data", "run", "table",
            "tuning_table"]
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -49,11 +51,14 @@ def _vit_kwargs(**changes: Any) -> list[str]:
 
 
 _CONVSTEM = ["--model.init_args.model_name", "muse_vit_tiny_convstem_28"]
+_BPE = ["--data.init_args.tokenizer", "bpe"]
+TFIDF_CS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
 
 # Variant name -> (config, extra CLI arguments), per task. muse-k3 / muse-k1357: kernel sizes (3,)
 # and (1, 3, 5, 7) instead of (1, 3, 5); muse-1d: 1-D layout over the flattened patches;
 # muse-sequential: sequential instead of parallel blocks; muse-dynamic: dynamic kernels (3, 15);
-# *-convstem: a convolutional stem (muse_vit_tiny_convstem_28) instead of 4 x 4 patches, in both arms.
+# *-convstem: a convolutional stem (muse_vit_tiny_convstem_28) instead of 4 x 4 patches, in both arms;
+# *-bpe: a BPE vocabulary of 8,000 learnt from the training glosses instead of bytes, in both arms.
 VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
     "vision": {
         "muse": ("quickstart.yaml", []),
@@ -72,6 +77,8 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
                                                        "--model.init_args.kernel_sizes", "[3, 15]"]),
         "muse-k3": ("text_quickstart.yaml", ["--model.init_args.kernel_sizes", "[3]"]),
         "muse-sequential": ("text_quickstart.yaml", ["--model.init_args.parallel", "false"]),
+        "muse-bpe": ("text_quickstart.yaml", _BPE),
+        "attention-bpe": ("text_quickstart_attention.yaml", _BPE),
     },
 }
 
@@ -123,38 +130,81 @@ def _best_score(checkpoint: dict[str, Any]) -> float:
     return float(scores[0])
 
 
-def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, results: Path,
-        extra: list[str] | None = None, lr: float | None = None) -> dict[str, Any]:
-    """Fit and test one (task, data, variant, seed) in its own folder under ``results/runs``; record it.
-
-    ``lr`` overrides the config's learning rate and is recorded (a sweep's run); ``None`` keeps it.
-    """
-    config, overrides = VARIANTS[task][variant]
-    if lr is not None:
-        overrides = [*overrides, "--model.init_args.lr", str(lr)]
-    record_path = _record_path(results, task, data, variant, seed, lr)
-    workdir = results / "runs" / record_path.stem
-    workdir.mkdir(parents=True, exist_ok=True)
-    overlay = FULL_DATA[task][1] if data == "full" else None
+def _fit_and_test(config: str, overlay: str | None, overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
+    """Fit a config in ``workdir`` (its default_root_dir), test its best checkpoint; the record's metrics."""
     configs = ["--config", str(CONFIGS / config)] + (["--config", str(CONFIGS / overlay)] if overlay else [])
-    # The run's folder is its default_root_dir: checkpoints/, logs/ and predictions go there. A run cut short
-    # left its checkpoints behind and has no record: it starts again (--overwrite).
-    common = [*configs, "--seed_everything", str(seed), "--trainer.default_root_dir", str(workdir), *overrides,
-              *(extra or [])]
+    common = [*configs, "--seed_everything", str(seed), "--trainer.default_root_dir", str(workdir), *overrides]
     start = time.perf_counter()
+    # A run cut short left its checkpoints behind and has no record: it starts again (--overwrite).
     cli_main(["fit", *common, "--overwrite", "true"])
     train_seconds = time.perf_counter() - start
     best_path = workdir / "checkpoints" / "best.ckpt"
     cli_main(["test", *common, "--ckpt_path", str(best_path)])
     metrics = last_metrics(workdir / "logs")
     best = torch.load(best_path, weights_only=False)
-    params = sum(t.numel() for k, t in best["state_dict"].items() if k.startswith("model."))
+    return {
+        "val_acc": _best_score(best), "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"],
+        "params": sum(t.numel() for k, t in best["state_dict"].items() if k.startswith("model.")),
+        "train_seconds": train_seconds,
+    }
+
+
+def tfidf_logreg(config: str, overlay: str | None) -> dict[str, Any]:
+    """The linear text baseline on the config's own split: TF-IDF of word 1-2 grams (sublinear tf) and
+    logistic regression, its ``C`` picked on the validation set from ``TFIDF_CS`` (a sweep as wide as the
+    learning-rate sweep of the neural arms). Needs scikit-learn (the ``dev`` extra)."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import f1_score
+    except ImportError:
+        raise ImportError("the tfidf baseline needs scikit-learn: pip install -e \".[dev]\"") from None
+    data_args = yaml.safe_load((CONFIGS / config).read_text())["data"]["init_args"]
+    if overlay:
+        data_args.update(yaml.safe_load((CONFIGS / overlay).read_text()).get("data", {}).get("init_args", {}))
+    data = WordNetGlossesDataModule(**data_args)
+    data.setup("fit")
+    start = time.perf_counter()
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    train = vectorizer.fit_transform(data.train_set.texts)
+    val, test = vectorizer.transform(data.val_set.texts), vectorizer.transform(data.test_set.texts)
+    fits = [LogisticRegression(C=c, max_iter=2000).fit(train, data.train_set.labels) for c in TFIDF_CS]
+    scores = [model.score(val, data.val_set.labels) for model in fits]
+    best = fits[scores.index(max(scores))]
+    predicted = best.predict(test)
+    return {
+        "val_acc": max(scores), "test_acc": best.score(test, data.test_set.labels),
+        "test_f1_macro": f1_score(data.test_set.labels, predicted, average="macro"), "params": best.coef_.size,
+        "C": best.C, "train_seconds": time.perf_counter() - start,
+    }
+
+
+# Baseline name -> (the config whose data split it uses, the function that fits and tests it), per task.
+# A baseline's fit draws nothing at random: it is run once, recorded as seed 0.
+BASELINES: dict[str, dict[str, tuple[str, Callable[[str, str | None], dict[str, Any]]]]] = {
+    "text": {"tfidf": ("text_quickstart.yaml", tfidf_logreg)},
+}
+
+
+def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, results: Path,
+        extra: list[str] | None = None, lr: float | None = None) -> dict[str, Any]:
+    """Fit and test one (task, data, variant, seed), a network in its own folder under ``results/runs`` or
+    a baseline; record it. ``lr`` overrides the config's learning rate and is recorded (a sweep's run)."""
+    record_path = _record_path(results, task, data, variant, seed, lr)
+    overlay = FULL_DATA[task][1] if data == "full" else None
+    if variant in BASELINES.get(task, {}):
+        (config, baseline), overrides = BASELINES[task][variant], []
+        metrics = baseline(config, overlay)
+    else:
+        config, overrides = VARIANTS[task][variant]
+        if lr is not None:
+            overrides = [*overrides, "--model.init_args.lr", str(lr)]
+        overrides = overrides + (extra or [])
+        metrics = _fit_and_test(config, overlay, overrides, seed, results / "runs" / record_path.stem)
     record = {
         "task": task, "data": data, "variant": variant, "seed": seed, "config": config, "overlay": overlay,
-        "overrides": overrides + (extra or []),
-        "val_acc": _best_score(best), "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"],
-        "params": params, **({} if lr is None else {"lr": lr}),
-        "train_seconds": train_seconds, "threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__,
+        "overrides": overrides, **metrics, **({} if lr is None else {"lr": lr}),
+        "threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__,
     }
     record_path.write_text(json.dumps(record, indent=1))
     return record
@@ -172,8 +222,8 @@ def _mean_std(xs: list[float]) -> str:
 
 
 def _row_order(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Sort key of a table row ``(task, data, variant, ...)``: variants in ``VARIANTS`` order."""
-    return key[0], key[1], list(VARIANTS[key[0]]).index(key[2]), *key[3:]
+    """Sort key of a table row ``(task, data, variant, ...)``: variants in ``VARIANTS`` order, then baselines."""
+    return key[0], key[1], [*VARIANTS[key[0]], *BASELINES.get(key[0], {})].index(key[2]), *key[3:]
 
 
 def table(results: Path) -> str:
@@ -248,7 +298,7 @@ def main(
         task: ``vision`` (Fashion-MNIST quickstart) or ``text`` (WordNet glosses quickstart).
         data: ``full`` (the Debian package's full set, with the task's overlay config), ``embedded``
             (the subset in the package), or ``auto``: full when installed.
-        variants: Names from ``VARIANTS[task]``; default ``muse`` and ``attention``.
+        variants: Names from ``VARIANTS[task]`` or ``BASELINES[task]`` (``tfidf``); default ``muse`` and ``attention``.
         seeds: Seeds to run; default 0, 1, 2.
         results: Folder of the JSON records (and of the runs' logs and checkpoints, under ``runs/``).
         table_only: Only print the tables.
@@ -261,10 +311,14 @@ def main(
     if not table_only:
         resolved = resolve_data(task, data)
         for variant in variants or ["muse", "attention"]:
-            if variant not in VARIANTS[task]:
-                raise ValueError(f"unknown variant {variant!r} for {task}; choose from {list(VARIANTS[task])}")
+            baseline = variant in BASELINES.get(task, {})
+            if variant not in VARIANTS[task] and not baseline:
+                known = [*VARIANTS[task], *BASELINES.get(task, {})]
+                raise ValueError(f"unknown variant {variant!r} for {task}; choose from {known}")
+            if baseline and lrs:
+                raise ValueError(f"{variant} is a baseline with its own sweep; leave it out of an --lrs sweep")
             for lr in lrs or [None]:
-                for seed in seeds if seeds is not None else [0, 1, 2]:
+                for seed in [0] if baseline else seeds if seeds is not None else [0, 1, 2]:
                     if not _record_path(out, task, resolved, variant, seed, lr).exists():
                         run(task, resolved, variant, seed, out, extra, lr)
     print("\n\n".join(show(out) for show, swept in ((table, False), (tuning_table, True)) if _records(out, swept)))

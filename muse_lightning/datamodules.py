@@ -20,12 +20,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .datasets import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, WORDNET_LEXNAMES, load_embedded_fashion_mnist,
-    load_embedded_wordnet_glosses, read_fashion_mnist, read_text_table, read_wordnet_glosses, split_indices,
+    load_embedded_wordnet_glosses, read_fashion_mnist, read_sequence_arrays, read_text_table, read_wordnet_glosses,
+    split_indices,
 )
 from .tokenization import TRAINED_KINDS, ByteTokenizer, HFTokenizer, create_tokenizer
 
 __all__ = [
-    "FashionMNISTDataModule", "ImageFolderDataModule", "ResumableSampler", "TextFileDataModule", "WordNetGlossesDataModule",
+    "FashionMNISTDataModule", "ImageFolderDataModule", "ResumableSampler", "SequenceFileDataModule", "TextFileDataModule",
+    "WordNetGlossesDataModule",
 ]
 
 Source = Literal["auto", "embedded", "system"]
@@ -464,6 +466,109 @@ class TextFileDataModule(_TextData):
         self.test_set = make(*self.encoded["test"]) if "test" in self.encoded else self.val_set
         self._predict_set = make(*self.encoded["predict"]) if "predict" in self.encoded else self.test_set
         self._train_texts = self.train_set.texts
+
+    @property
+    def predict_set(self) -> Dataset | None:
+        """``predict_file`` when given, else the test set."""
+        return self._predict_set
+
+
+class _SequenceDataset(Dataset):
+    """Each sequence's real steps, standardised, with its class index (-1 when unlabelled)."""
+
+    def __init__(
+            self, features: np.ndarray, lengths: np.ndarray, labels: Sequence[int] | None, mean: np.ndarray, std: np.ndarray,
+    ) -> None:
+        self.features = torch.from_numpy((features - mean) / std)
+        self.lengths = lengths.tolist()
+        self.labels = None if labels is None else list(labels)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.features[i, : self.lengths[i]], -1 if self.labels is None else self.labels[i]
+
+
+def _collate_sequences(batch: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    """Pad a batch of ``(steps, label)`` to its longest sequence; ``key_padding_mask`` is ``True`` on padding."""
+    lengths = torch.tensor([len(b[0]) for b in batch])
+    features = torch.nn.utils.rnn.pad_sequence([b[0] for b in batch], batch_first=True)
+    mask = torch.arange(features.shape[1])[None, :] >= lengths[:, None]
+    return {"features": features, "key_padding_mask": mask, "labels": torch.tensor([b[1] for b in batch], dtype=torch.long)}
+
+
+def _class_order(label: str) -> tuple[int, int | str]:
+    """Integer labels in numeric order (2 before 10), then the others alphabetically."""
+    return (0, int(label)) if label.lstrip("-").isdigit() else (1, label)
+
+
+class SequenceFileDataModule(_ClassificationData):
+    """Users' own numeric sequences of varying length (time series, audio frames, sensor readings).
+
+    Each file is an ``.npz`` (or a folder of ``.npy`` files) with ``features`` ``(M, N, C)`` padded to
+    ``N`` steps, ``lengths`` ``(M,)`` (optional) and ``labels`` ``(M,)`` (ints or strings; optional in
+    ``predict_file``), see ``read_sequence_arrays``. Classes are ``train_file``'s distinct labels;
+    validation is ``val_file`` or a stratified ``val_fraction`` of the training sequences; test uses
+    ``test_file`` (else validation), predict ``predict_file`` (else test). With ``standardize`` every
+    feature is centred and scaled by its mean and spread over the training sequences' real steps.
+    ``in_features`` and ``max_length`` (the longest sequence of any file) are linked into the model.
+    """
+
+    collate_fn = staticmethod(_collate_sequences)
+
+    def __init__(
+            self,
+            train_file: str,
+            val_file: str | None = None,
+            test_file: str | None = None,
+            predict_file: str | None = None,
+            standardize: bool = True,
+            batch_size: int = 64,
+            num_workers: int = 0,
+            val_fraction: float = 0.1,
+            seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        _check_fraction("val_fraction", val_fraction)
+        self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
+        arrays = {
+            split: read_sequence_arrays(path, require_labels=split != "predict")
+            for split, path in self.files.items() if path
+        }
+        widths = {split: a[0].shape[2] for split, a in arrays.items()}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"the files disagree on the features per step: {widths}")
+        self.in_features = widths["train"]
+        self.max_length = max(int(a[1].max()) for a in arrays.values())
+        self.classes = sorted(set(arrays["train"][2]), key=_class_order)
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        for split, (features, lengths, labels) in arrays.items():
+            unknown = sorted(set(labels or ()) - set(index))
+            if unknown:
+                raise ValueError(f"{self.files[split]}: labels {unknown[:5]} do not occur in train_file")
+            self.arrays[split] = (features, lengths, None if labels is None else np.asarray([index[x] for x in labels]))
+        features, lengths, _ = self.arrays["train"]
+        real = features[np.arange(features.shape[1])[None, :] < lengths[:, None]]  # (steps, C)
+        self.mean = real.mean(0) if standardize else np.zeros(self.in_features, np.float32)
+        self.std = np.maximum(real.std(0), 1e-6) if standardize else np.ones(self.in_features, np.float32)
+        self.val_fraction, self.seed = val_fraction, seed
+        self._predict_set: Dataset | None = None
+
+    def _dataset(self, features: np.ndarray, lengths: np.ndarray, labels: np.ndarray | None) -> _SequenceDataset:
+        return _SequenceDataset(features, lengths, None if labels is None else labels.tolist(), self.mean, self.std)
+
+    def setup(self, stage: str | None = None) -> None:
+        features, lengths, labels = self.arrays["train"]
+        if "val" in self.arrays:
+            self.train_set, self.val_set = self._dataset(features, lengths, labels), self._dataset(*self.arrays["val"])
+        else:
+            val_idx, train_idx = _split(self.files["train"], labels, {"val_fraction": self.val_fraction}, self.seed)
+            self.train_set = self._dataset(features[train_idx], lengths[train_idx], labels[train_idx])
+            self.val_set = self._dataset(features[val_idx], lengths[val_idx], labels[val_idx])
+        self.test_set = self._dataset(*self.arrays["test"]) if "test" in self.arrays else self.val_set
+        self._predict_set = self._dataset(*self.arrays["predict"]) if "predict" in self.arrays else self.test_set
 
     @property
     def predict_set(self) -> Dataset | None:

@@ -5,6 +5,8 @@
 - WordNet 3.0 glosses labelled by their lexicographer file (45 supersense classes): the data files
   of Debian's ``wordnet-base`` package, or the shipped subset.
 - Users' own text: CSV or JSONL files with a text and a label field.
+- Users' own numeric sequences: ``.npz`` files (or folders of ``.npy`` files) of padded features,
+  lengths and labels.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 __all__ = [
     "ASSETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "WORDNET_DIR", "WORDNET_LEXNAMES",
     "load_embedded_fashion_mnist", "load_embedded_wordnet_glosses", "read_fashion_mnist", "read_idx",
-    "read_text_table", "read_wordnet_glosses", "split_indices",
+    "read_sequence_arrays", "read_text_table", "read_wordnet_glosses", "split_indices",
 ]
 
 ASSETS = Path(__file__).parent / "assets"
@@ -187,6 +189,51 @@ def read_text_table(
     if not require_labels and not any(label_field in row for _, row in rows):
         return texts, None
     return texts, [_cell(path, where, row, label_field, "label") for where, row in rows]
+
+
+def read_sequence_arrays(
+        path: str | Path, require_labels: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """``(features, lengths, labels)`` from an ``.npz`` file or a folder of ``.npy`` files.
+
+    ``features``: float ``(M, N, C)``, each sequence padded to ``N`` steps; ``lengths``: ``(M,)`` ints in
+    ``[1, N]`` (optional: every sequence ``N`` steps long); ``labels``: ``(M,)`` ints or strings, returned
+    as strings (optional with ``require_labels=False``, then None). Non-finite features within a
+    sequence's length are an error.
+    """
+    path = Path(path)
+    if path.is_dir():
+        arrays = {name: np.load(path / f"{name}.npy") for name in ("features", "lengths", "labels")
+                  if (path / f"{name}.npy").is_file()}
+    elif path.suffix == ".npz":
+        with np.load(_require_file(path, "sequence data")) as f:
+            arrays = {name: f[name] for name in f.files}
+    else:
+        raise FileNotFoundError(f"sequence data: {path} is neither an .npz file nor a folder of .npy files")
+    if "features" not in arrays:
+        raise ValueError(f"{path} has no 'features' array (it has {sorted(arrays)})")
+    features = arrays["features"]
+    if features.ndim != 3 or not np.issubdtype(features.dtype, np.number) or features.shape[1] < 1:
+        raise ValueError(f"{path}: features must be a numeric (M, N, C) array, got {features.dtype} {features.shape}")
+    count, steps = features.shape[:2]
+    if count == 0:
+        raise ValueError(f"{path} holds no sequences")
+    lengths = arrays.get("lengths", np.full(count, steps))
+    if lengths.shape != (count,) or not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"{path}: lengths must be {count} ints (one per sequence), got {lengths.dtype} {lengths.shape}")
+    if lengths.min() < 1 or lengths.max() > steps:
+        raise ValueError(f"{path}: lengths must lie in [1, {steps}] (the padded length), got {lengths.min()}..{lengths.max()}")
+    real = np.arange(steps)[None, :] < lengths[:, None]
+    if not np.isfinite(features[real]).all():
+        raise ValueError(f"{path}: features hold NaN or inf within the sequences' lengths")
+    if "labels" not in arrays:
+        if require_labels:
+            raise ValueError(f"{path} has no 'labels' array (it has {sorted(arrays)})")
+        return features.astype(np.float32), lengths.astype(np.int64), None
+    labels = arrays["labels"]
+    if labels.shape != (count,):
+        raise ValueError(f"{path}: labels must be {count} values (one per sequence), got shape {labels.shape}")
+    return features.astype(np.float32), lengths.astype(np.int64), [str(x) for x in labels.tolist()]
 
 
 def split_indices(labels: np.ndarray, fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:

@@ -25,9 +25,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from .attention import ConvProj
 from .conv import ConvType
 from . import swap
-from .text import MUSETextNet
+from .text import MUSESequenceNet, MUSETextNet
 
-__all__ = ["ClassifierModule", "ImageClassifier", "TextClassifier"]
+__all__ = ["ClassifierModule", "ImageClassifier", "SequenceClassifier", "TextClassifier"]
 
 
 class ClassifierModule(L.LightningModule):
@@ -69,13 +69,14 @@ class ClassifierModule(L.LightningModule):
         self._rng_states: dict[str, Any] | None = None
 
     def forward(self, inputs: Any) -> torch.Tensor:
-        """Logits for a batch's inputs."""
-        return self.model(inputs)
+        """Logits for a batch's inputs: a tensor, or a dict of the model's keyword arguments."""
+        return self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
 
     @staticmethod
     def _split(batch: Any) -> tuple[Any, torch.Tensor]:
+        """``(inputs, labels)``: a dict batch's ``labels`` and the rest, or an ``(inputs, labels)`` pair."""
         if isinstance(batch, dict):
-            return batch["input_ids"], batch["labels"]
+            return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
         return batch[0], batch[1]
 
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
@@ -124,13 +125,24 @@ class ClassifierModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # Hyper-parameters that must equal the data module's attribute of the same name (the CLI links them).
+    _linked_from_data: tuple[str, ...] = ()
+
     def setup(self, stage: str) -> None:
-        """Fail before training when the data's classes do not match the model's head."""
-        data_classes = getattr(self.trainer.datamodule, "num_classes", None)
+        """Fail before training when the data does not fit the model: classes, linked sizes, sequence length."""
+        data, hp = self.trainer.datamodule, self.hparams
+        data_classes = getattr(data, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(
                 f"the data has {data_classes} classes but the model was built with num_classes={self.num_classes}"
             )
+        for name in self._linked_from_data:
+            value = getattr(data, name, None)
+            if value is not None and value != hp[name]:
+                raise ValueError(f"the data has {name}={value} but the model was built with {name}={hp[name]}")
+        data_length = getattr(data, "max_length", None)
+        if "max_length" in hp and data_length is not None and data_length > hp.max_length:
+            raise ValueError(f"the data's max_length={data_length} exceeds the model's max_length={hp.max_length}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the random generators' states, so that a resumed run draws what the uninterrupted one would."""
@@ -231,6 +243,8 @@ class ImageClassifier(ClassifierModule):
 class TextClassifier(ClassifierModule):
     """Text classifier of MUSE blocks (``MUSETextNet``) trained from scratch: nothing to download."""
 
+    _linked_from_data = ("vocab_size", "pad_id")
+
     def __init__(
             self,
             num_classes: int = 45,
@@ -266,21 +280,51 @@ class TextClassifier(ClassifierModule):
         super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
         self.save_hyperparameters()
         self.model = MUSETextNet(
-            num_classes, vocab_size=vocab_size, max_length=max_length, pad_id=pad_id, dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel, drop_rate=drop_rate,
+            num_classes, vocab_size=vocab_size, max_length=max_length, pad_id=pad_id, dim=dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel, drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
         )
 
-    def setup(self, stage: str) -> None:
-        """Fail before training when the data's tokens do not fit the model: length, id range, padding id."""
-        super().setup(stage)
-        data, hp = self.trainer.datamodule, self.hparams
-        data_length = getattr(data, "max_length", None)
-        if data_length is not None and data_length > hp.max_length:
-            raise ValueError(f"the data's max_length={data_length} exceeds the model's max_length={hp.max_length}")
-        for name in ("vocab_size", "pad_id"):
-            value = getattr(data, name, None)
-            if value is not None and value != hp[name]:
-                raise ValueError(
-                    f"the data's tokenizer has {name}={value} but the model was built with {name}={hp[name]}"
-                )
+
+class SequenceClassifier(ClassifierModule):
+    """Classifier of variable-length float sequences ``(B, N, in_features)`` (time series, audio frames, sensor
+    data) with MUSE blocks (``MUSESequenceNet``); padded steps never reach the output."""
+
+    _linked_from_data = ("in_features",)
+
+    def __init__(
+            self,
+            num_classes: int = 2,
+            in_features: int = 1,
+            max_length: int = 512,
+            dim: int = 128,
+            depth: int = 4,
+            num_heads: int = 4,
+            mlp_ratio: float = 4.0,
+            kernel_sizes: Sequence[int] | None = None,
+            conv_type: ConvType = "static",
+            conv_proj: ConvProj = "separate",
+            parallel: bool = True,
+            drop_rate: float = 0.1,
+            drop_path_rate: float = 0.1,
+            lr: float = 1e-3,
+            weight_decay: float = 0.05,
+            warmup_fraction: float = 0.05,
+            min_lr_ratio: float = 0.01,
+            label_smoothing: float = 0.1,
+    ) -> None:
+        """
+        Args:
+            num_classes, in_features, max_length: Classes, features per step and the longest sequence (the CLI
+                links all three from the data).
+            dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
+                drop_path_rate: The network, see ``MUSESequenceNet``.
+            lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
+        """
+        super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
+        self.save_hyperparameters()
+        self.model = MUSESequenceNet(
+            num_classes, in_features, max_length=max_length, dim=dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+        )

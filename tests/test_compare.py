@@ -130,3 +130,27 @@ def test_tuning_table_bolds_the_lr_with_the_best_mean_validation_accuracy(tmp_pa
     rows = compare.tuning_table(tmp_path).splitlines()[2:]
     assert rows == ["| text | embedded | muse | 0.001 | 2 | 71.00 +- 1.41 | 90.00 +- 0.00 |",
                     "| text | embedded | muse | **0.002** | 2 | 78.00 +- 2.83 | 60.00 +- 0.00 |"]
+
+
+def test_tfidf_baseline_is_fit_on_the_configs_split_and_tabulated_after_the_networks(tmp_path, monkeypatch):
+    root = tmp_path / "wordnet"
+    root.mkdir()
+    words = {3: "entity thing object", 5: "animal beast creature", 29: "breathe lungs air"}
+    lines = {pos: [] for pos in ("noun", "verb", "adj", "adv")}
+    for i in range(90):
+        label = list(words)[i % 3]
+        lines["verb" if label == 29 else "noun"].append(f"{i:08d} {label:02d} n 01 w 0 000 | {words[label]} number {i}")
+    for pos, rows in lines.items():
+        (root / f"data.{pos}").write_text("\n".join(rows) + ("\n" if rows else ""))
+    monkeypatch.setattr(WordNetGlossesDataModule, "default_root", root)  # as if Debian's wordnet-base were installed
+    results = tmp_path / "results"
+    main(task="text", data="full", variants=["tfidf"], seeds=[0, 1], results=str(results))
+    assert [p.name for p in results.glob("*.json")] == ["text__full__tfidf__seed0.json"]  # no seed to vary
+    record = json.loads((results / "text__full__tfidf__seed0.json").read_text())
+    assert record["test_acc"] == 1.0 and record["val_acc"] == 1.0 and record["C"] in compare.TFIDF_CS
+    assert record["config"] == "text_quickstart.yaml" and record["overlay"] == "wordnet_full.yaml"
+    with pytest.raises(ValueError, match="tfidf is a baseline with its own sweep"):
+        main(task="text", data="full", variants=["tfidf"], results=str(results), lrs=[0.001])
+    (results / "text__full__muse__seed0.json").write_text(json.dumps(
+        {**record, "variant": "muse", "test_acc": 0.5, "test_f1_macro": 0.5}))
+    assert [row.split(" | ")[2] for row in table(results).splitlines()[2:]] == ["muse", "tfidf"]

@@ -212,8 +212,10 @@ def test_text_files_recipe_fits_then_predicts_unlabelled_text_beside_its_texts(t
     args = ["--config", str(CONFIGS / "text_files.yaml"), "--data.train_file", "reviews.csv", "--trainer.max_epochs", "1"]
     main(["fit", *args])
     best = tmp_path / "runs" / "text_files" / "checkpoints" / "best.ckpt"
-    # The model's position table follows the data's max_length (256 in the recipe): it is linked, not repeated.
-    assert torch.load(best, weights_only=True)["hyper_parameters"]["max_length"] == 256
+    # The model's tables follow the data's tokenizer and max_length (BPE, 8000, 128 in the recipe): linked, not repeated.
+    hparams = torch.load(best, weights_only=True)["hyper_parameters"]
+    assert (hparams["max_length"], hparams["vocab_size"], hparams["pad_id"]) == (128, 8000, 0)
+    assert (tmp_path / "runs" / "text_files" / "tokenizer.json").is_file()
     with caplog.at_level("INFO"):
         main(["predict", *args, "--data.predict_file", "new.csv", "--ckpt_path", str(best)])
     written = tmp_path / "runs" / "text_files" / "predictions.csv"

@@ -10,7 +10,8 @@ RESULTS = Path(__file__).parents[1] / "results" / "compare"
 SWEEP = Path(__file__).parents[1] / "results" / "tune"
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what the examples write stays out of the checkout
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 2
     namespace: dict = {}  # later blocks build on earlier ones, as a reader's session would

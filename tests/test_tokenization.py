@@ -69,12 +69,12 @@ def test_a_model_whose_vocabulary_or_padding_differs_from_the_data_is_refused(tm
 
     data = WordNetGlossesDataModule(source="embedded", tokenizer="bpe", vocab_size=500, max_length=32)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match="the data's tokenizer has vocab_size=500 but the model was built with vocab_size=257"):
+    with pytest.raises(ValueError, match="the data has vocab_size=500 but the model was built with vocab_size=257"):
         trainer.fit(TextClassifier(max_length=32, dim=16, depth=1, num_heads=2), datamodule=data)
 
 
 def test_tokens_beyond_the_models_positions_are_named():
-    with pytest.raises(ValueError, match="input_ids has 9 tokens, more than max_length=8"):
+    with pytest.raises(ValueError, match=r"the input has 9 steps \(tokens\), more than max_length=8"):
         MUSETextNet(3, max_length=8, dim=16, depth=1, num_heads=2)(torch.ones(1, 9, dtype=torch.long))
 
 
