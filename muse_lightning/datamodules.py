@@ -166,6 +166,54 @@ class _ClassificationData(L.LightningDataModule):
             self._resume_at = None
 
 
+class _UserFiles:
+    """Train / val / test / predict files of a user's data set, read when the module is built.
+
+    Classes are ``train_file``'s distinct labels (in ``_class_order``); validation is ``val_file`` or a
+    stratified ``val_fraction`` of the training rows; test is ``test_file`` (else validation) and predict
+    ``predict_file`` (else test), whose labels are optional. A subclass reads its files into
+    ``self.tables[split] = (..., labels)`` with ``_index_labels`` and makes datasets in ``_make``.
+    """
+
+    files: dict[str, str | None]
+    tables: dict[str, tuple[Any, ...]]
+    classes: Sequence[str]
+    val_fraction: float
+    seed: int
+    _class_order: Callable[[str], Any] | None = None
+
+    def _index_labels(self, labels: dict[str, list[str] | None]) -> dict[str, np.ndarray | None]:
+        """Set ``classes`` from the training labels; each split's labels as class indices (None if unlabelled)."""
+        self.classes = sorted(set(labels["train"]), key=self._class_order)
+        index = {c: i for i, c in enumerate(self.classes)}
+        out = {}
+        for split, names in labels.items():
+            unknown = sorted(set(names or ()) - set(index))
+            if unknown:
+                raise ValueError(f"{self.files[split]}: labels {unknown[:5]} do not occur in train_file")
+            out[split] = None if names is None else np.asarray([index[x] for x in names], dtype=np.int64)
+        return out
+
+    def _make(self, split: str, rows: np.ndarray | None) -> Dataset:
+        """The dataset of ``split``'s ``rows`` (all when None)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.files["val"]:
+            self.train_set, self.val_set = self._make("train", None), self._make("val", None)
+        else:
+            labels = self.tables["train"][-1]
+            val_idx, train_idx = _split(self.files["train"], labels, {"val_fraction": self.val_fraction}, self.seed)
+            self.train_set, self.val_set = self._make("train", train_idx), self._make("train", val_idx)
+        self.test_set = self._make("test", None) if self.files["test"] else self.val_set
+        self._predict_set = self._make("predict", None) if self.files["predict"] else self.test_set
+
+    @property
+    def predict_set(self) -> Dataset | None:
+        """``predict_file`` when given, else the test set."""
+        return self._predict_set
+
+
 class _ImageArrayDataset(Dataset):
     """uint8 ``(N, H, W)`` images as normalised ``(1, H, W)`` float tensors; optional flip + shift."""
 
@@ -409,7 +457,7 @@ class WordNetGlossesDataModule(_TextData):
         self._train_texts = train_set.texts
 
 
-class TextFileDataModule(_TextData):
+class TextFileDataModule(_UserFiles, _TextData):
     """Users' own labelled text: ``.csv`` (header row, UTF-8) or ``.jsonl`` files with a text and a label field.
 
     Classes are the sorted distinct labels of ``train_file``; a trained ``tokenizer`` learns from its
@@ -443,34 +491,20 @@ class TextFileDataModule(_TextData):
             split: read_text_table(path, text_field, label_field, require_labels=split != "predict")
             for split, path in self.files.items() if path
         }
-        self.classes = sorted(set(tables["train"][1]))
-        index = {c: i for i, c in enumerate(self.classes)}
-        self.encoded: dict[str, tuple[list[str], np.ndarray | None]] = {}
-        for split, (texts, labels) in tables.items():
-            unknown = sorted(set(labels or ()) - set(index))
-            if unknown:
-                raise ValueError(f"{self.files[split]}: labels {unknown[:5]} do not occur in train_file")
-            self.encoded[split] = (texts, None if labels is None else np.asarray([index[x] for x in labels], dtype=np.int64))
+        labels = self._index_labels({split: table[1] for split, table in tables.items()})
+        self.tables = {split: (table[0], labels[split]) for split, table in tables.items()}
         self.val_fraction, self.seed = val_fraction, seed
         self._predict_set: Dataset | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        texts, labels = self.encoded["train"]
-        make = lambda t, y: self._dataset(t, None if y is None else y.tolist())  # noqa: E731
-        if "val" in self.encoded:
-            self.train_set, self.val_set = make(texts, labels), make(*self.encoded["val"])
-        else:
-            val_idx, train_idx = _split(self.files["train"], labels, {"val_fraction": self.val_fraction}, self.seed)
-            self.train_set = make([texts[i] for i in train_idx], labels[train_idx])
-            self.val_set = make([texts[i] for i in val_idx], labels[val_idx])
-        self.test_set = make(*self.encoded["test"]) if "test" in self.encoded else self.val_set
-        self._predict_set = make(*self.encoded["predict"]) if "predict" in self.encoded else self.test_set
-        self._train_texts = self.train_set.texts
+    def _make(self, split: str, rows: np.ndarray | None) -> _TextDataset:
+        texts, labels = self.tables[split]
+        if rows is not None:
+            texts, labels = [texts[i] for i in rows], labels[rows]
+        return self._dataset(texts, None if labels is None else labels.tolist())
 
-    @property
-    def predict_set(self) -> Dataset | None:
-        """``predict_file`` when given, else the test set."""
-        return self._predict_set
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self._train_texts = self.train_set.texts
 
 
 class _SequenceDataset(Dataset):
@@ -503,7 +537,7 @@ def _class_order(label: str) -> tuple[int, int | str]:
     return (0, int(label)) if label.lstrip("-").isdigit() else (1, label)
 
 
-class SequenceFileDataModule(_ClassificationData):
+class SequenceFileDataModule(_UserFiles, _ClassificationData):
     """Users' own numeric sequences of varying length (time series, audio frames, sensor readings).
 
     Each file is an ``.npz`` (or a folder of ``.npy`` files) with ``features`` ``(M, N, C)`` padded to
@@ -516,6 +550,7 @@ class SequenceFileDataModule(_ClassificationData):
     """
 
     collate_fn = staticmethod(_collate_sequences)
+    _class_order = staticmethod(_class_order)
 
     def __init__(
             self,
@@ -541,36 +576,17 @@ class SequenceFileDataModule(_ClassificationData):
             raise ValueError(f"the files disagree on the features per step: {widths}")
         self.in_features = widths["train"]
         self.max_length = max(int(a[1].max()) for a in arrays.values())
-        self.classes = sorted(set(arrays["train"][2]), key=_class_order)
-        index = {c: i for i, c in enumerate(self.classes)}
-        self.arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
-        for split, (features, lengths, labels) in arrays.items():
-            unknown = sorted(set(labels or ()) - set(index))
-            if unknown:
-                raise ValueError(f"{self.files[split]}: labels {unknown[:5]} do not occur in train_file")
-            self.arrays[split] = (features, lengths, None if labels is None else np.asarray([index[x] for x in labels]))
-        features, lengths, _ = self.arrays["train"]
+        labels = self._index_labels({split: a[2] for split, a in arrays.items()})
+        self.tables = {split: (a[0], a[1], labels[split]) for split, a in arrays.items()}
+        features, lengths, _ = self.tables["train"]
         real = features[np.arange(features.shape[1])[None, :] < lengths[:, None]]  # (steps, C)
         self.mean = real.mean(0) if standardize else np.zeros(self.in_features, np.float32)
         self.std = np.maximum(real.std(0), 1e-6) if standardize else np.ones(self.in_features, np.float32)
         self.val_fraction, self.seed = val_fraction, seed
         self._predict_set: Dataset | None = None
 
-    def _dataset(self, features: np.ndarray, lengths: np.ndarray, labels: np.ndarray | None) -> _SequenceDataset:
+    def _make(self, split: str, rows: np.ndarray | None) -> _SequenceDataset:
+        features, lengths, labels = self.tables[split]
+        if rows is not None:
+            features, lengths, labels = features[rows], lengths[rows], labels[rows]
         return _SequenceDataset(features, lengths, None if labels is None else labels.tolist(), self.mean, self.std)
-
-    def setup(self, stage: str | None = None) -> None:
-        features, lengths, labels = self.arrays["train"]
-        if "val" in self.arrays:
-            self.train_set, self.val_set = self._dataset(features, lengths, labels), self._dataset(*self.arrays["val"])
-        else:
-            val_idx, train_idx = _split(self.files["train"], labels, {"val_fraction": self.val_fraction}, self.seed)
-            self.train_set = self._dataset(features[train_idx], lengths[train_idx], labels[train_idx])
-            self.val_set = self._dataset(features[val_idx], lengths[val_idx], labels[val_idx])
-        self.test_set = self._dataset(*self.arrays["test"]) if "test" in self.arrays else self.val_set
-        self._predict_set = self._dataset(*self.arrays["predict"]) if "predict" in self.arrays else self.test_set
-
-    @property
-    def predict_set(self) -> Dataset | None:
-        """``predict_file`` when given, else the test set."""
-        return self._predict_set
