@@ -1,4 +1,5 @@
-"""Callbacks: write the predictions of ``muse-lightning predict`` to a CSV file."""
+"""Callbacks: write the predictions of ``muse-lightning predict`` to a CSV file; count a batch's samples for
+Lightning's ``ThroughputMonitor`` (``configs/throughput.yaml``)."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +12,13 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["PredictionWriter"]
+__all__ = ["PredictionWriter", "batch_size"]
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in a batch of the package's data modules (a dict with ``labels``, or a pair)."""
+    labels = batch["labels"] if isinstance(batch, dict) else batch[1]
+    return len(labels)
 
 
 class PredictionWriter(BasePredictionWriter):

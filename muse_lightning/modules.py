@@ -17,6 +17,9 @@ import lightning as L
 import numpy as np
 import timm
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities.throughput import measure_flops
+from timm.data import resolve_model_data_config
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
@@ -67,6 +70,26 @@ class ClassifierModule(L.LightningModule):
         self.train_metrics.persistent(True)
         self.train_loss.persistent(True)
         self._rng_states: dict[str, Any] | None = None
+        self._flops_per_sample: int | None = None
+
+    @property
+    def flops_per_batch(self) -> int:
+        """Training FLOPs (forward and backward) of one batch of the data module's ``batch_size``, what Lightning's
+        ``ThroughputMonitor`` reads to report FLOP/s and MFU. Counted once, by ``measure_flops`` on a meta-device
+        twin of the model (no memory, no compute, the real weights untouched) with ``example_input_array``; for
+        sequences that is ``max_length`` steps, an upper bound on a padded batch."""
+        if self._flops_per_sample is None:
+            hparams = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # the CLI's own entries out
+            if "pretrained" in hparams:
+                hparams["pretrained"] = False  # the architecture is all that counts
+            # The monitor asks from inside Lightning's no-grad / inference-mode loops: count with autograd on.
+            with torch.inference_mode(False), torch.enable_grad():
+                with torch.device("meta"):
+                    twin = type(self)(**hparams)
+                example = move_data_to_device(self.example_input_array, "meta")
+                self._flops_per_sample = measure_flops(twin, lambda: twin(*example), loss_fn=torch.Tensor.sum)
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        return self._flops_per_sample * getattr(datamodule, "batch_size", 1)
 
     def forward(self, inputs: Any) -> torch.Tensor:
         """Logits for a batch's inputs: a tensor, or a dict of the model's keyword arguments."""
@@ -238,6 +261,8 @@ class ImageClassifier(ClassifierModule):
             swap.swap_attention(self.model, **(mixer_kwargs or {}))
         elif mixer_kwargs:
             raise ValueError("mixer_kwargs is only used with swap_attention=True")
+        # One input of the model's own size: the model summary shows shapes and FLOPs.
+        self.example_input_array = (torch.zeros(1, *resolve_model_data_config(self.model)["input_size"]),)
 
 
 class TextClassifier(ClassifierModule):
@@ -281,9 +306,10 @@ class TextClassifier(ClassifierModule):
         self.save_hyperparameters()
         self.model = MUSETextNet(
             num_classes, vocab_size=vocab_size, max_length=max_length, pad_id=pad_id, dim=dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel, drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj,
+            parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
         )
+        self.example_input_array = ({"input_ids": torch.ones(1, max_length, dtype=torch.long)},)
 
 
 class SequenceClassifier(ClassifierModule):
@@ -328,3 +354,4 @@ class SequenceClassifier(ClassifierModule):
             mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel,
             drop_rate=drop_rate, drop_path_rate=drop_path_rate,
         )
+        self.example_input_array = ({"features": torch.zeros(1, max_length, in_features)},)

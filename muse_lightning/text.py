@@ -117,7 +117,7 @@ class MUSETextNet(_MUSEEncoderNet):
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a (B, N) long tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
         self._check_length(input_ids.shape[1])
-        if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+        if not torch.compiler.is_compiling() and input_ids.device.type != "meta":  # data-dependent: eager, real ids
             vocab_size = self.embed.num_embeddings
             outside = (input_ids < 0) | (input_ids >= vocab_size)
             if outside.any():

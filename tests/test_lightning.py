@@ -9,7 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from muse_lightning import FashionMNISTDataModule, ImageClassifier, TextClassifier, WordNetGlossesDataModule
+from muse_lightning import (
+    FashionMNISTDataModule, ImageClassifier, SequenceClassifier, TextClassifier, WordNetGlossesDataModule,
+)
 from muse_lightning.cli import main
 from muse_lightning.compare import last_metrics
 from muse_lightning.text import MUSETextNet
@@ -50,7 +52,7 @@ def test_shipped_config_fits_tests_and_predicts_under_its_default_root_dir(tmp_p
     assert list(fit_logs.glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("overlay", ["gpu.yaml", "ddp.yaml", "multinode.yaml", "compiled.yaml"])
+@pytest.mark.parametrize("overlay", ["gpu.yaml", "ddp.yaml", "multinode.yaml", "compiled.yaml", "throughput.yaml"])
 def test_overlay_configs_parse_on_top_of_the_quickstart(overlay, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / overlay), "--print_config"])
@@ -226,3 +228,27 @@ def test_text_files_recipe_fits_then_predicts_unlabelled_text_beside_its_texts(t
     assert [r["text"] for r in predicted] == ["what a lovely film", "so dull"]
     assert all(r["prediction"] in words and 0.5 <= float(r["probability"]) <= 1.0 for r in predicted)
 
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ImageClassifier(model_kwargs=SMALL_VIT),
+    lambda: TextClassifier(max_length=32, dim=32, depth=1, num_heads=2),
+    lambda: SequenceClassifier(in_features=3, max_length=20, dim=32, depth=1, num_heads=2),
+], ids=["image", "text", "sequence"])
+def test_modules_show_their_flops_and_count_a_training_batchs(make):
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    module = make()
+    forward = ModelSummary(module).total_flops  # from example_input_array: one sample
+    assert forward > 0
+    assert module.flops_per_batch > 2 * forward  # forward and backward, batch of 1 without a trainer
+    assert all(p.device.type == "cpu" and p.grad is None for p in module.parameters())  # counted on a meta twin
+
+
+def test_throughput_overlay_logs_samples_and_flops_per_second(tmp_path):
+    # Rates are rolling averages over 50 batches, logged every 20 steps: the first at step 60.
+    main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "throughput.yaml"),
+          "--model.init_args.model_kwargs", str(SMALL_VIT), "--trainer.max_steps", "60", "--trainer.limit_val_batches", "1",
+          "--trainer.default_root_dir", str(tmp_path)])
+    metrics = last_metrics(tmp_path / "logs")
+    assert metrics["train/device/samples_per_sec"] > 0 and metrics["train/device/flops_per_sec"] > 0
