@@ -182,44 +182,57 @@ def measure_mixers(
                     }
 
 
+# Model size -> (timm's ViT at 224 px, the MUSE twin, width, heads).
+MODEL_SIZES: dict[str, tuple[str, str, int, int]] = {
+    "small": ("vit_small_patch16_224", "muse_vit_small_patch16_224", 384, 6),
+    "base": ("vit_base_patch16_224", "muse_vit_base_patch16_224", 768, 12),
+}
+
+
 def measure_models(
         modes: list[str], device: str, batch: int, depth: int, rounds: int, warmup: int,
+        sizes: list[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Training-step throughput (forward, backward, AdamW step) of MUSE ViT-S/16 against timm's ViT-S/16."""
+    """Training-step throughput (forward, backward, AdamW step) of MUSE ViTs against timm's ViT of each size.
+
+    Both pool the patch tokens (timm's with ``class_token=False, global_pool="avg"``, as its ``*_gap``
+    models and the MUSE ViTs do), so the heads do the same work.
+    """
     import timm
 
     from . import vit  # noqa: F401  (registers muse_vit_*)
 
     dtype = "bf16" if device == "cuda" else "fp32"
-    names = {"timm vit_small_patch16_224": "vit_small_patch16_224",
-             "muse_vit_small_patch16_224": "muse_vit_small_patch16_224"}
     images = torch.randn(batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    for mode in modes:
-        torch._dynamo.reset()
-        steps = {}
-        for label, name in names.items():
-            torch.manual_seed(0)
-            model = timm.create_model(name, depth=depth).to(device)
-            fn = _prepare(model, mode)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for size in sizes or ["small"]:
+        timm_name, muse_name, dim, heads = MODEL_SIZES[size]
+        baseline = f"timm {timm_name}"
+        for mode in modes:
+            torch._dynamo.reset()
+            steps = {}
+            for label, name in ((baseline, timm_name), (muse_name, muse_name)):
+                torch.manual_seed(0)
+                model = timm.create_model(name, depth=depth, class_token=False, global_pool="avg").to(device)
+                fn = _prepare(model, mode)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-            def step(fn: Callable[..., Any] = fn, opt: torch.optim.Optimizer = opt) -> None:
-                opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(fn(images).float(), labels).backward()
-                opt.step()
-            steps[label] = step
-        with _autocast(device):
-            medians = _time_rounds(steps, rounds, warmup, device)
-            peaks = {name: _peak_memory_mb(step, device) for name, step in steps.items()}
-        for label in steps:
-            yield {
-                "level": "model", "impl": label, "mode": mode, "pass": "train step", "shape": f"depth {depth}",
-                "batch": batch, "seq_len": 197, "dim": 384, "num_heads": 6, "device": device, "dtype": dtype,
-                "ms_median": medians[label], "images_per_s": batch / medians[label] * 1e3,
-                "tokens_per_s": batch * 197 / medians[label] * 1e3, "peak_mem_mb": peaks[label],
-                "ratio": medians[label] / medians["timm vit_small_patch16_224"],
-            }
+                def step(fn: Callable[..., Any] = fn, opt: torch.optim.Optimizer = opt) -> None:
+                    opt.zero_grad(set_to_none=True)
+                    nn.functional.cross_entropy(fn(images).float(), labels).backward()
+                    opt.step()
+                steps[label] = step
+            with _autocast(device):
+                medians = _time_rounds(steps, rounds, warmup, device)
+                peaks = {name: _peak_memory_mb(step, device) for name, step in steps.items()}
+            for label in steps:
+                yield {
+                    "level": "model", "impl": label, "mode": mode, "pass": "train step", "shape": f"{size}, depth {depth}",
+                    "batch": batch, "seq_len": 196, "dim": dim, "num_heads": heads, "device": device, "dtype": dtype,
+                    "ms_median": medians[label], "images_per_s": batch / medians[label] * 1e3,
+                    "tokens_per_s": batch * 196 / medians[label] * 1e3, "peak_mem_mb": peaks[label],
+                    "ratio": medians[label] / medians[baseline],
+                }
 
 
 def _table(records: list[dict[str, Any]]) -> str:
@@ -269,13 +282,14 @@ def main(
         modes: list[Mode] | None = None,
         passes: list[Pass] | None = None,
         models: bool = True,
+        model_sizes: list[Literal["small", "base"]] | None = None,
         seed_design: bool = False,
         rounds: int | None = None,
         warmup: int = 2,
         out: str | None = None,
         plot: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Benchmark token mixers (and, with ``models``, whole ViT-S/16 training steps); print a table.
+    """Benchmark token mixers (and, with ``models``, whole ViT training steps); print a table.
 
     Args:
         preset: Shapes: ``vit`` (ViT-Ti/S/B at 224 px), ``vit-s`` (ViT-S/16 only), ``text``
@@ -286,7 +300,8 @@ def main(
         modes: ``eager``, ``compiled`` (``torch.compile``), ``max-autotune``; default eager and
             compiled, plus max-autotune on CUDA.
         passes: ``fwd`` (no grad) and/or ``fwd+bwd``; default both.
-        models: Also time training steps of muse_vit_small_patch16_224 and vit_small_patch16_224.
+        models: Also time training steps of the MUSE ViTs against timm's ViTs of the same size (``model_sizes``).
+        model_sizes: ``small`` (ViT-S/16) and / or ``base`` (ViT-B/16); default ViT-S, and ViT-B too on CUDA.
         seed_design: Also time the seed's design (``muse_lightning.seed``), as shipped (attention
             dropout 0.1, active in the fwd+bwd pass) and with dropout 0.
         rounds: Timed rounds per measurement (default 10, 5 with ``quick``); the median is reported.
@@ -306,9 +321,10 @@ def main(
     records = list(measure_mixers(shapes, modes, passes, device, rounds, warmup, seed_design))
     if models and preset not in ("tiny", "vit-s"):
         batch = 4 if quick else (32 if device == "cpu" else 128)
-        records += list(measure_models(modes, device, batch, 2 if quick else 12, rounds, warmup))
+        sizes = model_sizes or (["small", "base"] if device == "cuda" and not quick else ["small"])
+        records += list(measure_models(modes, device, batch, 2 if quick else 12, rounds, warmup, sizes))
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}; ratio = ms / timm's "
-          "(Attention at mixer level, ViT-S/16 at model level), same shape, mode and pass")
+          "(Attention at mixer level, the ViT of the same size at model level), same shape, mode and pass")
     print(_table(records))
     if out:
         with open(out, "w") as f:

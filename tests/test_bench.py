@@ -32,3 +32,14 @@ def test_bench_peak_memory_sees_the_attention_matrix():
     peak = {r["impl"]: r["peak_mem_mb"] for r in records}
     assert peak["plain attention (N x N)"] > 2 * peak["timm Attention"]
     assert peak["MUSE static 1-D"] < peak["plain attention (N x N)"]
+
+
+def test_model_rows_pair_each_muse_vit_with_timms_vit_of_its_size():
+    from muse_lightning.bench import measure_models
+
+    records = list(measure_models(["eager"], "cpu", batch=1, depth=1, rounds=1, warmup=0, sizes=["small", "base"]))
+    assert [(r["impl"], r["dim"]) for r in records] == [
+        ("timm vit_small_patch16_224", 384), ("muse_vit_small_patch16_224", 384),
+        ("timm vit_base_patch16_224", 768), ("muse_vit_base_patch16_224", 768),
+    ]
+    assert [r["ratio"] for r in records][::2] == [1.0, 1.0] and all(r["images_per_s"] > 0 for r in records)
