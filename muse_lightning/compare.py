@@ -52,7 +52,7 @@ def _vit_kwargs(**changes: Any) -> list[str]:
 
 _CONVSTEM = ["--model.init_args.model_name", "muse_vit_tiny_convstem_28"]
 _BPE = ["--data.init_args.tokenizer", "bpe"]
-TFIDF_CS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
+TFIDF_CS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0)
 
 # Variant name -> (config, extra CLI arguments), per task. muse-k3 / muse-k1357: kernel sizes (3,)
 # and (1, 3, 5, 7) instead of (1, 3, 5); muse-1d: 1-D layout over the flattened patches;
@@ -151,8 +151,9 @@ def _fit_and_test(config: str, overlay: str | None, overrides: list[str], seed: 
 
 def tfidf_logreg(config: str, overlay: str | None) -> dict[str, Any]:
     """The linear text baseline on the config's own split: TF-IDF of word 1-2 grams (sublinear tf) and
-    logistic regression, its ``C`` picked on the validation set from ``TFIDF_CS`` (a sweep as wide as the
-    learning-rate sweep of the neural arms). Needs scikit-learn (the ``dev`` extra)."""
+    logistic regression, its ``C`` picked on the validation set from ``TFIDF_CS`` (as many values as the
+    neural arms' learning-rate sweep has, and one more above the first pick, 64, which was the grid's
+    top). Needs scikit-learn (the ``dev`` extra)."""
     try:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -232,13 +233,28 @@ def table(results: Path) -> str:
     Times compare like with like when runs were made on different machines (processor and thread
     count, as recorded): ``train time`` is the median over the runs made on the machine that made
     most of the row's runs (the earliest seed's on a tie), and ``x attention`` the median over seeds
-    of a run's time over that of the ``attention`` run with the same task, data and seed on the same
-    machine, blank where no run has such a twin. A sweep's runs (with an ``lr``) are left to ``tuning_table``.
+    of a run's time over that of its attention twin (for a MUSE variant the attention arm of the same
+    variant, such as ``attention-bpe`` for ``muse-bpe``, where recorded, else ``attention``) with the same
+    task, data and seed on the same machine, blank where no run has such a twin (and for baselines). A sweep's runs (with an ``lr``) are left to ``tuning_table``.
     """
     records = _records(results, swept=False)
     machine = lambda r: (r.get("cpu"), r["threads"])  # noqa: E731
-    twin = lambda r: (r["task"], r["data"], r["seed"], machine(r))  # noqa: E731
-    attention_seconds = {twin(r): r["train_seconds"] for r in records if r["variant"] == "attention"}
+    run_key = lambda r, variant: (r["task"], r["data"], variant, r["seed"], machine(r))  # noqa: E731
+    seconds_of = {run_key(r, r["variant"]): r["train_seconds"] for r in records}
+
+    def attention_seconds(r: dict[str, Any]) -> float | None:
+        """The train time of ``r``'s attention twin (same task, data, seed and machine): an attention arm is its
+        own; a MUSE variant's is the attention arm of that variant (attention-bpe for muse-bpe) where
+        recorded, else plain attention; a baseline has none."""
+        variant = r["variant"]
+        if variant.startswith("attention"):
+            twins = [variant]
+        elif variant.startswith("muse"):
+            twins = ["attention" + variant.removeprefix("muse"), "attention"]
+        else:
+            twins = []
+        return next((seconds_of[run_key(r, t)] for t in twins if run_key(r, t) in seconds_of), None)
+
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["task"], r["data"], r["variant"]), []).append(r)
@@ -249,7 +265,7 @@ def table(results: Path) -> str:
         f1 = [100 * r["test_f1_macro"] for r in rs]
         home = statistics.mode(machine(r) for r in sorted(rs, key=lambda r: r["seed"]))
         seconds = statistics.median(r["train_seconds"] for r in rs if machine(r) == home)
-        ratios = [r["train_seconds"] / attention_seconds[twin(r)] for r in rs if twin(r) in attention_seconds]
+        ratios = [r["train_seconds"] / attention_seconds(r) for r in rs if attention_seconds(r) is not None]
         ratio = f"{statistics.median(ratios):.2f}" if ratios else ""
         lines.append(
             f"| {task} | {data} | {variant} | {len(rs)} | {_mean_std(acc)} | {statistics.mean(f1):.2f} | "

@@ -34,8 +34,8 @@ def test_compare_records_runs_skips_recorded_ones_and_tabulates(tmp_path, capsys
     assert rows[3].endswith(" | 1.00 |")  # attention is its own time baseline
 
 
-def _record(results, variant, seed, seconds, cpu):
-    record = dict(task="vision", data="embedded", variant=variant, seed=seed, test_acc=0.8, test_f1_macro=0.8,
+def _record(results, variant, seed, seconds, cpu, task="vision"):
+    record = dict(task=task, data="embedded", variant=variant, seed=seed, test_acc=0.8, test_f1_macro=0.8,
                   params=1000, train_seconds=seconds, threads=2, cpu=cpu)
     (results / f"{variant}__seed{seed}.json").write_text(json.dumps(record))
 
@@ -51,6 +51,16 @@ def test_time_ratio_pairs_each_run_with_attention_of_its_seed_on_its_machine(tmp
     assert rows["muse"].endswith(" | 115 | 1.15 |")  # seconds: the fast machine's two runs; ratios 1.1 and 1.2
     assert rows["attention"].endswith(" | 100 | 1.00 |")  # a tie between machines: the earliest seed's
     assert rows["muse-k3"].endswith(" | 150 |  |")
+
+
+def test_a_variants_time_ratio_takes_the_attention_arm_of_that_variant(tmp_path):
+    _record(tmp_path, "attention", 0, 100.0, "cpu", task="text")
+    _record(tmp_path, "attention-bpe", 0, 50.0, "cpu", task="text")
+    _record(tmp_path, "muse-bpe", 0, 60.0, "cpu", task="text")  # its twin is attention-bpe, not attention
+    _record(tmp_path, "muse-k3", 0, 130.0, "cpu", task="text")  # no attention-k3: plain attention
+    rows = {row.split(" | ")[2]: row for row in table(tmp_path).splitlines()[2:]}
+    assert rows["muse-bpe"].endswith(" | 1.20 |") and rows["attention-bpe"].endswith(" | 1.00 |")
+    assert rows["muse-k3"].endswith(" | 1.30 |")
 
 
 def test_full_data_runs_add_the_overlay_config_and_are_recorded_apart(tmp_path, monkeypatch):
