@@ -355,12 +355,10 @@ class _TextData(_ClassificationData):
 
     def __init__(self, max_length: int, batch_size: int, num_workers: int, tokenizer: str, vocab_size: int) -> None:
         super().__init__(batch_size, num_workers)
-        if tokenizer in TRAINED_KINDS and vocab_size < 3:
-            raise ValueError(f"vocab_size must be at least 3 (padding, unknown and one token), got {vocab_size}")
         self.max_length = max_length
         self.tokenizer_name = tokenizer
         self._vocab_size = vocab_size
-        self._tokenizer = create_tokenizer(tokenizer, max_length)
+        self._tokenizer = create_tokenizer(tokenizer, max_length, vocab_size)
         self._train_texts: list[str] = []
 
     @property

@@ -63,6 +63,11 @@ class ByteTokenizer(_Tokenizer):
         return [b + 1 for b in text.encode("utf-8")[: self.max_length]]
 
 
+def _check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < len(_SPECIALS) + 1:
+        raise ValueError(f"vocab_size must be at least {len(_SPECIALS) + 1} (padding, unknown and one token), got {vocab_size}")
+
+
 def _import_tokenizers():
     try:
         import tokenizers
@@ -93,8 +98,7 @@ class HFTokenizer(_Tokenizer):
         tk = _import_tokenizers()
         if kind not in TRAINED_KINDS:
             raise ValueError(f"kind must be one of {TRAINED_KINDS}, got {kind!r}")
-        if vocab_size < len(_SPECIALS) + 1:
-            raise ValueError(f"vocab_size must be at least {len(_SPECIALS) + 1}, got {vocab_size}")
+        _check_vocab_size(vocab_size)
         model, trainer = {
             "bpe": (tk.models.BPE(unk_token="[UNK]"), tk.trainers.BpeTrainer),
             "wordpiece": (tk.models.WordPiece(unk_token="[UNK]"), tk.trainers.WordPieceTrainer),
@@ -137,13 +141,14 @@ class HFTokenizer(_Tokenizer):
         return self.tokenizer.encode(text).ids
 
 
-def create_tokenizer(tokenizer: str, max_length: int) -> _Tokenizer | None:
+def create_tokenizer(tokenizer: str, max_length: int, vocab_size: int) -> _Tokenizer | None:
     """The tokenizer ``tokenizer`` names: a ``ByteTokenizer``, a loaded ``tokenizer.json``, or None for a
-    vocabulary still to be trained (``"bpe"``, ``"wordpiece"``, ``"unigram"``)."""
+    vocabulary of ``vocab_size`` still to be trained (``"bpe"``, ``"wordpiece"``, ``"unigram"``)."""
     if tokenizer == "byte":
         return ByteTokenizer(max_length)
     if tokenizer in TRAINED_KINDS:
-        _import_tokenizers()  # fail at construction, not after reading the data
+        _check_vocab_size(vocab_size)  # fail at construction, not after reading the data
+        _import_tokenizers()
         return None
     if tokenizer.endswith(".json"):
         return HFTokenizer.from_file(tokenizer, max_length)

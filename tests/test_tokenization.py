@@ -109,3 +109,8 @@ def test_a_trained_vocabulary_is_kept_in_the_checkpoint_and_reused_by_test_and_p
         )
         assert run.returncode == 0, run.stderr[-2000:]
         assert "Trained a bpe vocabulary" not in run.stdout + run.stderr  # reused, not trained again
+
+
+def test_a_vocabulary_too_small_to_hold_padding_and_unknown_is_named_when_the_data_module_is_built():
+    with pytest.raises(ValueError, match=r"vocab_size must be at least 3 \(padding, unknown and one token\), got 2"):
+        WordNetGlossesDataModule(source="embedded", tokenizer="bpe", vocab_size=2)
