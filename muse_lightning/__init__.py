@@ -1,6 +1,8 @@
 """MUSE (parallel multi-scale attention) token mixers for timm and PyTorch Lightning."""
+from .adapters import AttentionAdapter, register_attention_adapter
 from .attention import MUSEAttention
 from .block import MUSEBlock
+from .branch import MUSEBranch, TokenLayout
 from .conv import MultiScaleDepthwiseConv, MultiScaleDynamicConv
 from .datamodules import (
     FashionMNISTDataModule, ImageFolderDataModule, ResumableSampler, SequenceFileDataModule, TextFileDataModule,
@@ -8,12 +10,12 @@ from .datamodules import (
 )
 from .modules import ClassifierModule, ImageClassifier, SequenceClassifier, TextClassifier
 from .swap import swap_attention
-from .vit import track_token_layout  # importing registers the muse_vit_* models with timm
+from .vit import MUSEVisionTransformer  # importing registers the muse_vit_* models with timm
 
 __all__ = [
-    "ClassifierModule", "FashionMNISTDataModule", "ImageClassifier", "ImageFolderDataModule", "MUSEAttention",
-    "MUSEBlock", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "ResumableSampler", "SequenceClassifier",
-    "SequenceFileDataModule", "TextClassifier", "TextFileDataModule", "WordNetGlossesDataModule", "swap_attention",
-    "track_token_layout",
+    "AttentionAdapter", "ClassifierModule", "FashionMNISTDataModule", "ImageClassifier", "ImageFolderDataModule",
+    "MUSEAttention", "MUSEBlock", "MUSEBranch", "MUSEVisionTransformer", "MultiScaleDepthwiseConv",
+    "MultiScaleDynamicConv", "ResumableSampler", "SequenceClassifier", "SequenceFileDataModule", "TextClassifier",
+    "TextFileDataModule", "TokenLayout", "WordNetGlossesDataModule", "register_attention_adapter", "swap_attention",
 ]
 __version__ = "0.1.0"

@@ -1,7 +1,6 @@
 """MUSE token mixer: self-attention and a multi-scale convolution over one shared value projection."""
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Final, Literal
 
@@ -10,12 +9,13 @@ import torch.nn.functional as F
 from timm.layers import use_fused_attn
 from torch import nn
 
-from .conv import ConvLayout, ConvType, create_conv
+from ._fx import is_tracing
+from .branch import _NO_SCRIPT, TokenConv, TokenLayout
+from .conv import ConvLayout, ConvType
 
 __all__ = ["ConvProj", "MUSEAttention"]
 
 ConvProj = Literal["separate", "shared", "per_kernel"]
-CONV_PROJS: tuple[str, ...] = ("separate", "shared", "per_kernel")
 
 
 def _restrict(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,7 @@ def _restrict(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(~allowed, float("-inf"))
 
 
-class MUSEAttention(nn.Module):
+class MUSEAttention(TokenConv, nn.Module):
     """MUSE parallel multi-scale attention, a drop-in for timm's ``Attention``.
 
     ``y = proj(Attention(q, k, v)) + conv_proj(Conv(v))`` where ``v`` is the one value projection
@@ -89,7 +89,7 @@ class MUSEAttention(nn.Module):
             num_prefix_tokens: Leading tokens (class, registers) that go through attention only:
                 the convolution neither reads nor writes them.
             grid_size: Default ``(H, W)`` token grid of the 2-D layout; ``forward(grid_size=...)``
-                overrides it, and a square grid is inferred when neither fits the token count.
+                overrides it; with neither, a square grid is inferred. Tokens that do not fill the grid are an error.
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -105,22 +105,11 @@ class MUSEAttention(nn.Module):
         for name, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p!r}")
-        if conv_proj not in CONV_PROJS:
-            raise ValueError(f"conv_proj must be one of {CONV_PROJS}, got {conv_proj!r}")
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
-        if grid_size is not None and (len(grid_size) != 2 or min(grid_size) < 1):
-            raise ValueError(f"grid_size must be (H, W) of positive ints, got {grid_size!r}")
 
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = attn_head_dim
         self.attn_dim = num_heads * attn_head_dim
-        self.conv_type = conv_type
-        self.conv_proj_mode = conv_proj
-        self.conv_layout = conv_layout
-        self.num_prefix_tokens = num_prefix_tokens
-        self.grid_size = None if grid_size is None else (int(grid_size[0]), int(grid_size[1]))
         self.fused_attn = use_fused_attn()
         dim_out = dim_out or dim
 
@@ -132,12 +121,10 @@ class MUSEAttention(nn.Module):
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.conv = create_conv(conv_type, self.attn_dim, num_heads, kernel_sizes, conv_layout, **dd)
-        self.kernel_sizes = self.conv.kernel_sizes if self.conv is not None else ()
-        conv_proj_in = {"separate": self.attn_dim, "shared": 0, "per_kernel": self.attn_dim * len(self.kernel_sizes)}
-        if self.conv is None:
-            conv_proj_in = {conv_proj: 0}
-        self.conv_proj = nn.Linear(conv_proj_in[conv_proj], dim_out, bias=False, **dd) if conv_proj_in[conv_proj] else None
+        self._build_conv(
+            self.attn_dim, dim_out, num_heads, kernel_sizes, conv_type, conv_proj,
+            TokenLayout(conv_layout, num_prefix_tokens, grid_size), dd,
+        )
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -165,7 +152,7 @@ class MUSEAttention(nn.Module):
             attn_mask: Attention-only mask broadcastable to ``(B, num_heads, N, N)``: bool
                 (``True`` = may attend) or additive float. The convolution does not read it: give
                 padding as ``key_padding_mask``.
-            is_causal: Make attention and convolution causal.
+            is_causal: Make attention and convolution causal (in a ``torch.fx`` graph, attention only).
             key_padding_mask: Bool ``(B, N)``, ``True`` marks padding (``nn.MultiheadAttention``'s
                 convention). Padding is excluded from attention, never read by the convolution, and
                 its output is zero.
@@ -179,9 +166,12 @@ class MUSEAttention(nn.Module):
         values = v.reshape(B, N, self.attn_dim)  # shared by both branches
         q, k, v = self.q_norm(q.transpose(1, 2)), self.k_norm(k.transpose(1, 2)), v.transpose(1, 2)
 
-        mask = self._attention_mask(attn_mask, key_padding_mask, is_causal, N, q)
-        causal_attn = is_causal and mask is None
-        if self.fused_attn:
+        if is_tracing():  # FX: the masks are graph inputs, handed to SDPA as they come (as timm's Attention)
+            mask, causal_attn = attn_mask, is_causal
+        else:
+            mask = self._attention_mask(attn_mask, key_padding_mask, is_causal, N, q)
+            causal_attn = is_causal and mask is None
+        if self.fused_attn or is_tracing():
             attn = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=causal_attn,
             )
@@ -199,57 +189,19 @@ class MUSEAttention(nn.Module):
         if self.conv is None:
             out = self.proj(attn)
         else:
-            out = self._mix_conv(attn, values, key_padding_mask, conv_kwargs)
+            out = self._mix_conv(attn, values, self.proj, key_padding_mask, conv_kwargs)
         if key_padding_mask is not None:
             out = out.masked_fill(key_padding_mask[..., None], 0.0)
         return self.proj_drop(out)
 
-    def _mix_conv(
-            self, attn: torch.Tensor, values: torch.Tensor, key_padding_mask: torch.Tensor | None, conv_kwargs: dict,
-    ) -> torch.Tensor:
-        """Projected attention output plus the convolution branch on the shared ``values``."""
-        if key_padding_mask is not None:
-            values = values.masked_fill(key_padding_mask[..., None], 0.0)
-        values = values[:, self.num_prefix_tokens:]
-        if self.conv_proj_mode == "per_kernel":
-            conv = self.conv.forward_per_kernel(values, **conv_kwargs).flatten(2)
-        else:
-            conv = self.conv(values, **conv_kwargs)
-        if self.num_prefix_tokens:
-            conv = F.pad(conv, (0, 0, self.num_prefix_tokens, 0))  # prefix tokens: attention only
-        if self.conv_proj_mode == "shared":
-            return self.proj(attn + conv)
-        return self.proj(attn) + self.conv_proj(conv)
-
-    def _conv_kwargs(self, seq_len: int, is_causal: bool, grid_size: tuple[int, int] | None) -> dict:
-        """The convolution's arguments: ``is_causal`` for 1-D, the resolved ``grid_size`` for 2-D."""
-        num_tokens = seq_len - self.num_prefix_tokens
-        if num_tokens < 1:
-            raise ValueError(f"x has {seq_len} tokens, not more than num_prefix_tokens={self.num_prefix_tokens}")
-        if self.conv_layout == "1d":
-            return {"is_causal": is_causal}
-        if is_causal:
-            raise ValueError("is_causal=True is not defined for conv_layout='2d'")
-        if grid_size is not None:
-            if len(grid_size) != 2 or min(grid_size) < 1 or grid_size[0] * grid_size[1] != num_tokens:
-                raise ValueError(
-                    f"grid_size must be (H, W) of positive ints with H * W = {num_tokens} (tokens after "
-                    f"{self.num_prefix_tokens} prefix tokens), got {tuple(grid_size)}"
-                )
-            return {"grid_size": (grid_size[0], grid_size[1])}
-        if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == num_tokens:
-            return {"grid_size": self.grid_size}
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(
-                f"cannot infer the token grid of {num_tokens} tokens (after {self.num_prefix_tokens} prefix tokens): "
-                "pass grid_size=(H, W)"
-            )
-        return {"grid_size": (side, side)}
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise NotImplementedError(_NO_SCRIPT)
 
     def _check_inputs(
             self, x: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
     ) -> torch.Size:
+        if is_tracing():
+            return x.shape
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._fx import is_tracing
+
 __all__ = [
     "ConvLayout", "ConvType", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "check_kernel_sizes", "create_conv",
 ]
@@ -53,16 +55,21 @@ def _tap_padding(size: int, width: int, is_causal: bool) -> tuple[int, int]:
 
 
 def _gated_kernel(
-        kernels: Sequence[torch.Tensor], gate: torch.Tensor | None, is_causal: bool, spatial_dims: int = 1,
+        kernels: Sequence[torch.Tensor],
+        sizes: Sequence[int],
+        gate: torch.Tensor | None,
+        is_causal: bool,
+        spatial_dims: int = 1,
 ) -> torch.Tensor:
     """Collapse kernels ``(..., k_i)`` (or ``(..., k_i, k_i)``) weighted by ``softmax(gate)`` into one
     kernel of the largest size."""
     if gate is None:
         return kernels[0]
     weights = gate.softmax(0)
-    width = max(k.shape[-1] for k in kernels)
+    width = max(sizes)
     return sum(
-        w * F.pad(k, _tap_padding(k.shape[-1], width, is_causal) * spatial_dims) for w, k in zip(weights, kernels)
+        weights[i] * F.pad(k, _tap_padding(size, width, is_causal) * spatial_dims)
+        for i, (k, size) in enumerate(zip(kernels, sizes))
     )
 
 
@@ -120,15 +127,17 @@ class MultiScaleDepthwiseConv(nn.Module):
             self, v: torch.Tensor, is_causal: bool = False, grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Convolve ``v`` of shape ``(B, N, C)``; the 2-D layout needs ``grid_size = (H, W)``, H * W = N."""
-        kernel = _gated_kernel(list(self.weight), self.gate, is_causal, self.spatial_dims)
+        kernel = _gated_kernel(list(self.weight), self.kernel_sizes, self.gate, is_causal, self.spatial_dims)
         bias = self.bias[0] if self.gate is None else self.gate.softmax(0) @ self.bias
-        return self._conv(v, kernel, bias, is_causal, grid_size)
+        return self._conv(v, kernel, bias, max(self.kernel_sizes), is_causal, grid_size)
 
     def forward_per_kernel(
             self, v: torch.Tensor, is_causal: bool = False, grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Gated output of each kernel size, stacked: ``(B, N, len(kernel_sizes), C)``."""
-        outs = [self._conv(v, w, b, is_causal, grid_size) for w, b in zip(self.weight, self.bias)]
+        outs = [
+            self._conv(v, w, b, k, is_causal, grid_size) for w, b, k in zip(self.weight, self.bias, self.kernel_sizes)
+        ]
         out = torch.stack(outs, dim=2)
         return out if self.gate is None else out * self.gate.softmax(0)[:, None]
 
@@ -137,15 +146,15 @@ class MultiScaleDepthwiseConv(nn.Module):
             v: torch.Tensor,
             kernel: torch.Tensor,
             bias: torch.Tensor,
+            width: int,
             is_causal: bool,
             grid_size: tuple[int, int] | None,
     ) -> torch.Tensor:
         B, N, C = v.shape
-        width = kernel.shape[-1]
         if self.layout == "2d":
             if is_causal:
                 raise ValueError("is_causal is not defined for the 2-D convolution layout")
-            if grid_size is None or grid_size[0] * grid_size[1] != N:
+            if not is_tracing() and (grid_size is None or grid_size[0] * grid_size[1] != N):
                 raise ValueError(f"grid_size must be (H, W) with H * W = {N} tokens, got {grid_size}")
             # (B, C, H, W) viewed from (B, H, W, C) is channels-last: no transposes.
             x = v.reshape(B, *grid_size, C).permute(0, 3, 1, 2)
@@ -218,17 +227,18 @@ class MultiScaleDynamicConv(nn.Module):
 
     def forward(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         """Convolve ``v`` of shape ``(B, N, C)`` along N."""
-        return self._conv(v, _gated_kernel(self._kernels(v), self.gate, is_causal), is_causal)
+        kernel = _gated_kernel(self._kernels(v), self.kernel_sizes, self.gate, is_causal)
+        return self._conv(v, kernel, max(self.kernel_sizes), is_causal)
 
     def forward_per_kernel(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         """Gated output of each kernel size, stacked: ``(B, N, len(kernel_sizes), C)``."""
-        out = torch.stack([self._conv(v, k, is_causal) for k in self._kernels(v)], dim=2)
+        kernels = zip(self._kernels(v), self.kernel_sizes)
+        out = torch.stack([self._conv(v, k, size, is_causal) for k, size in kernels], dim=2)
         return out if self.gate is None else out * self.gate.softmax(0)[:, None]
 
-    @staticmethod
-    def _conv(v: torch.Tensor, kernel: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    def _conv(self, v: torch.Tensor, kernel: torch.Tensor, width: int, is_causal: bool) -> torch.Tensor:
         B, N, C = v.shape
-        heads, width = kernel.shape[-2:]
+        heads = self.num_heads
         x = F.pad(v, (0, 0, *_token_padding(width, is_causal))).view(B, N + width - 1, heads, C // heads)
         out = sum(x[:, j:j + N] * kernel[..., j, None] for j in range(width))
         return out.reshape(B, N, C)

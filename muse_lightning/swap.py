@@ -2,54 +2,119 @@
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from typing import Any, Literal, overload
 
-import torch
-from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .adapters import ATTENTION_ADAPTERS, AttentionAdapter
 from .attention import MUSEAttention
-from .vit import track_token_layout
+from .branch import MUSEBranch, ValueTap, attach
+from .vit import MUSEVisionTransformer
 
 __all__ = ["swap_attention"]
 
 _logger = logging.getLogger(__name__)
 
 MIXER_OPTIONS: tuple[str, ...] = ("kernel_sizes", "conv_type", "conv_proj", "conv_layout")
-# Taken from the attention being replaced (its trained weights fix them).
+# Taken from the attention being swapped (its trained weights fix them).
 _FROM_MODEL = (
     "dim", "num_heads", "attn_head_dim", "dim_out", "qkv_bias", "qk_norm", "scale_norm", "proj_bias", "gated",
     "attn_drop", "proj_drop", "norm_layer", "num_prefix_tokens", "grid_size", "device", "dtype",
 )
-
-
-@overload
-def swap_attention(model: nn.Module, *, return_names: Literal[False] = ..., **mixer_kwargs: Any) -> nn.Module: ...
+_ATTENTION_NAME = re.compile(r"Attention|Attn")
 
 
 @overload
 def swap_attention(
-        model: nn.Module, *, return_names: Literal[True], **mixer_kwargs: Any,
+        model: nn.Module, *, return_names: Literal[False] = ..., strict: bool = ..., **mixer_kwargs: Any,
+) -> nn.Module: ...
+
+
+@overload
+def swap_attention(
+        model: nn.Module, *, return_names: Literal[True], strict: bool = ..., **mixer_kwargs: Any,
 ) -> tuple[nn.Module, list[str]]: ...
 
 
 def swap_attention(
-        model: nn.Module, *, return_names: bool = False, **mixer_kwargs: Any,
+        model: nn.Module, *, return_names: bool = False, strict: bool = False, **mixer_kwargs: Any,
 ) -> nn.Module | tuple[nn.Module, list[str]]:
-    """Replace every timm ``Attention`` in ``model`` by a ``MUSEAttention`` computing the same function.
+    """Add MUSE's convolution branch to every attention in ``model`` that has an adapter.
 
-    The query/key/value and output projections (and any q/k norm, scale norm and gate) move into
-    the new mixer as they are; the convolution branch starts silent (its output projection, or with
-    ``conv_proj="shared"`` its kernels, at zero), so the swapped model's outputs equal the
-    original's and fine-tuning starts from its accuracy. ViT-style models (a ``patch_embed`` and
-    ``num_prefix_tokens``: ViT, DeiT, the other ``VisionTransformer`` families) get the 2-D layout
-    by default, their class and register tokens attention-only; other models get the 1-D layout.
+    Each attention keeps its own forward, weights and state_dict keys (RoPE, relative position
+    bias, windows, talking heads stay what they are); its value projection also feeds a
+    ``MUSEBranch`` (registered as ``<attention>.muse``) whose convolution over the attention's
+    token layout is added to the output projection. The branch starts silent (its output
+    projection, or with ``conv_proj="shared"`` its kernels, at zero), so the swapped model computes
+    the same function and fine-tuning starts from its accuracy. Adapters are looked up by exact
+    class in ``ATTENTION_ADAPTERS`` (``register_attention_adapter`` adds one). A timm
+    ``VisionTransformer`` becomes a ``MUSEVisionTransformer``, which follows dynamic image sizes
+    and patch dropout.
+
+    Attentions left alone (pooling and class-attention heads, attention classes without an adapter)
+    are named in a warning; ``strict=True`` makes them an error.
 
     Args:
-        model: A timm model (changed in place and returned).
-        return_names: Also return the names of the swapped modules.
-        mixer_kwargs: MUSE options: ``kernel_sizes``, ``conv_type``, ``conv_proj``, ``conv_layout``.
+        model: A timm model, or a module holding one (changed in place and returned).
+        return_names: Also return the names of the swapped attention modules.
+        strict: Raise instead of warning when an attention is left alone.
+        mixer_kwargs: MUSE options: ``kernel_sizes``, ``conv_type``, ``conv_proj``, ``conv_layout``
+            (default: the adapter's layout, 2-D where the tokens are a grid).
     """
+    _check_options(mixer_kwargs)
+    targets, left = [], []
+    handled: list[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix + ".") for prefix in handled):
+            continue
+        entry = ATTENTION_ADAPTERS.get(type(module))
+        if entry is None and isinstance(module, (MUSEAttention, MUSEBranch)):
+            continue
+        if entry is None:
+            if _looks_like_attention(module):
+                left.append(f"{name} ({type(module).__name__}: no adapter; see register_attention_adapter)")
+                handled.append(name)
+            continue
+        handled.append(name)
+        if isinstance(entry, str):
+            left.append(f"{name} ({type(module).__name__}: {entry})")
+        else:
+            targets.append((name, module, entry))
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} has no attention module that swap_attention has an adapter for"
+            + (f"; left alone: {left}" if left else "")
+        )
+    if left:
+        message = f"swap_attention left {len(left)} attention modules without MUSE: " + "; ".join(left)
+        if strict:
+            raise ValueError(message + " (strict=True)")
+        warnings.warn(message, stacklevel=2)
+    for name, module, adapter in targets:
+        ancestors = [model.get_submodule(".".join(name.split(".")[:i])) for i in range(name.count("."), -1, -1)]
+        _attach_branch(name, module, adapter, ancestors, mixer_kwargs)
+    for m in model.modules():
+        if type(m) is VisionTransformer:
+            m.__class__ = MUSEVisionTransformer
+    names = [name for name, _, _ in targets]
+    _logger.info("swap_attention: MUSE added to %d attention modules: %s", len(names), names)
+    return (model, names) if return_names else model
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    """A module named like an attention, with weights, that holds no attention ``swap_attention`` knows (then it
+    is a block holding one)."""
+    return (
+        bool(_ATTENTION_NAME.search(type(module).__name__))
+        and any(True for _ in module.parameters())
+        and not any(type(m) in ATTENTION_ADAPTERS for m in module.modules())
+    )
+
+
+def _check_options(mixer_kwargs: dict[str, Any]) -> None:
     taken = sorted(set(mixer_kwargs) & set(_FROM_MODEL))
     if taken:
         raise ValueError(f"{taken} are taken from the model's attention modules; mixer options are {MIXER_OPTIONS}")
@@ -63,49 +128,44 @@ def swap_attention(
             "conv_proj='shared' with conv_type='dynamic' cannot start silent (dynamic kernels sum to one): "
             "use conv_proj='separate' to keep the model's function"
         )
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is Attention]
-    if not targets:
-        raise ValueError(
-            f"{type(model).__name__} has no timm Attention module to swap (swap_attention replaces "
-            "timm.layers.Attention, as used by ViT, DeiT and the other VisionTransformer families)"
+
+
+def _attach_branch(
+        name: str, attn: nn.Module, adapter: AttentionAdapter, ancestors: list[nn.Module], options: dict[str, Any],
+) -> None:
+    """Build ``attn``'s silent ``MUSEBranch`` and tap its value and output layers."""
+    found = [(getattr(attn, a), parts) for a, parts in adapter.values if isinstance(getattr(attn, a, None), nn.Linear)]
+    output = getattr(attn, adapter.output, None)
+    if not found or not isinstance(output, nn.Linear):
+        raise TypeError(
+            f"{name} ({type(attn).__name__}) has no value layer among {[a for a, _ in adapter.values]} or no "
+            f"nn.Linear {adapter.output!r}: its adapter does not fit it"
         )
-    vit_like = hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
-    mixer_kwargs.setdefault("conv_layout", "2d" if vit_like else "1d")
-    if mixer_kwargs["conv_layout"] == "2d" and not vit_like:
-        raise ValueError(f"conv_layout='2d' needs a ViT-style model with a patch grid, got {type(model).__name__}")
-    for name, old in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _mixer_from(old, **mixer_kwargs))
-    if vit_like:
-        track_token_layout(model)
-    names = [name for name, _ in targets]
-    _logger.info("swap_attention: %d timm Attention modules swapped for MUSEAttention: %s", len(names), names)
-    return (model, names) if return_names else model
-
-
-def _mixer_from(old: Attention, **mixer_kwargs: Any) -> MUSEAttention:
-    """A MUSE mixer that reuses ``old``'s projections and norms, its convolution branch silent."""
-    weight = old.qkv.weight
-    new = MUSEAttention(
-        old.qkv.in_features,
-        num_heads=old.num_heads,
-        attn_head_dim=old.head_dim,
-        dim_out=old.proj.out_features,
-        qkv_bias=old.qkv.bias is not None,
-        proj_bias=old.proj.bias is not None,
-        device=weight.device,
-        dtype=weight.dtype,
-        **mixer_kwargs,
+    value, parts = found[0]
+    if isinstance(value, ValueTap):
+        raise ValueError(f"{name} already has a MUSE branch (swap_attention was run on this model before)")
+    value_dim = value.out_features // parts
+    layout = adapter.layout(attn, ancestors)
+    conv_layout = options.get("conv_layout", layout.layout)
+    if conv_layout == "2d" and layout.layout != "2d":
+        raise ValueError(
+            f"conv_layout='2d' needs a token grid, but {name} ({type(attn).__name__}) attends over a sequence here "
+            "(a ViT-style model gives its patch grid)"
+        )
+    conv_proj = options.get("conv_proj", "separate")
+    if conv_proj == "shared" and value_dim != output.in_features:
+        raise ValueError(
+            f"conv_proj='shared' adds the convolution to the attention output, but {name}'s values are {value_dim} "
+            f"wide and its output projection takes {output.in_features}: use conv_proj='separate'"
+        )
+    branch = MUSEBranch(
+        value_dim, output.out_features, num_heads=attn.num_heads, kernel_sizes=options.get("kernel_sizes"),
+        conv_type=options.get("conv_type", "static"), conv_proj=conv_proj, layout=layout._replace(layout=conv_layout),
+        device=value.weight.device, dtype=value.weight.dtype,
     )
-    new.fused_attn = old.fused_attn
-    for attr in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
-        setattr(new, attr, getattr(old, attr))
-    new.gate = getattr(old, "gate", None)
-    with torch.no_grad():
-        if new.conv_proj is not None:
-            new.conv_proj.weight.zero_()
-        else:  # conv_proj="shared", static kernels: the convolution's own output must be zero
-            for w in new.conv.weight:
-                w.zero_()
-            new.conv.bias.zero_()
-    return new
+    branch.silence()
+    if adapter.prepare is not None:
+        adapter.prepare(attn)
+    attn.muse = branch
+    attach(value, value.out_features - value_dim, output, branch)
+

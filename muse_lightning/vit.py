@@ -1,4 +1,4 @@
-"""MUSE Vision Transformers registered with timm (``muse_vit_*``), and the patch-grid tracker.
+"""MUSE Vision Transformers registered with timm (``muse_vit_*``).
 
 ``import muse_lightning`` registers the models, so ``timm.create_model("muse_vit_small_patch16_224")``
 works like any timm ViT. They are timm ``VisionTransformer``s whose blocks are ``MUSEBlock``s
@@ -8,58 +8,144 @@ patch tokens for the head.
 from __future__ import annotations
 
 from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import HybridEmbed
+from timm.layers import HybridEmbed, PatchDropout
+from timm.layers.patch_dropout import patch_dropout_forward
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from .attention import MUSEAttention
 from .block import MUSEBlock
+from .branch import TokenConv
 
-__all__ = ["PatchGridTracker", "track_token_layout"]
+__all__ = ["MUSEVisionTransformer"]
 
 
-class PatchGridTracker:
-    """Forward hook on a ``patch_embed`` that hands the current patch grid to 2-D MUSE mixers.
+class MUSEVisionTransformer(VisionTransformer):
+    """timm's ``VisionTransformer`` that tells its MUSE convolutions where the tokens sit.
 
-    timm's blocks pass only the tokens, so a mixer cannot see the grid of a dynamically sized
-    image; this hook reads it from the patch embedding's ``(B, H, W, C)`` output (or its fixed
-    ``grid_size``) and sets each mixer's ``grid_size`` before the blocks run. A callable object
-    rather than a closure, so that ``copy.deepcopy`` of the model (EMA) points the copy's hook at the
-    copy's mixers.
+    Mixers get the model's ``num_prefix_tokens`` and patch grid when the model is built. With
+    ``dynamic_img_size=True`` the grid of each input, and in training under patch dropout the kept
+    patches' places in the grid, are handed to each block's convolutions right before the block
+    runs (so activation checkpointing's recompute hands them over again), without hooks: the model
+    traces with ``torch.fx`` and compiles with ``fullgraph=True``. Everything else is timm's.
+    ``swap_attention`` turns a swapped ``VisionTransformer`` into one.
     """
 
-    def __init__(self, mixers: list[MUSEAttention]) -> None:
-        self.mixers = mixers
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for m in self.modules():
+            if isinstance(m, MUSEAttention):
+                m.num_prefix_tokens = self.num_prefix_tokens
+                m.grid_size = tuple(self.patch_embed.grid_size)
 
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        grid = tuple(output.shape[1:3]) if output.dim() == 4 else tuple(module.grid_size)
-        for mixer in self.mixers:
-            mixer.grid_size = grid
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """Tokens ready for the blocks, and this call's ``(grid, kept patch indices)`` if not the static ones."""
+        x = self.patch_embed(x)
+        grid = (x.shape[1], x.shape[2]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
+        x = self._pos_embed(x)
+        keep = None
+        dropout = isinstance(self.patch_drop, PatchDropout)
+        if dropout:
+            p = self.patch_drop
+            x, keep = patch_dropout_forward(x, p.prob, p.num_prefix_tokens, p.ordered, p.training)
+        return self.norm_pre(x), ((grid, keep) if self.dynamic_img_size or dropout else None)
 
+    @staticmethod
+    def _block(
+            block: nn.Module,
+            x: torch.Tensor,
+            layout: tuple | None,
+            attn_mask: torch.Tensor | None = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Run ``block``, its MUSE convolutions first told this call's grid and kept patches."""
+        if layout is not None:
+            for m in block.modules():
+                if isinstance(m, TokenConv):
+                    m.grid_size, m.patch_indices = layout
+        if attn_mask is not None or is_causal:
+            return block(x, attn_mask=attn_mask, is_causal=is_causal)
+        return block(x)
 
-def track_token_layout(model: nn.Module) -> None:
-    """Fit the MUSE mixers of a timm ViT-style ``model`` to its tokens.
+    def _run_blocks(
+            self,
+            blocks: nn.Sequential,
+            x: torch.Tensor,
+            layout: tuple | None,
+            attn_mask: torch.Tensor | None,
+            is_causal: bool,
+            take_indices: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last block's output and those of ``take_indices``, checkpointed as timm's ``VisionTransformer``."""
+        taken = []
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and attn_mask is None and not is_causal and not torch.jit.is_scripting():
+                x = checkpoint(self._block, blk, x, layout)
+            else:
+                x = self._block(blk, x, layout, attn_mask, is_causal)
+            if i in take_indices:
+                taken.append(x)
+        return x, taken
 
-    Every mixer gets the model's ``num_prefix_tokens`` (class and register tokens go through
-    attention only); 2-D mixers are kept told of the current patch grid by a ``PatchGridTracker``.
-    """
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is None or not hasattr(patch_embed, "grid_size") or not hasattr(model, "num_prefix_tokens"):
-        raise ValueError("track_token_layout needs a timm ViT-style model (patch_embed.grid_size, num_prefix_tokens)")
-    mixers = [m for m in model.modules() if isinstance(m, MUSEAttention)]
-    for mixer in mixers:
-        mixer.num_prefix_tokens = model.num_prefix_tokens
-    grid_mixers = [m for m in mixers if m.conv_layout == "2d"]
-    if grid_mixers and not any(isinstance(h, PatchGridTracker) for h in patch_embed._forward_hooks.values()):
-        for mixer in grid_mixers:
-            mixer.grid_size = tuple(patch_embed.grid_size)
-        patch_embed.register_forward_hook(PatchGridTracker(grid_mixers))
+    def forward_features(
+            self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+    ) -> torch.Tensor:
+        """As timm's: embeddings, blocks, final norm."""
+        x, layout = self._embed(x)
+        x, _ = self._run_blocks(self.blocks, x, layout, attn_mask, is_causal)
+        return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+            attn_mask: torch.Tensor | None = None,
+            is_causal: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]] | dict[str, Any]:
+        """As timm's ``VisionTransformer.forward_intermediates``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x, layout = self._embed(x)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        x, intermediates = self._run_blocks(blocks, x, layout, attn_mask, is_causal, take_indices)
+        if norm:
+            intermediates = [self.norm(y) for y in intermediates]
+        prefix_tokens = None
+        if self.num_prefix_tokens:
+            prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
+            intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -96,13 +182,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _muse_vision_transformer(**kwargs: Any) -> VisionTransformer:
-    model = VisionTransformer(**kwargs)
-    track_token_layout(model)  # before timm wraps it (features_only)
-    return model
-
-
-def _create_muse_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def _create_muse_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> MUSEVisionTransformer:
     """Build a ``VisionTransformer`` of ``MUSEBlock``s with 2-D mixers over the patch grid.
 
     The convolution branch works on patch tokens only, so the models pool the patch tokens
@@ -126,7 +206,7 @@ def _create_muse_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> V
         kwargs["block_fn"] = block_fn
         kwargs.setdefault("attn_layer", partial(MUSEAttention, **mixer_kwargs))
     return build_model_with_cfg(
-        _muse_vision_transformer,
+        MUSEVisionTransformer,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -136,35 +216,35 @@ def _create_muse_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> V
 
 
 @register_model
-def muse_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def muse_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> MUSEVisionTransformer:
     """MUSE ViT-Ti/16 at 224 px."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
     return _create_muse_vit("muse_vit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def muse_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def muse_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> MUSEVisionTransformer:
     """MUSE ViT-S/16 at 224 px."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     return _create_muse_vit("muse_vit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def muse_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def muse_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> MUSEVisionTransformer:
     """MUSE ViT-B/16 at 224 px."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_muse_vit("muse_vit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def muse_vit_tiny_patch4_28(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def muse_vit_tiny_patch4_28(pretrained: bool = False, **kwargs: Any) -> MUSEVisionTransformer:
     """MUSE ViT-Ti/4 for 28 x 28 single-channel images (Fashion-MNIST): a 7 x 7 patch grid."""
     model_args = dict(img_size=28, in_chans=1, num_classes=10, patch_size=4, embed_dim=192, depth=12, num_heads=3)
     return _create_muse_vit("muse_vit_tiny_patch4_28", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def muse_vit_tiny_convstem_28(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def muse_vit_tiny_convstem_28(pretrained: bool = False, **kwargs: Any) -> MUSEVisionTransformer:
     """MUSE ViT-Ti for 28 x 28 grey images with a convolutional stem instead of 4 x 4 patches.
 
     Two overlapping 3 x 3 stride-2 convolutions (BatchNorm and GELU between; Xiao et al. 2021,
@@ -175,13 +255,14 @@ def muse_vit_tiny_convstem_28(pretrained: bool = False, **kwargs: Any) -> Vision
     stem = ConvStem(
         in_chans=model_args["in_chans"], depth=2, channels=(model_args.pop("stem_chs", 32), model_args["embed_dim"]),
         kernel_size=3, stride=(2, 2), padding=1, act_layer=nn.GELU,
+        device=model_args.get("device"), dtype=model_args.get("dtype"),
     )
     model_args.update(embed_layer=partial(HybridEmbed, backbone=stem, proj=False), patch_size=1)
     return _create_muse_vit("muse_vit_tiny_convstem_28", pretrained=pretrained, **model_args)
 
 
 @register_model
-def muse_vit_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def muse_vit_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> MUSEVisionTransformer:
     """MUSE ViT-Ti/4 for 32 x 32 colour images (CIFAR): an 8 x 8 patch grid."""
     model_args = dict(img_size=32, num_classes=10, patch_size=4, embed_dim=192, depth=12, num_heads=3)
     return _create_muse_vit("muse_vit_tiny_patch4_32", pretrained=pretrained, **dict(model_args, **kwargs))

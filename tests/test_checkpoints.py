@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from muse_lightning.cli import main
-from muse_lightning.compare import last_metrics
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY_VIT = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "drop_path_rate": 0.1})

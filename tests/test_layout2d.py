@@ -60,7 +60,10 @@ def test_grid_follows_the_input_size():
     assert not torch.allclose(wide, tall)
     torch.testing.assert_close(wide - tall, F.pad(mixer.conv_proj(conv_delta), (0, 0, 1, 0)), atol=1e-5, rtol=1e-4)
     assert mixer(torch.randn(2, 1 + 16, 32)).shape == (2, 17, 32)  # the default grid
-    assert mixer(torch.randn(2, 1 + 36, 32)).shape == (2, 37, 32)  # a square grid is inferred
+    with pytest.raises(ValueError, match="36 tokens .* do not fill the 4 x 4 token grid"):
+        mixer(torch.randn(2, 1 + 36, 32))  # never a guessed grid
+    mixer.grid_size = None
+    assert mixer(torch.randn(2, 1 + 36, 32)).shape == (2, 37, 32)  # no grid of its own: a square is inferred
 
 
 def test_2d_layout_gets_gradients_everywhere_and_passes_gradcheck():

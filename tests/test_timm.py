@@ -4,10 +4,8 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 
-from muse_lightning import MUSEAttention, MUSEBlock, swap_attention
+from muse_lightning import MUSEAttention, MUSEBlock
 
 REGISTERED = [
     "muse_vit_tiny_patch16_224", "muse_vit_small_patch16_224", "muse_vit_base_patch16_224",
@@ -155,79 +153,6 @@ def test_unknown_model_name_is_a_clear_error():
         timm.create_model("muse_vit_gigantic_patch16_224")
 
 
-def _pretrained_vit(name="vit_tiny_patch16_224", **kwargs):
-    torch.manual_seed(0)
-    return timm.create_model(name, img_size=32, patch_size=8, depth=2, num_classes=5, **kwargs).eval()
-
-
-SWAP_OPTIONS = [{}, {"conv_layout": "1d"}, {"conv_proj": "shared"}, {"conv_proj": "per_kernel"},
-                {"conv_type": "dynamic", "conv_layout": "1d"}]
-
-
-@pytest.mark.parametrize("options", SWAP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-@pytest.mark.parametrize(("name", "kwargs"), [
-    ("vit_tiny_patch16_224", {"reg_tokens": 4}),
-    ("deit_tiny_distilled_patch16_224", {}),
-    ("vit_tiny_patch16_224", {"dynamic_img_size": True, "class_token": False, "global_pool": "avg"}),
-])
-def test_swapped_model_computes_the_same_function(name, kwargs, options):
-    model = _pretrained_vit(name, **kwargs)
-    x = torch.randn(2, 3, 32, 40) if kwargs.get("dynamic_img_size") else torch.randn(2, 3, 32, 32)
-    ref = model(x)
-    swapped, names = swap_attention(model, return_names=True, **options)
-    assert names == [f"blocks.{i}.attn" for i in range(2)]
-    assert all(type(b.attn) is MUSEAttention for b in swapped.blocks)
-    assert all(b.attn.num_prefix_tokens == swapped.num_prefix_tokens for b in swapped.blocks)
-    out = swapped(x)
-    for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
-        assert (a - b).abs().max() <= 1e-4
-
-
-def test_swapped_model_fine_tunes_from_the_original():
-    model = _pretrained_vit()
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 5, (16,))
-    start = F.cross_entropy(model(x), y).item()
-    swap_attention(model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(15):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert abs(losses[0] - start) < 1e-4  # fine-tuning starts from the original model
-    assert losses[-1] < 0.5 * losses[0]
-    conv = model.blocks[0].attn
-    assert conv.conv_proj.weight.abs().sum() > 0 and all(w.grad.abs().sum() > 0 for w in conv.conv.weight)
-
-
-def test_swap_errors_are_clear():
-    with pytest.raises(ValueError, match="has no timm Attention module to swap"):
-        swap_attention(timm.create_model("resnet10t"))
-    with pytest.raises(ValueError, match=r"\['num_heads'\] are taken from the model's attention"):
-        swap_attention(_pretrained_vit(), num_heads=4)
-    with pytest.raises(TypeError, match=r"unknown mixer options \['kernel'\]"):
-        swap_attention(_pretrained_vit(), kernel=3)
-    with pytest.raises(ValueError, match="conv_type='none' would swap attention for attention"):
-        swap_attention(_pretrained_vit(), conv_type="none")
-    with pytest.raises(ValueError, match="cannot start silent"):
-        swap_attention(_pretrained_vit(), conv_type="dynamic", conv_proj="shared", conv_layout="1d")
-    with pytest.raises(ValueError, match="needs conv_type='static'"):
-        swap_attention(_pretrained_vit(), conv_type="dynamic")
-    with pytest.raises(ValueError, match="conv_layout='2d' needs a ViT-style model"):
-        swap_attention(torch.nn.Sequential(Block(32, 4)), conv_layout="2d")
-
-
-def test_swap_into_a_plain_block_stack_uses_the_1d_layout():
-    blocks = torch.nn.Sequential(Block(32, 4, qkv_bias=True), Block(32, 4, qkv_bias=True)).eval()
-    x = torch.randn(2, 9, 32)
-    ref = blocks(x)
-    swap_attention(blocks)
-    assert blocks[0].attn.conv_layout == "1d"
-    torch.testing.assert_close(blocks(x), ref, atol=1e-5, rtol=1e-5)
-
-
 def test_registered_model_features_only():
     model = timm.create_model("muse_vit_tiny_patch4_32", depth=3, features_only=True, out_indices=(1, 2)).eval()
     feats = model(torch.randn(2, 3, 32, 32))
@@ -242,3 +167,11 @@ def test_registered_model_compiles_without_graph_breaks_and_follows_the_grid():
         x = _input(model, size=size)
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
         assert model.blocks[0].attn.grid_size == (size[0] // 4, size[1] // 4)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_registered_model_honours_device_and_dtype(name):
+    assert {p.device.type for p in timm.create_model(name, depth=1, device="meta").parameters()} == {"meta"}
+    model = timm.create_model(name, depth=1, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(_input(model).to(torch.bfloat16)).dtype == torch.bfloat16

@@ -1,0 +1,267 @@
+"""MUSE's convolution branch over an attention's value projection, and the taps that attach it to any attention.
+
+``TokenConv`` is the branch's logic, shared by ``MUSEAttention`` and ``MUSEBranch``: it convolves
+the value tokens over their layout (the sequence, or a row-major ``H x W`` grid after
+``num_prefix_tokens`` attention-only tokens) and adds the result to the attention's output
+projection. ``MUSEBranch`` carries that branch for an attention module it does not own:
+``ValueTap`` (the attention's value ``nn.Linear``, class-swapped) hands it the values as the
+attention computes them, and ``BranchOutput`` (the attention's output ``nn.Linear``) adds the
+branch to the projection, so the attention's own forward, state_dict keys and weights stay as they are.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._fx import is_tracing
+from .conv import ConvLayout, ConvType, create_conv
+
+__all__ = ["BranchOutput", "MUSEBranch", "TokenConv", "TokenLayout", "ValueTap"]
+
+CONV_PROJS: tuple[str, ...] = ("separate", "shared", "per_kernel")
+
+
+class TokenLayout(NamedTuple):
+    """Where an attention's tokens sit: ``"1d"`` a sequence, ``"2d"`` a row-major ``grid_size`` grid,
+    after ``num_prefix_tokens`` tokens (class, register, distillation) that the convolution skips."""
+
+    layout: ConvLayout = "1d"
+    num_prefix_tokens: int = 0
+    grid_size: tuple[int, int] | None = None
+
+
+class TokenConv:
+    """The convolution branch: ``conv`` over the value tokens, added to the attention's projection.
+
+    Needs ``conv``, ``conv_proj``, ``conv_proj_mode``, ``conv_layout``, ``num_prefix_tokens``,
+    ``grid_size`` and ``patch_indices`` on the module. ``patch_indices`` (``(B, K)``, set per call
+    by ``MUSEVisionTransformer`` under patch dropout) are the kept patches' places in the grid: the
+    convolution then reads each kept patch's real neighbours, the dropped ones reading as zero.
+    """
+
+    conv: nn.Module | None
+    conv_proj: nn.Linear | None
+    conv_proj_mode: str
+    conv_layout: ConvLayout
+    num_prefix_tokens: int
+    grid_size: tuple[int, int] | None
+    patch_indices: torch.Tensor | None
+
+    def _conv_kwargs(self, seq_len: int, is_causal: bool, grid_size: tuple[int, int] | None) -> dict:
+        """The convolution's arguments: ``is_causal`` for 1-D, the resolved ``grid_size`` for 2-D.
+
+        The grid is ``grid_size`` if given, else the module's own, else a square inferred when the
+        module has none; a grid that does not hold the tokens is an error, never a guess.
+        """
+        if is_tracing():  # FX: the module's static grid and a non-causal convolution, no checks on proxies
+            return {"is_causal": False} if self.conv_layout == "1d" else {"grid_size": grid_size or self.grid_size}
+        num_tokens = seq_len - self.num_prefix_tokens
+        if num_tokens < 1:
+            raise ValueError(f"x has {seq_len} tokens, not more than num_prefix_tokens={self.num_prefix_tokens}")
+        if self.patch_indices is not None:
+            if self.patch_indices.shape[-1] != num_tokens or self.grid_size is None:
+                raise ValueError(
+                    f"patch_indices {tuple(self.patch_indices.shape)} must index the {num_tokens} kept patch tokens "
+                    f"into the module's grid_size ({self.grid_size})"
+                )
+            return {"is_causal": is_causal} if self.conv_layout == "1d" else {"grid_size": self.grid_size}
+        if self.conv_layout == "1d":
+            return {"is_causal": is_causal}
+        if is_causal:
+            raise ValueError("is_causal=True is not defined for conv_layout='2d'")
+        if grid_size is not None:
+            if len(grid_size) != 2 or min(grid_size) < 1 or grid_size[0] * grid_size[1] != num_tokens:
+                raise ValueError(
+                    f"grid_size must be (H, W) of positive ints with H * W = {num_tokens} (tokens after "
+                    f"{self.num_prefix_tokens} prefix tokens), got {tuple(grid_size)}"
+                )
+            return {"grid_size": (grid_size[0], grid_size[1])}
+        if self.grid_size is not None:
+            if self.grid_size[0] * self.grid_size[1] != num_tokens:
+                raise ValueError(
+                    f"{num_tokens} tokens (after {self.num_prefix_tokens} prefix tokens) do not fill the "
+                    f"{self.grid_size[0]} x {self.grid_size[1]} token grid: pass grid_size=(H, W)"
+                )
+            return {"grid_size": self.grid_size}
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(
+                f"cannot infer the token grid of {num_tokens} tokens (after {self.num_prefix_tokens} prefix tokens): "
+                "pass grid_size=(H, W)"
+            )
+        return {"grid_size": (side, side)}
+
+    def _mix_conv(
+            self,
+            attn: torch.Tensor,
+            values: torch.Tensor,
+            proj: Callable[[torch.Tensor], torch.Tensor],
+            key_padding_mask: torch.Tensor | None,
+            conv_kwargs: dict,
+    ) -> torch.Tensor:
+        """``proj``-ected attention output ``attn`` plus the convolution branch on the shared ``values``."""
+        if key_padding_mask is not None:
+            values = values.masked_fill(key_padding_mask[..., None], 0.0)
+        values = values[:, self.num_prefix_tokens:]
+        indices = self.patch_indices
+        if indices is not None:  # the kept patches back in their places, the dropped ones zero
+            grid = self.grid_size
+            index = indices[..., None].expand(-1, -1, values.shape[-1])
+            values = values.new_zeros(values.shape[0], grid[0] * grid[1], values.shape[-1]).scatter(1, index, values)
+        if self.conv_proj_mode == "per_kernel":
+            conv = self.conv.forward_per_kernel(values, **conv_kwargs).flatten(2)
+        else:
+            conv = self.conv(values, **conv_kwargs)
+        if indices is not None:
+            conv = conv.gather(1, indices[..., None].expand(-1, -1, conv.shape[-1]))
+        if self.num_prefix_tokens:
+            conv = F.pad(conv, (0, 0, self.num_prefix_tokens, 0))  # prefix tokens: attention only
+        if self.conv_proj_mode == "shared":
+            return proj(attn + conv)
+        return proj(attn) + self.conv_proj(conv)
+
+    def _build_conv(
+            self,
+            value_dim: int,
+            out_dim: int,
+            num_heads: int,
+            kernel_sizes: Sequence[int] | None,
+            conv_type: ConvType,
+            conv_proj: str,
+            layout: TokenLayout,
+            dd: dict,
+    ) -> None:
+        """Create ``conv`` and ``conv_proj`` and set the layout attributes."""
+        if conv_proj not in CONV_PROJS:
+            raise ValueError(f"conv_proj must be one of {CONV_PROJS}, got {conv_proj!r}")
+        n = layout.num_prefix_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"num_prefix_tokens must be a non-negative int, got {n!r}")
+        grid = layout.grid_size
+        if grid is not None and (len(grid) != 2 or min(grid) < 1):
+            raise ValueError(f"grid_size must be (H, W) of positive ints, got {grid!r}")
+        self.conv_type = conv_type
+        self.conv_proj_mode = conv_proj
+        self.conv_layout = layout.layout
+        self.num_prefix_tokens = n
+        self.grid_size = None if grid is None else (int(grid[0]), int(grid[1]))
+        self.patch_indices = None
+        self.conv = create_conv(conv_type, value_dim, num_heads, kernel_sizes, layout.layout, **dd)
+        self.kernel_sizes = self.conv.kernel_sizes if self.conv is not None else ()
+        widths = {"separate": value_dim, "shared": 0, "per_kernel": value_dim * len(self.kernel_sizes)}
+        width = widths[conv_proj] if self.conv is not None else 0
+        self.conv_proj = nn.Linear(width, out_dim, bias=False, **dd) if width else None
+
+    def silence(self) -> None:
+        """Make the branch's output exactly zero (its projection, or with ``conv_proj="shared"`` its kernels)."""
+        with torch.no_grad():
+            if self.conv_proj is not None:
+                self.conv_proj.weight.zero_()
+            elif self.conv is not None:
+                for w in self.conv.weight:
+                    w.zero_()
+                self.conv.bias.zero_()
+
+
+class MUSEBranch(TokenConv, nn.Module):
+    """MUSE's convolution branch attached to an attention module it does not own.
+
+    The attention's value projection (a ``ValueTap``) hands over the values with ``stash``; its
+    output projection (a ``BranchOutput``) calls the branch, which adds the convolution of those
+    values. Built silent by ``swap_attention``.
+    """
+
+    def __init__(
+            self,
+            value_dim: int,
+            out_dim: int,
+            num_heads: int = 8,
+            kernel_sizes: Sequence[int] | None = None,
+            conv_type: ConvType = "static",
+            conv_proj: str = "separate",
+            layout: TokenLayout = TokenLayout(),
+            device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None,
+    ) -> None:
+        """
+        Args:
+            value_dim: Width of the values the attention computes.
+            out_dim: Width of the attention's output projection.
+            num_heads: Kernel heads of the dynamic convolution.
+            kernel_sizes, conv_type, conv_proj: as ``MUSEAttention``.
+            layout: The tokens' layout.
+        """
+        super().__init__()
+        if conv_type == "none":
+            raise ValueError("conv_type='none' gives no branch; use 'static' or 'dynamic'")
+        self._build_conv(value_dim, out_dim, num_heads, kernel_sizes, conv_type, conv_proj, layout,
+                         {"device": device, "dtype": dtype})
+        self._values: torch.Tensor | None = None
+
+    def stash(self, values: torch.Tensor) -> None:
+        """Keep the values of the attention's current call for its output projection."""
+        self._values = values
+
+    def forward(self, attn: torch.Tensor, proj: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``proj(attn)`` plus the convolution of the stashed values (tokens ``(B, N, C)``)."""
+        values, self._values = self._values, None
+        if values is None:
+            raise RuntimeError(
+                "MUSEBranch was called without values: the attention's value projection did not run first "
+                "in this call (an attention whose forward this adapter does not fit)"
+            )
+        if not is_tracing() and values.shape[:-1] != attn.shape[:-1]:
+            raise RuntimeError(
+                f"the attention's values {tuple(values.shape)} and output {tuple(attn.shape)} are not over the same "
+                "tokens: the adapter does not fit this attention"
+            )
+        return self._mix_conv(attn, values, proj, None, self._conv_kwargs(values.shape[1], False, None))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise NotImplementedError(_NO_SCRIPT)
+
+
+_NO_SCRIPT = (
+    "MUSE does not support torch.jit.script: its convolution branch resolves the token layout in Python "
+    "(and a swapped attention hands its values over by attribute), which TorchScript cannot compile; "
+    "use torch.compile or torch.export instead"
+)
+
+
+class ValueTap(nn.Linear):
+    """An attention's value-producing ``nn.Linear`` that also hands the values to its ``MUSEBranch``.
+
+    Output channels ``value_start:`` are the values (the last third of a fused ``qkv``, or all of a
+    ``v_proj``). Made by ``attach``, which swaps the class of the attention's own layer.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        self.__dict__["muse_branch"].stash(out[..., self.__dict__["muse_value_start"]:])
+        return out
+
+
+class BranchOutput(nn.Linear):
+    """An attention's output ``nn.Linear`` that adds its ``MUSEBranch`` to the projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.__dict__["muse_branch"](x, super().forward)
+
+
+def attach(value: nn.Linear, value_start: int, output: nn.Linear, branch: MUSEBranch) -> None:
+    """Turn ``value`` into a ``ValueTap`` and ``output`` into a ``BranchOutput`` feeding ``branch``.
+
+    The layers keep their weights and state_dict keys; ``branch`` is referenced, not registered,
+    so it is registered once, on the attention.
+    """
+    for layer, cls in ((value, ValueTap), (output, BranchOutput)):
+        if type(layer) is not nn.Linear:
+            raise TypeError(f"MUSE taps a plain nn.Linear, got {type(layer).__name__}")
+        layer.__class__ = cls
+        layer.__dict__["muse_branch"] = branch
+    value.__dict__["muse_value_start"] = value_start

@@ -1,0 +1,359 @@
+"""swap_attention across timm's attention families: one small model of each, the same function after the swap."""
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from muse_lightning import (
+    AttentionAdapter, MUSEBranch, MUSEVisionTransformer, register_attention_adapter, swap_attention,
+)
+from muse_lightning.adapters import ATTENTION_ADAPTERS, patch_grid
+
+_VIT = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
+_SMALL = dict(_VIT, embed_dim=64, num_heads=2)
+_SWIN = dict(img_size=32, patch_size=2, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=32, num_classes=5)
+
+# (model, kwargs, swapped, layouts (layout, prefix tokens, grid), what is left alone). Images are 32 x 32 unless
+# img_size says otherwise.
+ZOO = [
+    ("vit_tiny_patch16_224", dict(_VIT, reg_tokens=2), 2, {("2d", 3, (4, 4))}, []),
+    ("deit_tiny_distilled_patch16_224", _VIT, 2, {("2d", 2, (4, 4))}, []),
+    ("vit_tiny_r_s16_p8_224", dict(img_size=64, depth=2, num_classes=5), 2, {("2d", 1, (2, 2))}, []),
+    ("eva02_tiny_patch14_224", _VIT, 2, {("2d", 1, (4, 4))}, []),
+    ("vit_base_patch16_rope_224", _SMALL, 2, {("2d", 1, (4, 4))}, []),
+    ("vit_small_patch16_dinov3", _SMALL, 2, {("2d", 5, (4, 4))}, []),
+    ("vit_pe_core_small_patch16_384", _SMALL, 2, {("2d", 1, (4, 4))}, ["attn_pool"]),
+    ("beit_base_patch16_224", _SMALL, 2, {("2d", 1, (4, 4))}, []),
+    ("beitv2_base_patch16_224", _SMALL, 2, {("2d", 1, (4, 4))}, []),
+    ("vit_relpos_base_patch16_224", _SMALL, 2, {("2d", 0, (4, 4))}, []),
+    ("samvit_base_patch16", dict(_SMALL, img_size=64, window_size=4, global_attn_indexes=(1,)), 2,
+     {("2d", 0, (4, 4)), ("2d", 0, (8, 8))}, []),
+    ("cait_xxs24_224", dict(_SMALL, depth_token_only=1), 2, {("2d", 0, (4, 4))}, ["blocks_token_only.0.attn"]),
+    ("swin_tiny_patch4_window7_224", _SWIN, 2, {("2d", 0, (4, 4))}, []),
+    ("swinv2_tiny_window8_256", _SWIN, 2, {("2d", 0, (4, 4))}, []),
+    ("deepseek_vit_412m", _SMALL, 2, {("2d", 0, (4, 4))}, []),
+]
+ZOO_IDS = [entry[0] for entry in ZOO]
+
+
+def _build(name, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    size = kwargs.get("img_size", 32)
+    return model, torch.randn(2, 3, size, size)
+
+
+def _swap(model, **options):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, names = swap_attention(model, return_names=True, **options)
+    return model, names, [str(w.message) for w in caught if "swap_attention left" in str(w.message)]
+
+
+def _branches(model):
+    return [m for m in model.modules() if isinstance(m, MUSEBranch)]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "count", "layouts", "left"), ZOO, ids=ZOO_IDS)
+def test_swapped_family_computes_the_same_function_over_its_own_layout(name, kwargs, count, layouts, left):
+    model, x = _build(name, kwargs)
+    ref = model(x)
+    keys = set(model.state_dict())
+    model, names, messages = _swap(model)
+    assert len(names) == count and len(_branches(model)) == count
+    assert {(b.conv_layout, b.num_prefix_tokens, b.grid_size) for b in _branches(model)} == layouts
+    assert (model(x) - ref).abs().max() <= 1e-4
+    assert keys <= set(model.state_dict())  # the attention's own weights keep their keys
+    if left:
+        assert len(messages) == 1 and all(f"{n} (" in messages[0] for n in left)
+    else:
+        assert not messages
+
+
+@pytest.mark.parametrize(("name", "kwargs", "count", "layouts", "left"), ZOO, ids=ZOO_IDS)
+def test_swapped_family_trains_every_branch_parameter(name, kwargs, count, layouts, left):
+    model, x = _build(name, kwargs)
+    model, _, _ = _swap(model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    target = torch.randn_like(model.forward_features(x))
+    reached = {n: False for n, _ in model.named_parameters() if ".muse." in n}
+    # On the features, not a class-token head (through which the last block's convolution gets no gradient).
+    for _ in range(3):  # the projection leaves zero first, then the kernels get a gradient
+        opt.zero_grad()
+        loss = F.mse_loss(model.forward_features(x), target)
+        loss.backward()
+        assert torch.isfinite(loss)
+        for n, p in model.named_parameters():
+            if n in reached and p.grad is not None and p.grad.abs().sum() > 0:
+                reached[n] = True
+        opt.step()
+    assert all(reached.values()), [n for n, ok in reached.items() if not ok]
+
+
+def _random_branch(branch):
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.normal_()
+    return branch
+
+
+def _branch_out(branch, values):
+    branch.stash(values)
+    return branch(torch.zeros_like(values), lambda t: t * 0.0)  # the convolution branch alone
+
+
+@pytest.mark.parametrize(("name", "kwargs", "count", "layouts", "left"), ZOO, ids=ZOO_IDS)
+def test_swapped_branch_skips_prefix_tokens_and_reads_only_grid_neighbours(name, kwargs, count, layouts, left):
+    model, _ = _build(name, kwargs)
+    model, _, _ = _swap(model)
+    for branch in _branches(model):
+        _random_branch(branch)
+        prefix, (h, w) = branch.num_prefix_tokens, branch.grid_size
+        values = torch.randn(2, prefix + h * w, branch.conv.weight[0].shape[0])
+        base = _branch_out(branch, values)
+        if prefix:
+            moved = values.clone()
+            moved[:, :prefix] += 1.0
+            torch.testing.assert_close(_branch_out(branch, moved), base)
+            assert base[:, :prefix].abs().max() == 0
+        r, c = h // 2, w // 2
+        moved = values.clone()
+        moved[:, prefix + r * w + c] += 1.0
+        changed = (_branch_out(branch, moved) - base)[0, prefix:].abs().sum(-1).view(h, w) > 0
+        reach = max(branch.kernel_sizes) // 2
+        rows, cols = torch.arange(h)[:, None], torch.arange(w)[None, :]
+        assert not (changed & (((rows - r).abs() > reach) | ((cols - c).abs() > reach))).any()
+        assert changed[r, c]
+
+
+def _fx_features(model, node):
+    from timm.models._features_fx import create_feature_extractor
+    return create_feature_extractor(model, {node: "out"})
+
+
+@pytest.mark.parametrize(("name", "kwargs", "node"), [
+    ("muse_vit_tiny_patch4_32", dict(depth=2), "norm"),
+    ("vit_tiny_patch16_224", _VIT, "norm"),
+    ("eva02_tiny_patch14_224", _VIT, "norm"),
+    ("swin_tiny_patch4_window7_224", _SWIN, "norm"),
+])
+def test_registered_and_swapped_models_trace_with_fx_and_compile_fullgraph(name, kwargs, node):
+    model, x = _build(name, kwargs)
+    if not name.startswith("muse_"):
+        model, _, _ = _swap(model)
+        for branch in _branches(model):
+            _random_branch(branch)  # a trained branch, so that a graph that dropped it would differ
+    features = model.forward_features(x)
+    torch.testing.assert_close(_fx_features(model, node)(x)["out"], features)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_registered_model_fx_features_only_and_torchvision_feature_extractor():
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model = timm.create_model(
+        "muse_vit_tiny_patch4_32", depth=2, features_only=True, feature_cls="fx", out_indices=(0, 1),
+    )
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert [tuple(f.shape) for f in feats] == [(2, 64, 192)] * 2
+    vit = swap_attention(timm.create_model("vit_tiny_patch16_224", **_VIT)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = create_feature_extractor(vit, {"blocks.1": "last"})(x)["last"]
+    torch.testing.assert_close(vit.norm(out), vit.forward_features(x))
+
+
+def test_torchscript_fails_at_once_saying_why():
+    for model in (timm.create_model("muse_vit_tiny_patch4_32", depth=1),
+                  swap_attention(timm.create_model("vit_tiny_patch16_224", **_VIT))):
+        with pytest.raises(NotImplementedError, match="MUSE does not support torch.jit.script"):
+            torch.jit.script(model)
+
+
+@pytest.mark.parametrize("name", ["muse_vit_tiny_patch4_32", "vit_tiny_patch16_224"])
+def test_patch_dropout_convolves_kept_patches_at_their_real_places(name):
+    kwargs = dict(depth=1) if name.startswith("muse_") else dict(_VIT, depth=1)
+    model = timm.create_model(name, patch_drop_rate=0.5, **kwargs)
+    if not name.startswith("muse_"):
+        model = swap_attention(model)
+        _random_branch(_branches(model)[0])
+    assert isinstance(model, MUSEVisionTransformer)
+    mixer = next(m for m in model.modules() if hasattr(m, "patch_indices"))
+    model.train()
+    torch.manual_seed(1)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(out).all() and mixer.patch_indices is not None
+    kept = mixer.patch_indices.shape[-1]
+    grid = mixer.grid_size
+    assert kept == max(1, int(grid[0] * grid[1] * 0.5))
+    # Against the reference: scatter the kept values into the grid (dropped = 0), convolve, gather.
+    indices = mixer.patch_indices
+    values = torch.randn(2, mixer.num_prefix_tokens + kept, mixer.conv.weight[0].shape[0])
+    full = torch.zeros(2, grid[0] * grid[1], values.shape[-1]).scatter(
+        1, indices[..., None].expand(-1, -1, values.shape[-1]), values[:, mixer.num_prefix_tokens:])
+    ref = mixer.conv(full, grid_size=grid).gather(1, indices[..., None].expand(-1, -1, values.shape[-1]))
+    got = mixer._mix_conv(torch.zeros(2, values.shape[1], values.shape[-1]), values, lambda t: t * 0.0, None,
+                          {"grid_size": grid})
+    proj = mixer.conv_proj
+    torch.testing.assert_close(got[:, mixer.num_prefix_tokens:], proj(ref))
+    model.eval()
+    model(torch.randn(2, 3, 32, 32))
+    assert mixer.patch_indices is None  # no dropout in eval: the whole grid again
+
+
+def test_dynamic_size_checkpointing_recomputes_with_each_calls_own_grid():
+    """Two forwards of different grids, then both backwards: recompute must use each call's grid."""
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        model = timm.create_model("muse_vit_tiny_patch4_28", depth=2, dynamic_img_size=True)
+        model.set_grad_checkpointing(checkpointing)
+        a, b = model(torch.randn(2, 1, 28, 36)), model(torch.randn(2, 1, 36, 20))
+        (a.sum() + 2 * b.sum()).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+    ref, ckpt = grads(False), grads(True)
+    for n in ref:
+        torch.testing.assert_close(ckpt[n], ref[n], atol=1e-5, rtol=1e-4)
+
+
+SWAP_OPTIONS = [{}, {"conv_layout": "1d"}, {"conv_proj": "shared"}, {"conv_proj": "per_kernel"},
+                {"conv_type": "dynamic", "conv_layout": "1d"}]
+
+
+@pytest.mark.parametrize("options", SWAP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("vit_tiny_patch16_224", {"reg_tokens": 4}),
+    ("vit_tiny_patch16_224", {"dynamic_img_size": True, "class_token": False, "global_pool": "avg"}),
+    ("eva02_tiny_patch14_224", {}),
+])
+def test_swap_options_keep_the_function(name, kwargs, options):
+    model, x = _build(name, dict(_VIT, **kwargs))
+    if kwargs.get("dynamic_img_size"):
+        x = torch.randn(2, 3, 32, 40)  # a 4 x 5 grid
+    ref = model(x)
+    model, names, _ = _swap(model, **options)
+    assert names == [f"blocks.{i}.attn" for i in range(2)]
+    assert (model(x) - ref).abs().max() <= 1e-4
+
+
+def test_swapped_dynamic_size_model_follows_non_square_grids():
+    model, _ = _build("vit_tiny_patch16_224", dict(_VIT, dynamic_img_size=True))
+    model, _, _ = _swap(model)
+    branch = _branches(model)[0]
+    _random_branch(branch)
+    model(torch.randn(1, 3, 32, 40))
+    assert branch.grid_size == (4, 5)
+    model(torch.randn(1, 3, 48, 24))
+    assert branch.grid_size == (6, 3)
+
+
+def test_swapped_model_fine_tunes_from_the_original():
+    model, _ = _build("vit_tiny_patch16_224", _VIT)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 5, (16,))
+    start = F.cross_entropy(model(x), y).item()
+    swap_attention(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - start) < 1e-4  # fine-tuning starts from the original model
+    assert losses[-1] < 0.5 * losses[0]
+    branch = model.blocks[0].attn.muse
+    assert branch.conv_proj.weight.abs().sum() > 0 and all(w.grad.abs().sum() > 0 for w in branch.conv.weight)
+
+
+@pytest.mark.parametrize("wrap", ["module", "features_only"])
+def test_swap_finds_the_patch_grid_inside_a_users_module_or_a_features_wrapper(wrap):
+    if wrap == "module":
+        model = nn.Sequential(timm.create_model("vit_tiny_patch16_224", **_VIT), nn.Identity())
+    else:
+        model = timm.create_model("vit_tiny_patch16_224", features_only=True, out_indices=(1,), **_VIT)
+    model, _, _ = _swap(model)
+    assert {(b.conv_layout, b.num_prefix_tokens, b.grid_size) for b in _branches(model)} == {("2d", 1, (4, 4))}
+
+
+class _UserAttention(nn.Module):
+    """A user's own attention: separate projections, an output layer of its own name."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v_proj, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (t.view(B, N, self.num_heads, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v_proj(x)))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_users_register_an_adapter_for_their_own_attention(monkeypatch):
+    monkeypatch.setitem(ATTENTION_ADAPTERS, _UserAttention, AttentionAdapter(patch_grid, output="out"))
+    model = nn.Sequential(_UserAttention(), _UserAttention()).eval()
+    x = torch.randn(2, 9, 32)
+    ref = model(x)
+    with pytest.raises(ValueError, match="no attention module that swap_attention has an adapter for"):
+        swap_attention(nn.Sequential(nn.Linear(4, 4)))
+    swap_attention(model)
+    assert all(m.muse.conv_layout == "1d" for m in model)  # no patch grid around it: a sequence
+    assert (model(x) - ref).abs().max() <= 1e-6
+    _random_branch(model[0].muse)
+    assert (model(x) - ref).abs().max() > 1e-3
+    with pytest.raises(TypeError, match="must be an AttentionAdapter"):
+        register_attention_adapter(_UserAttention, object())
+
+
+def test_attention_left_alone_is_a_warning_and_with_strict_an_error():
+    model, _ = _build("vit_pe_core_small_patch16_384", _SMALL)
+    with pytest.raises(ValueError, match=r"attn_pool \(AttentionPoolLatent: a pooling head.*strict=True"):
+        swap_attention(model, strict=True)
+    with pytest.warns(UserWarning, match=r"left 1 attention modules without MUSE: attn_pool"):
+        swap_attention(model)
+
+
+def test_an_attention_without_adapter_is_named():
+    class OddAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(4, 4)
+
+    model = nn.Sequential(Block(32, 4), OddAttention())
+    with pytest.warns(UserWarning, match=r"1 \(OddAttention: no adapter; see register_attention_adapter\)"):
+        swap_attention(model)
+
+
+def test_swap_errors_are_clear():
+    vit = lambda: _build("vit_tiny_patch16_224", _VIT)[0]  # noqa: E731
+    with pytest.raises(ValueError, match="has no attention module that swap_attention has an adapter for"):
+        swap_attention(timm.create_model("resnet10t"))
+    with pytest.raises(ValueError, match=r"\['num_heads'\] are taken from the model's attention"):
+        swap_attention(vit(), num_heads=4)
+    with pytest.raises(TypeError, match=r"unknown mixer options \['kernel'\]"):
+        swap_attention(vit(), kernel=3)
+    with pytest.raises(ValueError, match="conv_type='none' would swap attention for attention"):
+        swap_attention(vit(), conv_type="none")
+    with pytest.raises(ValueError, match="cannot start silent"):
+        swap_attention(vit(), conv_type="dynamic", conv_proj="shared", conv_layout="1d")
+    with pytest.raises(ValueError, match="needs conv_type='static'"):
+        swap_attention(vit(), conv_type="dynamic")
+    with pytest.raises(ValueError, match=r"conv_layout='2d' needs a token grid, but 0.attn \(Attention\)"):
+        swap_attention(nn.Sequential(Block(32, 4)), conv_layout="2d")
+    twice = swap_attention(vit())
+    with pytest.raises(ValueError, match="blocks.0.attn already has a MUSE branch"):
+        swap_attention(twice)
+
+
+def test_swap_into_a_plain_block_stack_uses_the_1d_layout():
+    blocks = nn.Sequential(Block(32, 4, qkv_bias=True), Block(32, 4, qkv_bias=True)).eval()
+    x = torch.randn(2, 9, 32)
+    ref = blocks(x)
+    swap_attention(blocks)
+    assert type(blocks[0].attn) is Attention and blocks[0].attn.muse.conv_layout == "1d"
+    torch.testing.assert_close(blocks(x), ref, atol=1e-5, rtol=1e-5)
