@@ -13,15 +13,18 @@ from dataclasses import dataclass
 
 from timm.layers import Attention, AttentionPoolLatent, AttentionRope
 from timm.layers.attention_pool2d import AttentionPool2d, RotAttentionPool2d
-from timm.models import beit, cait, eva, swin_transformer, swin_transformer_v2, vision_transformer_relpos
-from timm.models import vision_transformer_sam
+from timm.models import (
+    beit, cait, davit, edgenext, efficientvit_mit, eva, maxxvit, swiftformer, swin_transformer,
+    swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer_relpos, vision_transformer_sam, volo,
+    xcit,
+)
 from torch import nn
 
 from .branch import TokenLayout
 
 __all__ = [
-    "ATTENTION_ADAPTERS", "AttentionAdapter", "patch_grid", "patch_grid_without_prefix", "register_attention_adapter",
-    "sam_grid", "sequence", "window_grid",
+    "ATTENTION_ADAPTERS", "AttentionAdapter", "block_window_grid", "feature_map", "patch_grid",
+    "patch_grid_without_prefix", "register_attention_adapter", "sequence", "window_grid",
 ]
 
 LayoutFn = Callable[[nn.Module, Sequence[nn.Module]], TokenLayout]
@@ -59,13 +62,30 @@ def window_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
     return TokenLayout("2d", 0, (size, size) if isinstance(size, int) else tuple(size))
 
 
-def sam_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
-    """SAM's ViT: the block's window where it has one, else the whole patch grid (no prefix tokens)."""
+def block_window_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
+    """The enclosing block's window where it has one (SAM's ViT, TinyViT), else the whole patch grid."""
     window = getattr(ancestors[0], "window_size", 0) if ancestors else 0
     if window:
         return TokenLayout("2d", 0, (window, window))
     owner = _vit_owner(ancestors, prefix=False)
     return TokenLayout("1d") if owner is None else TokenLayout("2d", 0, tuple(owner.patch_embed.grid_size))
+
+
+def feature_map(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
+    """The attention reads and writes ``(B, H, W, C)`` maps (VOLO, MaxViT's partitions): their grid."""
+    return TokenLayout("2d", feature_map=True)
+
+
+def _per_head_qkv(attn: nn.Module) -> tuple[int, int]:
+    """A fused ``qkv`` whose output is per head ``[q | k | v]`` (TinyViT: ``key_dim``, ``key_dim``, ``val_dim``)."""
+    return attn.num_heads, 2 * attn.key_dim
+
+
+def _maxvit_qkv(attn: nn.Module) -> tuple[int, int]:
+    """MaxViT's ``qkv``: per head ``[q | k | v]`` with ``head_first``, else the usual thirds."""
+    if attn.head_first:
+        return attn.num_heads, 2 * attn.dim_head
+    return 1, 2 * attn.qkv.out_features // 3
 
 
 def _separate_qkv_bias(attn: nn.Module) -> None:
@@ -81,14 +101,16 @@ class AttentionAdapter:
 
     Attributes:
         layout: ``(attention, its ancestors nearest first) -> TokenLayout``.
-        values: Candidate value layers, ``(attribute, parts)``: the first ``nn.Linear`` present is
-            tapped, its values the last ``1 / parts`` of its output channels (3 for a fused ``qkv``).
+        values: Candidate value layers, ``(attribute, split)``: the first ``nn.Linear`` present is
+            tapped. ``split`` is an int ``p``, the values being the last ``1 / p`` of its output
+            channels (3 for a fused ``qkv``), or ``attention -> (groups, offset)`` where the output
+            is ``groups`` equal groups (one per head) whose channels from ``offset`` on are values.
         output: The ``nn.Linear`` whose output the branch is added to (the attention's output projection).
         prepare: Called on the attention before tapping, e.g. to route its values through the layer.
     """
 
     layout: LayoutFn = sequence
-    values: tuple[tuple[str, int], ...] = (("qkv", 3), ("v_proj", 1))
+    values: tuple[tuple[str, int | Callable[[nn.Module], tuple[int, int]]], ...] = (("qkv", 3), ("v_proj", 1))
     output: str = "proj"
     prepare: Callable[[nn.Module], None] | None = None
 
@@ -106,6 +128,11 @@ def register_attention_adapter(cls: type[nn.Module], adapter: AttentionAdapter |
     ATTENTION_ADAPTERS[cls] = adapter
 
 
+_CLASS_ATTENTION = "class attention: only the class token queries, so it has no token-wise output to add to"
+_CHANNEL = (
+    "channel attention: it mixes channels, not tokens; the model's own token mixing (convolutions, window "
+    "attention) sits beside it"
+)
 _POOLING = "a pooling head: learned or pooled queries attend over the tokens, no token-wise values to convolve"
 for _cls, _adapter in (
         (Attention, AttentionAdapter(patch_grid)),
@@ -113,11 +140,23 @@ for _cls, _adapter in (
         (eva.EvaAttention, AttentionAdapter(patch_grid, prepare=_separate_qkv_bias)),
         (beit.Attention, AttentionAdapter(patch_grid, prepare=_separate_qkv_bias)),
         (vision_transformer_relpos.RelPosAttention, AttentionAdapter(patch_grid)),
-        (vision_transformer_sam.Attention, AttentionAdapter(sam_grid)),
+        (vision_transformer_sam.Attention, AttentionAdapter(block_window_grid)),
         (cait.TalkingHeadAttn, AttentionAdapter(patch_grid_without_prefix)),
         (swin_transformer.WindowAttention, AttentionAdapter(window_grid)),
         (swin_transformer_v2.WindowAttention, AttentionAdapter(window_grid, prepare=_separate_qkv_bias)),
-        (cait.ClassAttn, "class attention: only the class token queries, so it has no token-wise output to add to"),
+        (swin_transformer_v2_cr.WindowMultiHeadAttention, AttentionAdapter(window_grid)),
+        (davit.WindowAttention, AttentionAdapter(window_grid)),
+        (tiny_vit.Attention, AttentionAdapter(block_window_grid, values=(("qkv", _per_head_qkv),))),
+        (maxxvit.AttentionCl, AttentionAdapter(feature_map, values=(("qkv", _maxvit_qkv),))),
+        (volo.Attention, AttentionAdapter(feature_map)),
+        (volo.OutlookAttention, AttentionAdapter(feature_map, values=(("v", 1),))),
+        (volo.ClassAttention, _CLASS_ATTENTION),
+        (davit.ChannelAttention, _CHANNEL),
+        (xcit.XCA, _CHANNEL),
+        (edgenext.CrossCovarianceAttn, _CHANNEL),
+        (swiftformer.EfficientAdditiveAttention, "additive attention: one pooled global query and no value projection"),
+        (efficientvit_mit.LiteMLA, "linear attention over convolutional (NCHW) projections: no token-wise value layer"),
+        (cait.ClassAttn, _CLASS_ATTENTION),
         (AttentionPoolLatent, _POOLING),
         (AttentionPool2d, _POOLING),
         (RotAttentionPool2d, _POOLING),

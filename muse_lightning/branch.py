@@ -28,11 +28,13 @@ CONV_PROJS: tuple[str, ...] = ("separate", "shared", "per_kernel")
 
 class TokenLayout(NamedTuple):
     """Where an attention's tokens sit: ``"1d"`` a sequence, ``"2d"`` a row-major ``grid_size`` grid,
-    after ``num_prefix_tokens`` tokens (class, register, distillation) that the convolution skips."""
+    after ``num_prefix_tokens`` tokens (class, register, distillation) that the convolution skips;
+    ``feature_map``: the attention's values and output are ``(B, H, W, C)`` maps, their grid."""
 
     layout: ConvLayout = "1d"
     num_prefix_tokens: int = 0
     grid_size: tuple[int, int] | None = None
+    feature_map: bool = False
 
 
 class TokenConv:
@@ -201,6 +203,7 @@ class MUSEBranch(TokenConv, nn.Module):
             raise ValueError("conv_type='none' gives no branch; use 'static' or 'dynamic'")
         self._build_conv(value_dim, out_dim, num_heads, kernel_sizes, conv_type, conv_proj, layout,
                          {"device": device, "dtype": dtype})
+        self.feature_map = layout.feature_map
         self._values: torch.Tensor | None = None
 
     def stash(self, values: torch.Tensor) -> None:
@@ -208,7 +211,8 @@ class MUSEBranch(TokenConv, nn.Module):
         self._values = values
 
     def forward(self, attn: torch.Tensor, proj: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``proj(attn)`` plus the convolution of the stashed values (tokens ``(B, N, C)``)."""
+        """``proj(attn)`` plus the convolution of the stashed values (tokens ``(B, N, C)``, or
+        ``(B, H, W, C)`` maps with ``feature_map``)."""
         values, self._values = self._values, None
         if values is None:
             raise RuntimeError(
@@ -220,6 +224,10 @@ class MUSEBranch(TokenConv, nn.Module):
                 f"the attention's values {tuple(values.shape)} and output {tuple(attn.shape)} are not over the same "
                 "tokens: the adapter does not fit this attention"
             )
+        if self.feature_map:
+            B, H, W, C = values.shape
+            kwargs = self._conv_kwargs(H * W, False, (H, W)) if self.conv_layout == "2d" else {"is_causal": False}
+            return self._mix_conv(attn.flatten(1, 2), values.flatten(1, 2), proj, None, kwargs).unflatten(1, (H, W))
         return self._mix_conv(attn, values, proj, None, self._conv_kwargs(values.shape[1], False, None))
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -236,13 +244,16 @@ _NO_SCRIPT = (
 class ValueTap(nn.Linear):
     """An attention's value-producing ``nn.Linear`` that also hands the values to its ``MUSEBranch``.
 
-    Output channels ``value_start:`` are the values (the last third of a fused ``qkv``, or all of a
-    ``v_proj``). Made by ``attach``, which swaps the class of the attention's own layer.
+    The output channels are ``groups`` equal groups (1, or one per head where a head's q, k and v
+    sit side by side) and each group's channels from ``offset`` on are values: the last third of a
+    fused ``qkv``, or all of a ``v_proj``. Made by ``attach``, which swaps the class of the layer.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        self.__dict__["muse_branch"].stash(out[..., self.__dict__["muse_value_start"]:])
+        groups, offset = self.__dict__["muse_value_split"]
+        values = out[..., offset:] if groups == 1 else out.unflatten(-1, (groups, -1))[..., offset:].flatten(-2)
+        self.__dict__["muse_branch"].stash(values)
         return out
 
 
@@ -253,8 +264,9 @@ class BranchOutput(nn.Linear):
         return self.__dict__["muse_branch"](x, super().forward)
 
 
-def attach(value: nn.Linear, value_start: int, output: nn.Linear, branch: MUSEBranch) -> None:
-    """Turn ``value`` into a ``ValueTap`` and ``output`` into a ``BranchOutput`` feeding ``branch``.
+def attach(value: nn.Linear, split: tuple[int, int], output: nn.Linear, branch: MUSEBranch) -> None:
+    """Turn ``value`` into a ``ValueTap`` (values: ``split = (groups, offset)``, see there) and ``output``
+    into a ``BranchOutput`` feeding ``branch``.
 
     The layers keep their weights and state_dict keys; ``branch`` is referenced, not registered,
     so it is registered once, on the attention.
@@ -264,4 +276,4 @@ def attach(value: nn.Linear, value_start: int, output: nn.Linear, branch: MUSEBr
             raise TypeError(f"MUSE taps a plain nn.Linear, got {type(layer).__name__}")
         layer.__class__ = cls
         layer.__dict__["muse_branch"] = branch
-    value.__dict__["muse_value_start"] = value_start
+    value.__dict__["muse_value_split"] = split

@@ -134,17 +134,18 @@ def _attach_branch(
         name: str, attn: nn.Module, adapter: AttentionAdapter, ancestors: list[nn.Module], options: dict[str, Any],
 ) -> None:
     """Build ``attn``'s silent ``MUSEBranch`` and tap its value and output layers."""
-    found = [(getattr(attn, a), parts) for a, parts in adapter.values if isinstance(getattr(attn, a, None), nn.Linear)]
+    found = [(getattr(attn, a), split) for a, split in adapter.values if isinstance(getattr(attn, a, None), nn.Linear)]
     output = getattr(attn, adapter.output, None)
     if not found or not isinstance(output, nn.Linear):
         raise TypeError(
             f"{name} ({type(attn).__name__}) has no value layer among {[a for a, _ in adapter.values]} or no "
             f"nn.Linear {adapter.output!r}: its adapter does not fit it"
         )
-    value, parts = found[0]
+    value, split = found[0]
     if isinstance(value, ValueTap):
         raise ValueError(f"{name} already has a MUSE branch (swap_attention was run on this model before)")
-    value_dim = value.out_features // parts
+    groups, offset = (1, value.out_features - value.out_features // split) if isinstance(split, int) else split(attn)
+    value_dim = value.out_features - groups * offset
     layout = adapter.layout(attn, ancestors)
     conv_layout = options.get("conv_layout", layout.layout)
     if conv_layout == "2d" and layout.layout != "2d":
@@ -167,5 +168,5 @@ def _attach_branch(
     if adapter.prepare is not None:
         adapter.prepare(attn)
     attn.muse = branch
-    attach(value, value.out_features - value_dim, output, branch)
+    attach(value, (groups, offset), output, branch)
 

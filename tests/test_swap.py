@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
+from timm.models import tiny_vit, volo
 from torch import nn
 
 from muse_lightning import (
@@ -37,15 +38,26 @@ ZOO = [
     ("swin_tiny_patch4_window7_224", _SWIN, 2, {("2d", 0, (4, 4))}, []),
     ("swinv2_tiny_window8_256", _SWIN, 2, {("2d", 0, (4, 4))}, []),
     ("deepseek_vit_412m", _SMALL, 2, {("2d", 0, (4, 4))}, []),
+    ("swinv2_cr_tiny_224", dict(_SWIN, patch_size=4), 2, {("2d", 0, (4, 4))}, []),
+    ("davit_tiny", dict(depths=(1, 1), embed_dims=(32, 64), num_heads=(2, 4), num_classes=5, input_size=64), 2,
+     {("2d", 0, (7, 7))}, ["stages.0.blocks.0.1.attn", "stages.1.blocks.0.1.attn"]),
+    ("tiny_vit", dict(build=tiny_vit.TinyVit, embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+                      window_sizes=(2, 2, 2, 2), num_classes=5, input_size=64), 3, {("2d", 0, (2, 2))}, []),
+    ("maxvit_tiny_tf_224", dict(img_size=64, depths=(1, 1), embed_dim=(32, 64), stem_width=16, num_classes=5), 4,
+     {("2d", 0, None)}, []),
+    ("volo", dict(build=volo.VOLO, layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2),
+                  num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
 ]
 ZOO_IDS = [entry[0] for entry in ZOO]
 
 
 def _build(name, kwargs):
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    size = kwargs.get("img_size", 32)
-    return model, torch.randn(2, 3, size, size)
+    kwargs = dict(kwargs)
+    size = kwargs.pop("input_size", kwargs.get("img_size", 32))
+    build = kwargs.pop("build", None)
+    model = build(**kwargs) if build else timm.create_model(name, pretrained=False, **kwargs)
+    return model.eval(), torch.randn(2, 3, size, size)
 
 
 def _swap(model, **options):
@@ -103,9 +115,13 @@ def _random_branch(branch):
     return branch
 
 
-def _branch_out(branch, values):
+def _branch_out(branch, values, grid):
+    """The convolution branch alone, on ``values (B, N, C)``; a feature-map branch gets them as ``(B, H, W, C)``."""
+    if branch.feature_map:
+        values = values.unflatten(1, grid)
     branch.stash(values)
-    return branch(torch.zeros_like(values), lambda t: t * 0.0)  # the convolution branch alone
+    out = branch(torch.zeros_like(values), lambda t: t * 0.0)
+    return out.flatten(1, 2) if branch.feature_map else out
 
 
 @pytest.mark.parametrize(("name", "kwargs", "count", "layouts", "left"), ZOO, ids=ZOO_IDS)
@@ -114,18 +130,18 @@ def test_swapped_branch_skips_prefix_tokens_and_reads_only_grid_neighbours(name,
     model, _, _ = _swap(model)
     for branch in _branches(model):
         _random_branch(branch)
-        prefix, (h, w) = branch.num_prefix_tokens, branch.grid_size
+        prefix, (h, w) = branch.num_prefix_tokens, branch.grid_size or (5, 6)  # a map's grid is its shape
         values = torch.randn(2, prefix + h * w, branch.conv.weight[0].shape[0])
-        base = _branch_out(branch, values)
+        base = _branch_out(branch, values, (h, w))
         if prefix:
             moved = values.clone()
             moved[:, :prefix] += 1.0
-            torch.testing.assert_close(_branch_out(branch, moved), base)
+            torch.testing.assert_close(_branch_out(branch, moved, (h, w)), base)
             assert base[:, :prefix].abs().max() == 0
         r, c = h // 2, w // 2
         moved = values.clone()
         moved[:, prefix + r * w + c] += 1.0
-        changed = (_branch_out(branch, moved) - base)[0, prefix:].abs().sum(-1).view(h, w) > 0
+        changed = (_branch_out(branch, moved, (h, w)) - base)[0, prefix:].abs().sum(-1).view(h, w) > 0
         reach = max(branch.kernel_sizes) // 2
         rows, cols = torch.arange(h)[:, None], torch.arange(w)[None, :]
         assert not (changed & (((rows - r).abs() > reach) | ((cols - c).abs() > reach))).any()
