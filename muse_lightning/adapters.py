@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from timm.layers import Attention, AttentionPoolLatent, AttentionRope
 from timm.layers.attention_pool2d import AttentionPool2d, RotAttentionPool2d
 from timm.models import (
-    beit, cait, davit, edgenext, efficientvit_mit, eva, maxxvit, swiftformer, swin_transformer,
+    beit, cait, crossvit, davit, edgenext, efficientvit_mit, eva, maxxvit, swiftformer, swin_transformer,
     swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer_relpos, vision_transformer_sam, volo,
     xcit,
 )
+from timm.models.csatv2 import SpatialAttention as CSATSpatialAttention  # the module is shadowed by its model
 from torch import nn
 
 from .branch import TokenLayout
@@ -151,6 +152,8 @@ for _cls, _adapter in (
         (volo.Attention, AttentionAdapter(feature_map)),
         (volo.OutlookAttention, AttentionAdapter(feature_map, values=(("v", 1),))),
         (volo.ClassAttention, _CLASS_ATTENTION),
+        (crossvit.CrossAttention, "cross attention: one branch's class token queries the other branch's tokens"),
+        (CSATSpatialAttention, "a spatial gate over a 7 x 7 map of pooled channel statistics, not the model's tokens"),
         (davit.ChannelAttention, _CHANNEL),
         (xcit.XCA, _CHANNEL),
         (edgenext.CrossCovarianceAttn, _CHANNEL),

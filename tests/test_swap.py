@@ -25,6 +25,13 @@ ZOO = [
     ("vit_tiny_patch16_224", dict(_VIT, reg_tokens=2), 2, {("2d", 3, (4, 4))}, []),
     ("deit_tiny_distilled_patch16_224", _VIT, 2, {("2d", 2, (4, 4))}, []),
     ("vit_tiny_r_s16_p8_224", dict(img_size=64, depth=2, num_classes=5), 2, {("2d", 1, (2, 2))}, []),
+    ("vitamin_small_224", dict(img_size=64, num_classes=5), 14, {("2d", 0, (4, 4))}, []),
+    ("naflexvit_base_patch16_gap", _SMALL, 2, {("1d", 0, None)}, []),
+    ("pit_ti_224", dict(img_size=64, num_classes=5), 12, {("1d", 0, None)}, []),
+    ("crossvit_9_240", dict(num_classes=5, input_size=240), 12, {("1d", 0, None)},
+     [f"blocks.{i}.fusion.{j}.attn" for i in range(3) for j in range(2)]),
+    ("mobilevit_xxs", dict(num_classes=5, input_size=64), 9, {("1d", 0, None)}, []),
+    ("csatv2", dict(num_classes=5, input_size=64), 4, {("1d", 0, None)}, ["stages.0.0.attn"]),
     ("eva02_tiny_patch14_224", _VIT, 2, {("2d", 1, (4, 4))}, []),
     ("vit_base_patch16_rope_224", _SMALL, 2, {("2d", 1, (4, 4))}, []),
     ("vit_small_patch16_dinov3", _SMALL, 2, {("2d", 5, (4, 4))}, []),
@@ -41,12 +48,13 @@ ZOO = [
     ("swinv2_cr_tiny_224", dict(_SWIN, patch_size=4), 2, {("2d", 0, (4, 4))}, []),
     ("davit_tiny", dict(depths=(1, 1), embed_dims=(32, 64), num_heads=(2, 4), num_classes=5, input_size=64), 2,
      {("2d", 0, (7, 7))}, ["stages.0.blocks.0.1.attn", "stages.1.blocks.0.1.attn"]),
-    ("tiny_vit", dict(build=tiny_vit.TinyVit, embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
-                      window_sizes=(2, 2, 2, 2), num_classes=5, input_size=64), 3, {("2d", 0, (2, 2))}, []),
+    ("tiny_vit", dict(build=tiny_vit.TinyVit, embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1),
+                      num_heads=(1, 2, 2, 2), window_sizes=(2, 2, 2, 2), num_classes=5, input_size=64),
+     3, {("2d", 0, (2, 2))}, []),
     ("maxvit_tiny_tf_224", dict(img_size=64, depths=(1, 1), embed_dim=(32, 64), stem_width=16, num_classes=5), 4,
      {("2d", 0, None)}, []),
-    ("volo", dict(build=volo.VOLO, layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2),
-                  num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
+    ("volo", dict(build=volo.VOLO, layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64),
+                  num_heads=(1, 2, 2, 2), num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
 ]
 ZOO_IDS = [entry[0] for entry in ZOO]
 
@@ -87,18 +95,26 @@ def test_swapped_family_computes_the_same_function_over_its_own_layout(name, kwa
         assert not messages
 
 
+def _features(model, x):
+    """The model's features (CrossViT: each branch's tokens, joined)."""
+    features = model.forward_features(x)
+    if isinstance(features, (list, tuple)):
+        return torch.cat([f.flatten(1) for f in features], dim=1)
+    return features
+
+
 @pytest.mark.parametrize(("name", "kwargs", "count", "layouts", "left"), ZOO, ids=ZOO_IDS)
 def test_swapped_family_trains_every_branch_parameter(name, kwargs, count, layouts, left):
     model, x = _build(name, kwargs)
     model, _, _ = _swap(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    target = torch.randn_like(model.forward_features(x))
+    target = torch.randn_like(_features(model, x))
     reached = {n: False for n, _ in model.named_parameters() if ".muse." in n}
     # On the features, not a class-token head (through which the last block's convolution gets no gradient).
     for _ in range(3):  # the projection leaves zero first, then the kernels get a gradient
         opt.zero_grad()
-        loss = F.mse_loss(model.forward_features(x), target)
+        loss = F.mse_loss(_features(model, x), target)
         loss.backward()
         assert torch.isfinite(loss)
         for n, p in model.named_parameters():
@@ -120,7 +136,8 @@ def _branch_out(branch, values, grid):
     if branch.feature_map:
         values = values.unflatten(1, grid)
     branch.stash(values)
-    out = branch(torch.zeros_like(values), lambda t: t * 0.0)
+    width = branch.conv_proj.out_features
+    out = branch(torch.zeros_like(values), lambda t: t.new_zeros(*t.shape[:-1], width))
     return out.flatten(1, 2) if branch.feature_map else out
 
 
