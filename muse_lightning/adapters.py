@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from timm.layers import Attention, AttentionPoolLatent, AttentionRope
+from timm.layers import Attention, AttentionPoolLatent, AttentionRope, DiffAttention
 from timm.layers.attention_pool2d import AttentionPool2d, RotAttentionPool2d
 from timm.models import (
     beit, cait, crossvit, davit, edgenext, efficientvit_mit, eva, maxxvit, swiftformer, swin_transformer,
-    swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer_relpos, vision_transformer_sam, volo,
+    swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer, vision_transformer_relpos,
+    vision_transformer_sam, volo,
     xcit,
 )
 from timm.models.csatv2 import SpatialAttention as CSATSpatialAttention  # the module is shadowed by its model
@@ -89,6 +90,11 @@ def _maxvit_qkv(attn: nn.Module) -> tuple[int, int]:
     return 1, 2 * attn.qkv.out_features // 3
 
 
+def _parallel_block_values(block: nn.Module) -> tuple[int, int]:
+    """ViT's parallel-scaling blocks fuse ``[mlp | q | k | v]`` into one ``in_proj``: V is its last ``dim`` channels."""
+    return 1, block.in_proj.out_features - block.in_split[-1]
+
+
 def _separate_qkv_bias(attn: nn.Module) -> None:
     """Add the q/k/v bias after calling the ``qkv`` layer (these attentions' ``qkv_bias_separate``), so that
     the layer runs and its tap sees the values."""
@@ -106,13 +112,14 @@ class AttentionAdapter:
             tapped. ``split`` is an int ``p``, the values being the last ``1 / p`` of its output
             channels (3 for a fused ``qkv``), or ``attention -> (groups, offset)`` where the output
             is ``groups`` equal groups (one per head) whose channels from ``offset`` on are values.
-        output: The ``nn.Linear`` whose output the branch is added to (the attention's output projection).
+        output: The ``nn.Linear`` whose output the branch is added to (the attention's output
+            projection), or candidates, the first present taken.
         prepare: Called on the attention before tapping, e.g. to route its values through the layer.
     """
 
     layout: LayoutFn = sequence
     values: tuple[tuple[str, int | Callable[[nn.Module], tuple[int, int]]], ...] = (("qkv", 3), ("v_proj", 1))
-    output: str = "proj"
+    output: str | tuple[str, ...] = "proj"
     prepare: Callable[[nn.Module], None] | None = None
 
 
@@ -138,6 +145,10 @@ _POOLING = "a pooling head: learned or pooled queries attend over the tokens, no
 for _cls, _adapter in (
         (Attention, AttentionAdapter(patch_grid)),
         (AttentionRope, AttentionAdapter(patch_grid)),
+        (DiffAttention, AttentionAdapter(patch_grid)),
+        *((cls, AttentionAdapter(
+            patch_grid, values=(("in_proj", _parallel_block_values),), output=("out_proj", "attn_out_proj"),
+        )) for cls in (vision_transformer.ParallelScalingBlock, vision_transformer.DiffParallelScalingBlock)),
         (eva.EvaAttention, AttentionAdapter(patch_grid, prepare=_separate_qkv_bias)),
         (beit.Attention, AttentionAdapter(patch_grid, prepare=_separate_qkv_bias)),
         (vision_transformer_relpos.RelPosAttention, AttentionAdapter(patch_grid)),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Final, Literal
+from typing import Final
 
 import torch
 import torch.nn.functional as F
@@ -10,12 +10,11 @@ from timm.layers import use_fused_attn
 from torch import nn
 
 from ._fx import is_tracing
-from .branch import _NO_SCRIPT, TokenConv, TokenLayout
+from .branch import _NO_SCRIPT, ConvProj, TokenConv, TokenLayout
 from .conv import ConvLayout, ConvType
 
 __all__ = ["ConvProj", "MUSEAttention"]
 
-ConvProj = Literal["separate", "shared", "per_kernel"]
 
 
 def _restrict(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,9 @@ from torch import nn
 from ._fx import is_tracing
 from .conv import ConvLayout, ConvType, create_conv
 
-__all__ = ["BranchOutput", "MUSEBranch", "TokenConv", "TokenLayout", "ValueTap"]
+__all__ = ["BranchOutput", "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "ValueTap"]
 
+ConvProj = Literal["separate", "shared", "per_kernel"]
 CONV_PROJS: tuple[str, ...] = ("separate", "shared", "per_kernel")
 
 
@@ -134,7 +135,7 @@ class TokenConv:
             num_heads: int,
             kernel_sizes: Sequence[int] | None,
             conv_type: ConvType,
-            conv_proj: str,
+            conv_proj: ConvProj,
             layout: TokenLayout,
             dd: dict,
     ) -> None:
@@ -185,7 +186,7 @@ class MUSEBranch(TokenConv, nn.Module):
             num_heads: int = 8,
             kernel_sizes: Sequence[int] | None = None,
             conv_type: ConvType = "static",
-            conv_proj: str = "separate",
+            conv_proj: ConvProj = "separate",
             layout: TokenLayout = TokenLayout(),
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None,

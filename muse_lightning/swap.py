@@ -6,13 +6,14 @@ import re
 import warnings
 from typing import Any, Literal, overload
 
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .adapters import ATTENTION_ADAPTERS, AttentionAdapter
 from .attention import MUSEAttention
 from .branch import MUSEBranch, ValueTap, attach
-from .vit import MUSEVisionTransformer
+from .vit import MUSEEva, MUSEVisionTransformer
 
 __all__ = ["swap_attention"]
 
@@ -25,6 +26,8 @@ _FROM_MODEL = (
     "attn_drop", "proj_drop", "norm_layer", "num_prefix_tokens", "grid_size", "device", "dtype",
 )
 _ATTENTION_NAME = re.compile(r"Attention|Attn")
+# timm model classes whose swapped form hands its convolutions each input's grid (dynamic image sizes).
+_LAYOUT_MODELS: dict[type[nn.Module], type[nn.Module]] = {VisionTransformer: MUSEVisionTransformer, Eva: MUSEEva}
 
 
 @overload
@@ -51,8 +54,8 @@ def swap_attention(
     projection, or with ``conv_proj="shared"`` its kernels, at zero), so the swapped model computes
     the same function and fine-tuning starts from its accuracy. Adapters are looked up by exact
     class in ``ATTENTION_ADAPTERS`` (``register_attention_adapter`` adds one). A timm
-    ``VisionTransformer`` becomes a ``MUSEVisionTransformer``, which follows dynamic image sizes
-    and patch dropout.
+    ``VisionTransformer`` becomes a ``MUSEVisionTransformer`` (dynamic image sizes, patch dropout),
+    an ``Eva`` a ``MUSEEva`` (dynamic image sizes).
 
     Attentions left alone (pooling and class-attention heads, attention classes without an adapter)
     are named in a warning; ``strict=True`` makes them an error.
@@ -97,8 +100,8 @@ def swap_attention(
         ancestors = [model.get_submodule(".".join(name.split(".")[:i])) for i in range(name.count("."), -1, -1)]
         _attach_branch(name, module, adapter, ancestors, mixer_kwargs)
     for m in model.modules():
-        if type(m) is VisionTransformer:
-            m.__class__ = MUSEVisionTransformer
+        if type(m) in _LAYOUT_MODELS:
+            m.__class__ = _LAYOUT_MODELS[type(m)]
     names = [name for name, _, _ in targets]
     _logger.info("swap_attention: MUSE added to %d attention modules: %s", len(names), names)
     return (model, names) if return_names else model
@@ -135,11 +138,12 @@ def _attach_branch(
 ) -> None:
     """Build ``attn``'s silent ``MUSEBranch`` and tap its value and output layers."""
     found = [(getattr(attn, a), split) for a, split in adapter.values if isinstance(getattr(attn, a, None), nn.Linear)]
-    output = getattr(attn, adapter.output, None)
-    if not found or not isinstance(output, nn.Linear):
+    outputs = (adapter.output,) if isinstance(adapter.output, str) else adapter.output
+    output = next((getattr(attn, a) for a in outputs if isinstance(getattr(attn, a, None), nn.Linear)), None)
+    if not found or output is None:
         raise TypeError(
             f"{name} ({type(attn).__name__}) has no value layer among {[a for a, _ in adapter.values]} or no "
-            f"nn.Linear {adapter.output!r}: its adapter does not fit it"
+            f"nn.Linear among {list(outputs)}: its adapter does not fit it"
         )
     value, split = found[0]
     if isinstance(value, ValueTap):

@@ -8,7 +8,7 @@ patch tokens for the head.
 from __future__ import annotations
 
 from functools import partial
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from timm.layers.patch_dropout import patch_dropout_forward
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
@@ -26,72 +27,53 @@ from .attention import MUSEAttention
 from .block import MUSEBlock
 from .branch import TokenConv
 
-__all__ = ["MUSEVisionTransformer"]
+__all__ = ["MUSEEva", "MUSEVisionTransformer", "run_block"]
 
 
-class MUSEVisionTransformer(VisionTransformer):
-    """timm's ``VisionTransformer`` that tells its MUSE convolutions where the tokens sit.
+BlockKwargs = Callable[[int], dict[str, Any]]
 
-    Mixers get the model's ``num_prefix_tokens`` and patch grid when the model is built. With
-    ``dynamic_img_size=True`` the grid of each input, and in training under patch dropout the kept
-    patches' places in the grid, are handed to each block's convolutions right before the block
-    runs (so activation checkpointing's recompute hands them over again), without hooks: the model
-    traces with ``torch.fx`` and compiles with ``fullgraph=True``. Everything else is timm's.
-    ``swap_attention`` turns a swapped ``VisionTransformer`` into one.
+
+def run_block(block: nn.Module, x: torch.Tensor, layout: tuple | None, **kwargs: Any) -> torch.Tensor:
+    """Run ``block(x, **kwargs)``, its MUSE convolutions first told this call's ``(grid, kept patch
+    indices)`` (``layout``; None: the static ones). Checkpointing this call repeats the telling."""
+    if layout is not None:
+        for m in block.modules():
+            if isinstance(m, TokenConv):
+                m.grid_size, m.patch_indices = layout
+    return block(x, **kwargs)
+
+
+class _PerCallLayout:
+    """``forward_features`` / ``forward_intermediates`` as timm's ViTs', each block's MUSE convolutions told
+    this call's layout right before the block runs (so activation checkpointing's recompute is told again).
+
+    Subclasses give ``_embed(x, attn_mask, is_causal) -> (tokens, layout or None, block index -> block kwargs)``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for m in self.modules():
-            if isinstance(m, MUSEAttention):
-                m.num_prefix_tokens = self.num_prefix_tokens
-                m.grid_size = tuple(self.patch_embed.grid_size)
+    blocks: nn.Sequential
+    grad_checkpointing: bool
+    num_prefix_tokens: int
+    norm: nn.Module
+    patch_embed: nn.Module
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        """Tokens ready for the blocks, and this call's ``(grid, kept patch indices)`` if not the static ones."""
-        x = self.patch_embed(x)
-        grid = (x.shape[1], x.shape[2]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
-        x = self._pos_embed(x)
-        keep = None
-        dropout = isinstance(self.patch_drop, PatchDropout)
-        if dropout:
-            p = self.patch_drop
-            x, keep = patch_dropout_forward(x, p.prob, p.num_prefix_tokens, p.ordered, p.training)
-        return self.norm_pre(x), ((grid, keep) if self.dynamic_img_size or dropout else None)
-
-    @staticmethod
-    def _block(
-            block: nn.Module,
-            x: torch.Tensor,
-            layout: tuple | None,
-            attn_mask: torch.Tensor | None = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
-        """Run ``block``, its MUSE convolutions first told this call's grid and kept patches."""
-        if layout is not None:
-            for m in block.modules():
-                if isinstance(m, TokenConv):
-                    m.grid_size, m.patch_indices = layout
-        if attn_mask is not None or is_causal:
-            return block(x, attn_mask=attn_mask, is_causal=is_causal)
-        return block(x)
+    def _embed(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> tuple:
+        raise NotImplementedError
 
     def _run_blocks(
             self,
             blocks: nn.Sequential,
             x: torch.Tensor,
             layout: tuple | None,
-            attn_mask: torch.Tensor | None,
-            is_causal: bool,
+            block_kwargs: BlockKwargs,
             take_indices: Sequence[int] = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The last block's output and those of ``take_indices``, checkpointed as timm's ``VisionTransformer``."""
+        """The last block's output and those of ``take_indices``."""
         taken = []
         for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and attn_mask is None and not is_causal and not torch.jit.is_scripting():
-                x = checkpoint(self._block, blk, x, layout)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(run_block, blk, x, layout, **block_kwargs(i))
             else:
-                x = self._block(blk, x, layout, attn_mask, is_causal)
+                x = run_block(blk, x, layout, **block_kwargs(i))
             if i in take_indices:
                 taken.append(x)
         return x, taken
@@ -100,8 +82,8 @@ class MUSEVisionTransformer(VisionTransformer):
             self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
     ) -> torch.Tensor:
         """As timm's: embeddings, blocks, final norm."""
-        x, layout = self._embed(x)
-        x, _ = self._run_blocks(self.blocks, x, layout, attn_mask, is_causal)
+        x, layout, block_kwargs = self._embed(x, attn_mask, is_causal)
+        x, _ = self._run_blocks(self.blocks, x, layout, block_kwargs)
         return self.norm(x)
 
     def forward_intermediates(
@@ -122,9 +104,9 @@ class MUSEVisionTransformer(VisionTransformer):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
-        x, layout = self._embed(x)
+        x, layout, block_kwargs = self._embed(x, attn_mask, is_causal)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        x, intermediates = self._run_blocks(blocks, x, layout, attn_mask, is_causal, take_indices)
+        x, intermediates = self._run_blocks(blocks, x, layout, block_kwargs, take_indices)
         if norm:
             intermediates = [self.norm(y) for y in intermediates]
         prefix_tokens = None
@@ -146,6 +128,61 @@ class MUSEVisionTransformer(VisionTransformer):
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
+
+
+def _masks(attn_mask: torch.Tensor | None, is_causal: bool) -> dict[str, Any]:
+    return {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
+
+
+class MUSEVisionTransformer(_PerCallLayout, VisionTransformer):
+    """timm's ``VisionTransformer`` that tells its MUSE convolutions where the tokens sit.
+
+    Mixers get the model's ``num_prefix_tokens`` and patch grid when the model is built. With
+    ``dynamic_img_size=True`` the grid of each input, and in training under patch dropout the kept
+    patches' places in the grid, are handed to each block's convolutions right before the block
+    runs, without hooks: the model traces with ``torch.fx`` and compiles with ``fullgraph=True``.
+    Everything else is timm's. ``swap_attention`` turns a swapped ``VisionTransformer`` into one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for m in self.modules():
+            if isinstance(m, MUSEAttention):
+                m.num_prefix_tokens = self.num_prefix_tokens
+                m.grid_size = tuple(self.patch_embed.grid_size)
+
+    def _embed(
+            self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+    ) -> tuple[torch.Tensor, tuple | None, BlockKwargs]:
+        x = self.patch_embed(x)
+        grid = (x.shape[1], x.shape[2]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
+        x = self._pos_embed(x)
+        keep = None
+        dropout = isinstance(self.patch_drop, PatchDropout)
+        if dropout:
+            p = self.patch_drop
+            x, keep = patch_dropout_forward(x, p.prob, p.num_prefix_tokens, p.ordered, p.training)
+        masks = _masks(attn_mask, is_causal)
+        return self.norm_pre(x), ((grid, keep) if self.dynamic_img_size or dropout else None), lambda i: masks
+
+
+class MUSEEva(_PerCallLayout, Eva):
+    """timm's ``Eva`` (EVA, EVA-02, DINOv3, PE, ViT-RoPE) that hands its MUSE convolutions the patch grid
+    of each input with ``dynamic_img_size=True``, as ``MUSEVisionTransformer`` does (patch dropout:
+    the static grid, so an error). ``swap_attention`` turns a swapped ``Eva`` into one."""
+
+    def _embed(
+            self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+    ) -> tuple[torch.Tensor, tuple | None, BlockKwargs]:
+        x = self.patch_embed(x)
+        layout = ((x.shape[1], x.shape[2]), None) if self.dynamic_img_size else None
+        x, rope = self._pos_embed(x)
+        mixed = getattr(self, "rope_mixed", False) and rope is not None  # one RoPE table a block
+
+        def block_kwargs(i: int) -> dict[str, Any]:
+            return {"rope": rope[i] if mixed else rope, "attn_mask": attn_mask, "is_causal": is_causal}
+
+        return self.norm_pre(x), layout, block_kwargs
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -25,6 +25,9 @@ ZOO = [
     ("vit_tiny_patch16_224", dict(_VIT, reg_tokens=2), 2, {("2d", 3, (4, 4))}, []),
     ("deit_tiny_distilled_patch16_224", _VIT, 2, {("2d", 2, (4, 4))}, []),
     ("vit_tiny_r_s16_p8_224", dict(img_size=64, depth=2, num_classes=5), 2, {("2d", 1, (2, 2))}, []),
+    ("vit_base_patch16_xp_224", _SMALL, 2, {("2d", 1, (4, 4))}, []),
+    ("vit_dwee_patch16_reg1_gap_256", _SMALL, 2, {("2d", 1, (4, 4))}, []),
+    ("qwen3_vit_88m", dict(depth=2, embed_dim=64, num_heads=2, img_size=64, num_classes=5), 2, {("2d", 0, (4, 4))}, []),
     ("vitamin_small_224", dict(img_size=64, num_classes=5), 14, {("2d", 0, (4, 4))}, []),
     ("naflexvit_base_patch16_gap", _SMALL, 2, {("1d", 0, None)}, []),
     ("pit_ti_224", dict(img_size=64, num_classes=5), 12, {("1d", 0, None)}, []),
@@ -239,13 +242,21 @@ def test_patch_dropout_convolves_kept_patches_at_their_real_places(name):
     assert mixer.patch_indices is None  # no dropout in eval: the whole grid again
 
 
-def test_dynamic_size_checkpointing_recomputes_with_each_calls_own_grid():
+@pytest.mark.parametrize("name", ["muse_vit_tiny_patch4_28", "vit_tiny_patch16_224", "eva02_tiny_patch14_224"])
+def test_dynamic_size_checkpointing_recomputes_with_each_calls_own_grid(name):
     """Two forwards of different grids, then both backwards: recompute must use each call's grid."""
     def grads(checkpointing):
         torch.manual_seed(0)
-        model = timm.create_model("muse_vit_tiny_patch4_28", depth=2, dynamic_img_size=True)
-        model.set_grad_checkpointing(checkpointing)
-        a, b = model(torch.randn(2, 1, 28, 36)), model(torch.randn(2, 1, 36, 20))
+        if name.startswith("muse_"):
+            model, chans, patch = timm.create_model(name, depth=2, dynamic_img_size=True), 1, 4
+        else:
+            model, chans, patch = _build(name, dict(_VIT, dynamic_img_size=True))[0], 3, 8
+            for branch in _branches(swap_attention(model)):
+                _random_branch(branch)
+        model.train().set_grad_checkpointing(checkpointing)
+        torch.manual_seed(1)
+        a = model(torch.randn(2, chans, 7 * patch, 9 * patch))
+        b = model(torch.randn(2, chans, 9 * patch, 5 * patch))
         (a.sum() + 2 * b.sum()).backward()
         return {n: p.grad for n, p in model.named_parameters()}
     ref, ckpt = grads(False), grads(True)
@@ -262,6 +273,7 @@ SWAP_OPTIONS = [{}, {"conv_layout": "1d"}, {"conv_proj": "shared"}, {"conv_proj"
     ("vit_tiny_patch16_224", {"reg_tokens": 4}),
     ("vit_tiny_patch16_224", {"dynamic_img_size": True, "class_token": False, "global_pool": "avg"}),
     ("eva02_tiny_patch14_224", {}),
+    ("eva02_tiny_patch14_224", {"dynamic_img_size": True}),
 ])
 def test_swap_options_keep_the_function(name, kwargs, options):
     model, x = _build(name, dict(_VIT, **kwargs))
@@ -273,9 +285,12 @@ def test_swap_options_keep_the_function(name, kwargs, options):
     assert (model(x) - ref).abs().max() <= 1e-4
 
 
-def test_swapped_dynamic_size_model_follows_non_square_grids():
-    model, _ = _build("vit_tiny_patch16_224", dict(_VIT, dynamic_img_size=True))
+@pytest.mark.parametrize(("name", "cls"), [("vit_tiny_patch16_224", "MUSEVisionTransformer"),
+                                           ("eva02_tiny_patch14_224", "MUSEEva")])
+def test_swapped_dynamic_size_model_follows_non_square_grids(name, cls):
+    model, _ = _build(name, dict(_VIT, dynamic_img_size=True))
     model, _, _ = _swap(model)
+    assert type(model).__name__ == cls
     branch = _branches(model)[0]
     _random_branch(branch)
     model(torch.randn(1, 3, 32, 40))
