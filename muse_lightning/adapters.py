@@ -45,12 +45,25 @@ def sequence(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
     return TokenLayout("1d")
 
 
+def _class_tokens(ancestors: Sequence[nn.Module]) -> int | None:
+    """The number of class tokens of the nearest model that prepends them (PiT's ``cls_token``, CrossViT's
+    ``cls_token_0``) to a square grid of tokens whose size changes from stage to stage."""
+    for m in ancestors:
+        tokens = getattr(m, "cls_token", None)
+        tokens = tokens if isinstance(tokens, nn.Parameter) else getattr(m, "cls_token_0", None)
+        if isinstance(tokens, nn.Parameter):
+            return int(tokens.shape[1])
+    return None
+
+
 def patch_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
-    """The enclosing ViT-style model's patch grid after its prefix tokens; a sequence outside one."""
+    """The enclosing ViT-style model's patch grid after its prefix tokens; after a model's class tokens,
+    the square grid of each call (PiT, CrossViT); a sequence otherwise."""
     owner = _vit_owner(ancestors)
-    if owner is None:
-        return TokenLayout("1d")
-    return TokenLayout("2d", int(owner.num_prefix_tokens), tuple(owner.patch_embed.grid_size))
+    if owner is not None:
+        return TokenLayout("2d", int(owner.num_prefix_tokens), tuple(owner.patch_embed.grid_size))
+    classes = _class_tokens(ancestors)
+    return TokenLayout("1d") if classes is None else TokenLayout("2d", classes)
 
 
 def patch_grid_without_prefix(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
