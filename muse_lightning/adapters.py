@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from timm.layers import Attention, AttentionPoolLatent, AttentionRope, DiffAttention
 from timm.layers.attention_pool2d import AttentionPool2d, RotAttentionPool2d
 from timm.models import (
-    beit, cait, crossvit, davit, edgenext, efficientvit_mit, eva, maxxvit, swiftformer, swin_transformer,
+    beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientvit_mit, eva, fastvit, maxxvit,
+    metaformer, nest, swiftformer, swin_transformer,
     swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer, vision_transformer_relpos,
     vision_transformer_sam, volo,
     xcit,
@@ -26,7 +27,7 @@ from .branch import TokenLayout
 
 __all__ = [
     "ATTENTION_ADAPTERS", "AttentionAdapter", "block_window_grid", "feature_map", "patch_grid",
-    "patch_grid_without_prefix", "register_attention_adapter", "sequence", "window_grid",
+    "patch_grid_without_prefix", "register_attention_adapter", "sequence", "square_grid", "window_grid",
 ]
 
 LayoutFn = Callable[[nn.Module, Sequence[nn.Module]], TokenLayout]
@@ -67,8 +68,15 @@ def patch_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
 
 
 def patch_grid_without_prefix(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
-    """The patch grid, all tokens patches (CaiT: the class token joins only in the class-attention head)."""
+    """The patch grid, all tokens patches (CaiT, whose class token joins only in the class-attention head;
+    ConViT's gated positional attention, before its class token joins)."""
     return patch_grid(attn, ancestors)._replace(num_prefix_tokens=0)
+
+
+def square_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
+    """A square grid of each call, no prefix tokens: the flattened feature map of a stage (MetaFormer,
+    EfficientFormer, FastViT) or a block of one (NesT). A non-square map is an error, never a guess."""
+    return TokenLayout("2d")
 
 
 def window_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
@@ -92,7 +100,8 @@ def feature_map(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
 
 
 def _per_head_qkv(attn: nn.Module) -> tuple[int, int]:
-    """A fused ``qkv`` whose output is per head ``[q | k | v]`` (TinyViT: ``key_dim``, ``key_dim``, ``val_dim``)."""
+    """A fused ``qkv`` whose output is per head ``[q | k | v]`` of ``key_dim``, ``key_dim``, ``val_dim``
+    (TinyViT, EfficientFormer)."""
     return attn.num_heads, 2 * attn.key_dim
 
 
@@ -172,6 +181,12 @@ for _cls, _adapter in (
         (swin_transformer_v2_cr.WindowMultiHeadAttention, AttentionAdapter(window_grid)),
         (davit.WindowAttention, AttentionAdapter(window_grid)),
         (tiny_vit.Attention, AttentionAdapter(block_window_grid, values=(("qkv", _per_head_qkv),))),
+        (efficientformer.Attention, AttentionAdapter(square_grid, values=(("qkv", _per_head_qkv),))),
+        (metaformer.Attention, AttentionAdapter(square_grid)),
+        (fastvit.Attention, AttentionAdapter(square_grid)),
+        (nest.Attention, AttentionAdapter(square_grid)),
+        (convit.GPSA, AttentionAdapter(patch_grid_without_prefix, values=(("v", 1),))),
+        (convit.MHSA, AttentionAdapter(patch_grid)),
         (maxxvit.AttentionCl, AttentionAdapter(feature_map, values=(("qkv", _maxvit_qkv),))),
         (volo.Attention, AttentionAdapter(feature_map)),
         (volo.OutlookAttention, AttentionAdapter(feature_map, values=(("v", 1),))),

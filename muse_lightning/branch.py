@@ -212,7 +212,7 @@ class MUSEBranch(TokenConv, nn.Module):
         self._values = values
 
     def forward(self, attn: torch.Tensor, proj: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``proj(attn)`` plus the convolution of the stashed values (tokens ``(B, N, C)``, or
+        """``proj(attn)`` plus the convolution of the stashed values (tokens ``(..., N, C)``, or
         ``(B, H, W, C)`` maps with ``feature_map``)."""
         values, self._values = self._values, None
         if values is None:
@@ -229,7 +229,10 @@ class MUSEBranch(TokenConv, nn.Module):
             B, H, W, C = values.shape
             kwargs = self._conv_kwargs(H * W, False, (H, W)) if self.conv_layout == "2d" else {"is_causal": False}
             return self._mix_conv(attn.flatten(1, 2), values.flatten(1, 2), proj, None, kwargs).unflatten(1, (H, W))
-        return self._mix_conv(attn, values, proj, None, self._conv_kwargs(values.shape[1], False, None))
+        # (..., N, C): leading dims (batch, and NesT's blocks) are all batch to the convolution.
+        kwargs = self._conv_kwargs(values.shape[-2], False, None)
+        out = self._mix_conv(attn.flatten(0, -3), values.flatten(0, -3), proj, None, kwargs)
+        return out.unflatten(0, values.shape[:-2])
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise NotImplementedError(_NO_SCRIPT)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
-from timm.models import tiny_vit, volo
+from timm.models import efficientformer, metaformer, nest, tiny_vit, volo
 from torch import nn
 
 from muse_lightning import (
@@ -56,6 +56,17 @@ ZOO = [
      3, {("2d", 0, (2, 2))}, []),
     ("maxvit_tiny_tf_224", dict(img_size=64, depths=(1, 1), embed_dim=(32, 64), stem_width=16, num_classes=5), 4,
      {("2d", 0, None)}, []),
+    ("caformer", dict(build=metaformer.MetaFormer, depths=(1, 1, 1, 1), dims=(16, 32, 32, 32),
+                      token_mixers=[metaformer.SepConv] * 2 + [metaformer.Attention] * 2,
+                      norm_layers=[metaformer.LayerNorm2dNoBias] * 2 + [metaformer.LayerNormNoBias] * 2,
+                      num_classes=5, input_size=64), 2, {("2d", 0, None)}, []),
+    ("efficientformer", dict(build=efficientformer.EfficientFormer, depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64),
+                             num_vit=1, num_classes=5, input_size=224), 1, {("2d", 0, None)}, []),
+    ("fastvit_sa12", dict(num_classes=5, input_size=64), 2, {("2d", 0, None)}, []),
+    ("nest", dict(build=nest.Nest, img_size=32, patch_size=2, num_levels=2, embed_dims=(32, 64), num_heads=(2, 4),
+                  depths=(1, 1), num_classes=5), 2, {("2d", 0, None)}, []),
+    ("convit_tiny", dict(_SMALL, depth=3, local_up_to_layer=2, num_heads=4), 3,
+     {("2d", 0, (4, 4)), ("2d", 1, (4, 4))}, []),
     ("volo", dict(build=volo.VOLO, layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64),
                   num_heads=(1, 2, 2, 2), num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
 ]
@@ -118,7 +129,9 @@ def test_swapped_family_trains_every_branch_parameter(name, kwargs, count, layou
     target = torch.randn_like(_features(model, x))
     reached = {n: False for n, _ in model.named_parameters() if ".muse." in n}
     # On the features, not a class-token head (through which the last block's convolution gets no gradient).
-    for _ in range(3):  # the projection leaves zero first, then the kernels get a gradient
+    # The projection leaves zero first, then the kernels get a gradient (a step or two later where the
+    # model zero-initialises what follows the attention: Swin v2's post-norms, NesT).
+    for _ in range(4):
         opt.zero_grad()
         loss = F.mse_loss(_features(model, x), target)
         loss.backward()
