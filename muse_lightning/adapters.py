@@ -17,13 +17,13 @@ from timm.models import (
     beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientvit_mit, eva, fastvit, maxxvit,
     metaformer, nest, swiftformer, swin_transformer,
     swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer, vision_transformer_relpos,
-    vision_transformer_sam, volo,
+    vision_transformer_sam, visformer, volo,
     xcit,
 )
 from timm.models.csatv2 import SpatialAttention as CSATSpatialAttention  # the module is shadowed by its model
 from torch import nn
 
-from .branch import TokenLayout
+from .branch import TokenLayout, widths
 
 __all__ = [
     "ATTENTION_ADAPTERS", "AttentionAdapter", "block_window_grid", "feature_map", "patch_grid",
@@ -95,7 +95,8 @@ def block_window_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenL
 
 
 def feature_map(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
-    """The attention reads and writes ``(B, H, W, C)`` maps (VOLO, MaxViT's partitions): their grid."""
+    """The attention reads and writes maps (VOLO, MaxViT's partitions ``(B, H, W, C)``; CoAtNet and Visformer
+    ``(B, C, H, W)``): their grid."""
     return TokenLayout("2d", feature_map=True)
 
 
@@ -106,10 +107,10 @@ def _per_head_qkv(attn: nn.Module) -> tuple[int, int]:
 
 
 def _maxvit_qkv(attn: nn.Module) -> tuple[int, int]:
-    """MaxViT's ``qkv``: per head ``[q | k | v]`` with ``head_first``, else the usual thirds."""
+    """MaxViT's and CoAtNet's ``qkv``: per head ``[q | k | v]`` with ``head_first``, else the usual thirds."""
     if attn.head_first:
         return attn.num_heads, 2 * attn.dim_head
-    return 1, 2 * attn.qkv.out_features // 3
+    return 1, 2 * widths(attn.qkv)[1] // 3
 
 
 def _parallel_block_values(block: nn.Module) -> tuple[int, int]:
@@ -130,7 +131,8 @@ class AttentionAdapter:
 
     Attributes:
         layout: ``(attention, its ancestors nearest first) -> TokenLayout``.
-        values: Candidate value layers, ``(attribute, split)``: the first ``nn.Linear`` present is
+        values: Candidate value layers, ``(attribute, split)``: the first present (an ``nn.Linear``,
+            or a 1 x 1 ``nn.Conv2d`` over ``(B, C, H, W)`` maps with a ``feature_map`` layout) is
             tapped. ``split`` is an int ``p``, the values being the last ``1 / p`` of its output
             channels (3 for a fused ``qkv``), or ``attention -> (groups, offset)`` where the output
             is ``groups`` equal groups (one per head) whose channels from ``offset`` on are values.
@@ -188,6 +190,8 @@ for _cls, _adapter in (
         (convit.GPSA, AttentionAdapter(patch_grid_without_prefix, values=(("v", 1),))),
         (convit.MHSA, AttentionAdapter(patch_grid)),
         (maxxvit.AttentionCl, AttentionAdapter(feature_map, values=(("qkv", _maxvit_qkv),))),
+        (maxxvit.Attention2d, AttentionAdapter(feature_map, values=(("qkv", _maxvit_qkv),))),
+        (visformer.Attention, AttentionAdapter(feature_map)),
         (volo.Attention, AttentionAdapter(feature_map)),
         (volo.OutlookAttention, AttentionAdapter(feature_map, values=(("v", 1),))),
         (volo.ClassAttention, _CLASS_ATTENTION),

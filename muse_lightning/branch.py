@@ -4,9 +4,9 @@
 the value tokens over their layout (the sequence, or a row-major ``H x W`` grid after
 ``num_prefix_tokens`` attention-only tokens) and adds the result to the attention's output
 projection. ``MUSEBranch`` carries that branch for an attention module it does not own:
-``ValueTap`` (the attention's value ``nn.Linear``, class-swapped) hands it the values as the
-attention computes them, and ``BranchOutput`` (the attention's output ``nn.Linear``) adds the
-branch to the projection, so the attention's own forward, state_dict keys and weights stay as they are.
+``ValueTap`` (the attention's value ``nn.Linear``, class-swapped; ``ValueTapConv`` for a 1 x 1
+convolution) hands it the values as the attention computes them, and ``BranchOutput`` (the
+attention's output layer; ``BranchOutputConv``) adds the branch to the projection, so the attention's own forward, state_dict keys and weights stay as they are.
 """
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ from torch import nn
 from ._fx import is_tracing
 from .conv import ConvLayout, ConvType, create_conv
 
-__all__ = ["BranchOutput", "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "ValueTap"]
+__all__ = [
+    "BranchOutput", "BranchOutputConv", "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "ValueTap",
+    "ValueTapConv",
+]
 
 ConvProj = Literal["separate", "shared", "per_kernel"]
 CONV_PROJS: tuple[str, ...] = ("separate", "shared", "per_kernel")
@@ -228,7 +231,9 @@ class MUSEBranch(TokenConv, nn.Module):
         if self.feature_map:
             B, H, W, C = values.shape
             kwargs = self._conv_kwargs(H * W, False, (H, W)) if self.conv_layout == "2d" else {"is_causal": False}
-            return self._mix_conv(attn.flatten(1, 2), values.flatten(1, 2), proj, None, kwargs).unflatten(1, (H, W))
+            flat_proj = lambda t: proj(t.unflatten(1, (H, W))).flatten(1, 2)  # noqa: E731 (the projection sees maps)
+            out = self._mix_conv(attn.flatten(1, 2), values.flatten(1, 2), flat_proj, None, kwargs)
+            return out.unflatten(1, (H, W))
         # (..., N, C): leading dims (batch, and NesT's blocks) are all batch to the convolution.
         kwargs = self._conv_kwargs(values.shape[-2], False, None)
         out = self._mix_conv(attn.flatten(0, -3), values.flatten(0, -3), proj, None, kwargs)
@@ -268,16 +273,58 @@ class BranchOutput(nn.Linear):
         return self.__dict__["muse_branch"](x, super().forward)
 
 
-def attach(value: nn.Linear, split: tuple[int, int], output: nn.Linear, branch: MUSEBranch) -> None:
-    """Turn ``value`` into a ``ValueTap`` (values: ``split = (groups, offset)``, see there) and ``output``
-    into a ``BranchOutput`` feeding ``branch``.
+class ValueTapConv(nn.Conv2d):
+    """``ValueTap`` for a 1 x 1 ``nn.Conv2d`` over ``(B, C, H, W)`` maps (CoAtNet, Visformer): the values,
+    split along the channels, go to the branch as a ``(B, H, W, C)`` map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        groups, offset = self.__dict__["muse_value_split"]
+        values = out[:, offset:] if groups == 1 else out.unflatten(1, (groups, -1))[:, :, offset:].flatten(1, 2)
+        self.__dict__["muse_branch"].stash(values.permute(0, 2, 3, 1))
+        return out
+
+
+class BranchOutputConv(nn.Conv2d):
+    """``BranchOutput`` for a 1 x 1 ``nn.Conv2d`` output projection over ``(B, C, H, W)`` maps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = super().forward
+        out = self.__dict__["muse_branch"](
+            x.permute(0, 2, 3, 1), lambda t: conv(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
+        )
+        return out.permute(0, 3, 1, 2)
+
+
+_TAPS: dict[type[nn.Module], tuple[type[nn.Module], type[nn.Module]]] = {
+    nn.Linear: (ValueTap, BranchOutput), nn.Conv2d: (ValueTapConv, BranchOutputConv),
+}
+
+
+def is_tappable(layer: nn.Module | None) -> bool:
+    """A plain ``nn.Linear``, or a 1 x 1 ``nn.Conv2d`` (stride 1, ungrouped): the layers MUSE taps."""
+    if type(layer) is nn.Conv2d:
+        return layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1
+    return type(layer) is nn.Linear
+
+
+def widths(layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` channels of a tappable layer."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels, layer.out_channels
+    return layer.in_features, layer.out_features
+
+
+def attach(value: nn.Module, split: tuple[int, int], output: nn.Module, branch: MUSEBranch) -> None:
+    """Turn ``value`` into a value tap (values: ``split = (groups, offset)``, see ``ValueTap``) and
+    ``output`` into a branch output feeding ``branch``; both tappable layers of one kind.
 
     The layers keep their weights and state_dict keys; ``branch`` is referenced, not registered,
     so it is registered once, on the attention.
     """
-    for layer, cls in ((value, ValueTap), (output, BranchOutput)):
-        if type(layer) is not nn.Linear:
-            raise TypeError(f"MUSE taps a plain nn.Linear, got {type(layer).__name__}")
-        layer.__class__ = cls
+    for layer, role in ((value, 0), (output, 1)):
+        if not is_tappable(layer):
+            raise TypeError(f"MUSE taps a plain nn.Linear or a 1 x 1 nn.Conv2d, got {layer!r}")
+        layer.__class__ = _TAPS[type(layer)][role]
         layer.__dict__["muse_branch"] = branch
     value.__dict__["muse_value_split"] = split

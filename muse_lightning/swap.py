@@ -12,7 +12,7 @@ from torch import nn
 
 from .adapters import ATTENTION_ADAPTERS, AttentionAdapter
 from .attention import MUSEAttention
-from .branch import MUSEBranch, ValueTap, attach
+from .branch import MUSEBranch, attach, is_tappable, widths
 from .vit import MUSEEva, MUSEVisionTransformer
 
 __all__ = ["swap_attention"]
@@ -137,19 +137,21 @@ def _attach_branch(
         name: str, attn: nn.Module, adapter: AttentionAdapter, ancestors: list[nn.Module], options: dict[str, Any],
 ) -> None:
     """Build ``attn``'s silent ``MUSEBranch`` and tap its value and output layers."""
-    found = [(getattr(attn, a), split) for a, split in adapter.values if isinstance(getattr(attn, a, None), nn.Linear)]
+    if isinstance(getattr(attn, "muse", None), MUSEBranch):
+        raise ValueError(f"{name} already has a MUSE branch (swap_attention was run on this model before)")
+    found = [(getattr(attn, a), split) for a, split in adapter.values if is_tappable(getattr(attn, a, None))]
     outputs = (adapter.output,) if isinstance(adapter.output, str) else adapter.output
-    output = next((getattr(attn, a) for a in outputs if isinstance(getattr(attn, a, None), nn.Linear)), None)
+    output = next((getattr(attn, a) for a in outputs if is_tappable(getattr(attn, a, None))), None)
     if not found or output is None:
         raise TypeError(
             f"{name} ({type(attn).__name__}) has no value layer among {[a for a, _ in adapter.values]} or no "
-            f"nn.Linear among {list(outputs)}: its adapter does not fit it"
+            f"output layer among {list(outputs)} (nn.Linear or 1 x 1 nn.Conv2d): its adapter does not fit it"
         )
     value, split = found[0]
-    if isinstance(value, ValueTap):
-        raise ValueError(f"{name} already has a MUSE branch (swap_attention was run on this model before)")
-    groups, offset = (1, value.out_features - value.out_features // split) if isinstance(split, int) else split(attn)
-    value_dim = value.out_features - groups * offset
+    value_width = widths(value)[1]
+    groups, offset = (1, value_width - value_width // split) if isinstance(split, int) else split(attn)
+    value_dim = value_width - groups * offset
+    output_in, output_out = widths(output)
     layout = adapter.layout(attn, ancestors)
     conv_layout = options.get("conv_layout", layout.layout)
     if conv_layout == "2d" and layout.layout != "2d":
@@ -158,13 +160,13 @@ def _attach_branch(
             "(a ViT-style model gives its patch grid)"
         )
     conv_proj = options.get("conv_proj", "separate")
-    if conv_proj == "shared" and value_dim != output.in_features:
+    if conv_proj == "shared" and value_dim != output_in:
         raise ValueError(
             f"conv_proj='shared' adds the convolution to the attention output, but {name}'s values are {value_dim} "
-            f"wide and its output projection takes {output.in_features}: use conv_proj='separate'"
+            f"wide and its output projection takes {output_in}: use conv_proj='separate'"
         )
     branch = MUSEBranch(
-        value_dim, output.out_features, num_heads=attn.num_heads, kernel_sizes=options.get("kernel_sizes"),
+        value_dim, output_out, num_heads=attn.num_heads, kernel_sizes=options.get("kernel_sizes"),
         conv_type=options.get("conv_type", "static"), conv_proj=conv_proj, layout=layout._replace(layout=conv_layout),
         device=value.weight.device, dtype=value.weight.dtype,
     )

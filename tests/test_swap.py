@@ -67,6 +67,8 @@ ZOO = [
                   depths=(1, 1), num_classes=5), 2, {("2d", 0, None)}, []),
     ("convit_tiny", dict(_SMALL, depth=3, local_up_to_layer=2, num_heads=4), 3,
      {("2d", 0, (4, 4)), ("2d", 1, (4, 4))}, []),
+    ("coatnet_pico_rw_224", dict(num_classes=5, img_size=64), 7, {("2d", 0, None)}, []),
+    ("visformer_tiny", dict(num_classes=5, input_size=224), 8, {("2d", 0, None)}, []),
     ("volo", dict(build=volo.VOLO, layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64),
                   num_heads=(1, 2, 2, 2), num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
 ]
