@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from timm.layers import Attention, AttentionPoolLatent, AttentionRope, DiffAttention
 from timm.layers.attention_pool2d import AttentionPool2d, RotAttentionPool2d
 from timm.models import (
-    beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientvit_mit, eva, fastvit, maxxvit,
-    metaformer, nest, swiftformer, swin_transformer,
+    beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientvit_mit, eva, fastvit, gcvit, maxxvit,
+    metaformer, nest, swiftformer, swin_transformer, tnt,
     swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer, vision_transformer_relpos,
     vision_transformer_sam, visformer, volo,
     xcit,
@@ -27,7 +27,7 @@ from .branch import TokenLayout, widths
 
 __all__ = [
     "ATTENTION_ADAPTERS", "AttentionAdapter", "block_window_grid", "feature_map", "patch_grid",
-    "patch_grid_without_prefix", "register_attention_adapter", "sequence", "square_grid", "window_grid",
+    "patch_grid_without_prefix", "register_attention_adapter", "sequence", "square_grid", "tnt_grid", "window_grid",
 ]
 
 LayoutFn = Callable[[nn.Module, Sequence[nn.Module]], TokenLayout]
@@ -118,6 +118,21 @@ def _parallel_block_values(block: nn.Module) -> tuple[int, int]:
     return 1, block.in_proj.out_features - block.in_split[-1]
 
 
+def tnt_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
+    """TNT: the inner attention over each patch's grid of pixel tokens, the outer over the patch grid after
+    the class token."""
+    model = next(m for m in ancestors if hasattr(m, "pixel_embed"))
+    if attn is ancestors[0].attn_in:
+        return TokenLayout("2d", 0, tuple(model.pixel_embed.new_patch_size))
+    return TokenLayout("2d", int(model.num_prefix_tokens), tuple(model.pixel_embed.grid_size))
+
+
+def _gcvit_values(attn: nn.Module) -> tuple[int, int]:
+    """GCViT's ``qkv`` is ``[k | v]`` where a global query comes from outside, else ``[q | k | v]``."""
+    out = widths(attn.qkv)[1]
+    return 1, out - out // (2 if attn.use_global else 3)
+
+
 def _separate_qkv_bias(attn: nn.Module) -> None:
     """Add the q/k/v bias after calling the ``qkv`` layer (these attentions' ``qkv_bias_separate``), so that
     the layer runs and its tap sees the values."""
@@ -182,6 +197,8 @@ for _cls, _adapter in (
         (swin_transformer_v2.WindowAttention, AttentionAdapter(window_grid, prepare=_separate_qkv_bias)),
         (swin_transformer_v2_cr.WindowMultiHeadAttention, AttentionAdapter(window_grid)),
         (davit.WindowAttention, AttentionAdapter(window_grid)),
+        (gcvit.WindowAttentionGlobal, AttentionAdapter(window_grid, values=(("qkv", _gcvit_values),))),
+        (tnt.Attention, AttentionAdapter(tnt_grid, values=(("v", 1),))),
         (tiny_vit.Attention, AttentionAdapter(block_window_grid, values=(("qkv", _per_head_qkv),))),
         (efficientformer.Attention, AttentionAdapter(square_grid, values=(("qkv", _per_head_qkv),))),
         (metaformer.Attention, AttentionAdapter(square_grid)),

@@ -69,6 +69,8 @@ ZOO = [
      {("2d", 0, (4, 4)), ("2d", 1, (4, 4))}, []),
     ("coatnet_pico_rw_224", dict(num_classes=5, img_size=64), 7, {("2d", 0, None)}, []),
     ("visformer_tiny", dict(num_classes=5, input_size=224), 8, {("2d", 0, None)}, []),
+    ("gcvit_xxtiny", dict(num_classes=5, img_size=64), 12, {("2d", 0, (2, 2)), ("2d", 0, (4, 4))}, []),
+    ("tnt_s_patch16_224", dict(num_classes=5, img_size=32, depth=2), 4, {("2d", 0, (4, 4)), ("2d", 1, (2, 2))}, []),
     ("volo", dict(build=volo.VOLO, layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64),
                   num_heads=(1, 2, 2, 2), num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
 ]
