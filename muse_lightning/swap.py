@@ -6,14 +6,12 @@ import re
 import warnings
 from typing import Any, Literal, overload
 
-from timm.models.eva import Eva
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .adapters import ATTENTION_ADAPTERS, AttentionAdapter
 from .attention import MUSEAttention
 from .branch import MUSEBranch, attach, is_tappable, widths
-from .vit import MUSEEva, MUSEVisionTransformer
+from .vit import follow_token_layout
 
 __all__ = ["swap_attention"]
 
@@ -26,8 +24,7 @@ _FROM_MODEL = (
     "attn_drop", "proj_drop", "norm_layer", "num_prefix_tokens", "grid_size", "device", "dtype",
 )
 _ATTENTION_NAME = re.compile(r"Attention|Attn")
-# timm model classes whose swapped form hands its convolutions each input's grid (dynamic image sizes).
-_LAYOUT_MODELS: dict[type[nn.Module], type[nn.Module]] = {VisionTransformer: MUSEVisionTransformer, Eva: MUSEEva}
+
 
 
 @overload
@@ -54,8 +51,8 @@ def swap_attention(
     projection, or with ``conv_proj="shared"`` its kernels, at zero), so the swapped model computes
     the same function and fine-tuning starts from its accuracy. Adapters are looked up by exact
     class in ``ATTENTION_ADAPTERS`` (``register_attention_adapter`` adds one). A timm
-    ``VisionTransformer`` becomes a ``MUSEVisionTransformer`` (dynamic image sizes, patch dropout),
-    an ``Eva`` a ``MUSEEva`` (dynamic image sizes).
+    ``VisionTransformer`` becomes a ``MUSEVisionTransformer`` and an ``Eva`` a ``MUSEEva``: they follow
+    dynamic image sizes and patch dropout.
 
     Attentions left alone (pooling and class-attention heads, attention classes without an adapter)
     are named in a warning; ``strict=True`` makes them an error.
@@ -99,9 +96,8 @@ def swap_attention(
     for name, module, adapter in targets:
         ancestors = [model.get_submodule(".".join(name.split(".")[:i])) for i in range(name.count("."), -1, -1)]
         _attach_branch(name, module, adapter, ancestors, mixer_kwargs)
-    for m in model.modules():
-        if type(m) in _LAYOUT_MODELS:
-            m.__class__ = _LAYOUT_MODELS[type(m)]
+    for m in list(model.modules()):
+        follow_token_layout(m)
     names = [name for name, _, _ in targets]
     _logger.info("swap_attention: MUSE added to %d attention modules: %s", len(names), names)
     return (model, names) if return_names else model

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import HybridEmbed, PatchDropout
+from timm.layers import HybridEmbed, PatchDropout, PatchDropoutWithIndices
 from timm.layers.patch_dropout import patch_dropout_forward
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -27,7 +27,7 @@ from .attention import MUSEAttention
 from .block import MUSEBlock
 from .branch import TokenConv
 
-__all__ = ["MUSEEva", "MUSEVisionTransformer", "run_block"]
+__all__ = ["MUSEEva", "MUSEVisionTransformer", "follow_token_layout", "run_block"]
 
 
 BlockKwargs = Callable[[int], dict[str, Any]]
@@ -166,23 +166,44 @@ class MUSEVisionTransformer(_PerCallLayout, VisionTransformer):
         return self.norm_pre(x), ((grid, keep) if self.dynamic_img_size or dropout else None), lambda i: masks
 
 
+class _KeptPatches(PatchDropoutWithIndices):
+    """Eva's patch dropout, keeping the indices of the patches it kept for ``MUSEEva`` to read."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, self.keep_indices = super().forward(x)
+        return x, self.keep_indices
+
+
 class MUSEEva(_PerCallLayout, Eva):
     """timm's ``Eva`` (EVA, EVA-02, DINOv3, PE, ViT-RoPE) that hands its MUSE convolutions the patch grid
-    of each input with ``dynamic_img_size=True``, as ``MUSEVisionTransformer`` does (patch dropout:
-    the static grid, so an error). ``swap_attention`` turns a swapped ``Eva`` into one."""
+    of each input with ``dynamic_img_size=True`` and the kept patches under patch dropout, as
+    ``MUSEVisionTransformer`` does. ``swap_attention`` turns a swapped ``Eva`` into one."""
 
     def _embed(
             self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
     ) -> tuple[torch.Tensor, tuple | None, BlockKwargs]:
         x = self.patch_embed(x)
-        layout = ((x.shape[1], x.shape[2]), None) if self.dynamic_img_size else None
-        x, rope = self._pos_embed(x)
+        grid = (x.shape[1], x.shape[2]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
+        x, rope = self._pos_embed(x)  # Eva drops patches here
+        dropout = isinstance(self.patch_drop, _KeptPatches)
+        layout = (grid, self.patch_drop.keep_indices if dropout else None) if self.dynamic_img_size or dropout else None
         mixed = getattr(self, "rope_mixed", False) and rope is not None  # one RoPE table a block
 
         def block_kwargs(i: int) -> dict[str, Any]:
             return {"rope": rope[i] if mixed else rope, "attn_mask": attn_mask, "is_causal": is_causal}
 
         return self.norm_pre(x), layout, block_kwargs
+
+
+def follow_token_layout(model: nn.Module) -> None:
+    """Turn a timm ``VisionTransformer`` into a ``MUSEVisionTransformer`` and an ``Eva`` into a ``MUSEEva``
+    (class swaps: weights and keys unchanged), so that their MUSE convolutions follow each call's layout."""
+    if type(model) is VisionTransformer:
+        model.__class__ = MUSEVisionTransformer
+    elif type(model) is Eva:
+        model.__class__ = MUSEEva
+        if type(model.patch_drop) is PatchDropoutWithIndices:
+            model.patch_drop.__class__ = _KeptPatches
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

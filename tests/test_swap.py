@@ -11,7 +11,7 @@ from timm.models import efficientformer, metaformer, nest, tiny_vit, volo
 from torch import nn
 
 from muse_lightning import (
-    AttentionAdapter, MUSEBranch, MUSEVisionTransformer, register_attention_adapter, swap_attention,
+    AttentionAdapter, MUSEBranch, MUSEEva, MUSEVisionTransformer, register_attention_adapter, swap_attention,
 )
 from muse_lightning.adapters import ATTENTION_ADAPTERS, patch_grid
 
@@ -234,14 +234,14 @@ def test_torchscript_fails_at_once_saying_why():
             torch.jit.script(model)
 
 
-@pytest.mark.parametrize("name", ["muse_vit_tiny_patch4_32", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize("name", ["muse_vit_tiny_patch4_32", "vit_tiny_patch16_224", "eva02_tiny_patch14_224"])
 def test_patch_dropout_convolves_kept_patches_at_their_real_places(name):
     kwargs = dict(depth=1) if name.startswith("muse_") else dict(_VIT, depth=1)
     model = timm.create_model(name, patch_drop_rate=0.5, **kwargs)
     if not name.startswith("muse_"):
         model = swap_attention(model)
         _random_branch(_branches(model)[0])
-    assert isinstance(model, MUSEVisionTransformer)
+    assert isinstance(model, (MUSEVisionTransformer, MUSEEva))
     mixer = next(m for m in model.modules() if hasattr(m, "patch_indices"))
     model.train()
     torch.manual_seed(1)
