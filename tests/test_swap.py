@@ -1,4 +1,5 @@
 """swap_attention across timm's attention families: one small model of each, the same function after the swap."""
+import copy
 import warnings
 
 import pytest
@@ -428,3 +429,19 @@ def test_swap_into_a_plain_block_stack_uses_the_1d_layout():
     swap_attention(blocks)
     assert type(blocks[0].attn) is Attention and blocks[0].attn.muse.conv_layout == "1d"
     torch.testing.assert_close(blocks(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_swapped_model_deep_copies_and_reloads_its_branches(tmp_path):
+    model, x = _build("eva02_tiny_patch14_224", _VIT)
+    model, _, _ = _swap(model)
+    for branch in _branches(model):
+        _random_branch(branch)
+    ema = copy.deepcopy(model)  # EMA: the copy's taps feed the copy's branches
+    tap = ema.blocks[0].attn.qkv
+    assert tap.__dict__["muse_branch"] is ema.blocks[0].attn.muse is not model.blocks[0].attn.muse
+    torch.testing.assert_close(ema(x), model(x))
+    fresh, _ = _build("eva02_tiny_patch14_224", _VIT)
+    fresh, _, _ = _swap(fresh)
+    torch.save(model.state_dict(), tmp_path / "swapped.pth")
+    fresh.load_state_dict(torch.load(tmp_path / "swapped.pth", weights_only=True))
+    torch.testing.assert_close(fresh(x), model(x))
