@@ -30,6 +30,14 @@ ConvProj = Literal["separate", "shared", "per_kernel"]
 CONV_PROJS: tuple[str, ...] = ("separate", "shared", "per_kernel")
 
 
+def square_side(num_tokens: int) -> int:
+    """The side of the square grid of ``num_tokens`` tokens (a leaf in ``torch.fx`` graphs, computed at run time)."""
+    return math.isqrt(num_tokens)
+
+
+torch.fx.wrap("square_side")
+
+
 class TokenLayout(NamedTuple):
     """Where an attention's tokens sit: ``"1d"`` a sequence, ``"2d"`` a row-major ``grid_size`` grid,
     after ``num_prefix_tokens`` tokens (class, register, distillation) that the convolution skips;
@@ -64,8 +72,13 @@ class TokenConv:
         The grid is ``grid_size`` if given, else the module's own, else a square inferred when the
         module has none; a grid that does not hold the tokens is an error, never a guess.
         """
-        if is_tracing():  # FX: the module's static grid and a non-causal convolution, no checks on proxies
-            return {"is_causal": False} if self.conv_layout == "1d" else {"grid_size": grid_size or self.grid_size}
+        if is_tracing():  # FX: the module's grid (or the square one) and a non-causal convolution, no checks
+            if self.conv_layout == "1d":
+                return {"is_causal": False}
+            if grid_size is None and self.grid_size is None and self.patch_indices is None:
+                side = square_side(seq_len - self.num_prefix_tokens)
+                return {"grid_size": (side, side)}
+            return {"grid_size": grid_size or self.grid_size}
         num_tokens = seq_len - self.num_prefix_tokens
         if num_tokens < 1:
             raise ValueError(f"x has {seq_len} tokens, not more than num_prefix_tokens={self.num_prefix_tokens}")
@@ -94,7 +107,7 @@ class TokenConv:
                     f"{self.grid_size[0]} x {self.grid_size[1]} token grid: pass grid_size=(H, W)"
                 )
             return {"grid_size": self.grid_size}
-        side = math.isqrt(num_tokens)
+        side = square_side(num_tokens)
         if side * side != num_tokens:
             raise ValueError(
                 f"cannot infer the token grid of {num_tokens} tokens (after {self.num_prefix_tokens} prefix tokens): "

@@ -191,6 +191,17 @@ def test_swapped_branch_skips_prefix_tokens_and_reads_only_grid_neighbours(name,
         assert changed[r, c]
 
 
+@pytest.mark.parametrize(("name", "kwargs", "count", "layouts", "left"), ZOO, ids=ZOO_IDS)
+def test_swapped_family_traces_with_fx(name, kwargs, count, layouts, left):
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+    model, x = _build(name, kwargs)
+    model, _, _ = _swap(model)
+    for branch in _branches(model):
+        _random_branch(branch)  # a trained branch, so that a graph that dropped it would differ
+    output = get_graph_node_names(model)[1][-1]
+    torch.testing.assert_close(create_feature_extractor(model, {output: "out"})(x)["out"], model(x))
+
+
 def _fx_features(model, node):
     from timm.models._features_fx import create_feature_extractor
     return create_feature_extractor(model, {node: "out"})
