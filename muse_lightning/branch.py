@@ -6,7 +6,8 @@ the value tokens over their layout (the sequence, or a row-major ``H x W`` grid 
 projection. ``MUSEBranch`` carries that branch for an attention module it does not own:
 ``ValueTap`` (the attention's value ``nn.Linear``, class-swapped; ``ValueTapConv`` for a 1 x 1
 convolution) hands it the values as the attention computes them, and ``BranchOutput`` (the
-attention's output layer; ``BranchOutputConv``) adds the branch to the projection, so the attention's own forward, state_dict keys and weights stay as they are.
+attention's output layer; ``BranchOutputConv``) adds the branch to the projection, so the
+attention's own forward, state_dict keys and weights stay as they are.
 """
 from __future__ import annotations
 
