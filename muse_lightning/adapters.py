@@ -21,12 +21,13 @@ from timm.models import (
     xcit,
 )
 from timm.models.csatv2 import SpatialAttention as CSATSpatialAttention  # the module is shadowed by its model
+import torch
 from torch import nn
 
 from .branch import TokenLayout, widths
 
 __all__ = [
-    "ATTENTION_ADAPTERS", "AttentionAdapter", "block_window_grid", "feature_map", "patch_grid",
+    "ATTENTION_ADAPTERS", "AttentionAdapter", "MaskReadingAttention", "block_window_grid", "feature_map", "patch_grid",
     "patch_grid_without_prefix", "register_attention_adapter", "sequence", "square_grid", "tnt_grid", "window_grid",
 ]
 
@@ -59,12 +60,16 @@ def _class_tokens(ancestors: Sequence[nn.Module]) -> int | None:
 
 def patch_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
     """The enclosing ViT-style model's patch grid after its prefix tokens; after a model's class tokens,
-    the square grid of each call (PiT, CrossViT); a sequence otherwise."""
+    the square grid of each call (PiT, CrossViT); a sequence otherwise, after the enclosing model's
+    ``num_prefix_tokens`` if it has them (NaFlexViT)."""
     owner = _vit_owner(ancestors)
     if owner is not None:
         return TokenLayout("2d", int(owner.num_prefix_tokens), tuple(owner.patch_embed.grid_size))
     classes = _class_tokens(ancestors)
-    return TokenLayout("1d") if classes is None else TokenLayout("2d", classes)
+    if classes is not None:
+        return TokenLayout("2d", classes)
+    prefix = next((m.num_prefix_tokens for m in ancestors if isinstance(getattr(m, "num_prefix_tokens", None), int)), 0)
+    return TokenLayout("1d", prefix)
 
 
 def patch_grid_without_prefix(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
@@ -140,6 +145,17 @@ def _separate_qkv_bias(attn: nn.Module) -> None:
         attn.qkv_bias_separate = True
 
 
+class MaskReadingAttention(Attention):
+    """timm's ``Attention`` that hands its masks to its MUSE branch first: keys its ``attn_mask`` blocks for
+    every query (NaFlexViT's padding) are not read by the convolution, and ``is_causal`` makes it causal."""
+
+    def forward(
+            self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+    ) -> torch.Tensor:
+        self.muse.see_masks(attn_mask, is_causal)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
 @dataclass(frozen=True)
 class AttentionAdapter:
     """How MUSE's branch attaches to one attention class.
@@ -154,12 +170,15 @@ class AttentionAdapter:
         output: The ``nn.Linear`` whose output the branch is added to (the attention's output
             projection), or candidates, the first present taken.
         prepare: Called on the attention before tapping, e.g. to route its values through the layer.
+        attention_class: A subclass of the attention's class (same weights, a forward that first hands its
+            masks to the branch, as ``MaskReadingAttention``) the attention becomes.
     """
 
     layout: LayoutFn = sequence
     values: tuple[tuple[str, int | Callable[[nn.Module], tuple[int, int]]], ...] = (("qkv", 3), ("v_proj", 1))
     output: str | tuple[str, ...] = "proj"
     prepare: Callable[[nn.Module], None] | None = None
+    attention_class: type[nn.Module] | None = None
 
 
 ATTENTION_ADAPTERS: dict[type[nn.Module], AttentionAdapter | str] = {}
@@ -182,7 +201,7 @@ _CHANNEL = (
 )
 _POOLING = "a pooling head: learned or pooled queries attend over the tokens, no token-wise values to convolve"
 for _cls, _adapter in (
-        (Attention, AttentionAdapter(patch_grid)),
+        (Attention, AttentionAdapter(patch_grid, attention_class=MaskReadingAttention)),
         (AttentionRope, AttentionAdapter(patch_grid)),
         (DiffAttention, AttentionAdapter(patch_grid)),
         *((cls, AttentionAdapter(

@@ -24,7 +24,7 @@ from .conv import ConvLayout, ConvType, create_conv
 
 __all__ = [
     "BranchOutput", "BranchOutputConv", "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "ValueTap",
-    "ValueTapConv",
+    "ValueTapConv", "key_padding_from_mask",
 ]
 
 ConvProj = Literal["separate", "shared", "per_kernel"]
@@ -37,6 +37,15 @@ def square_side(num_tokens: int) -> int:
 
 
 torch.fx.wrap("square_side")
+
+
+def key_padding_from_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Keys that an SDPA ``attn_mask`` (bool ``True`` = may attend, or additive float) blocks for every query
+    of every head, ``(B or 1, N)``: padding, which the convolution must not read either."""
+    blocked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask <= torch.finfo(attn_mask.dtype).min / 2
+    while blocked.dim() < 4:
+        blocked = blocked.unsqueeze(0)
+    return blocked.all(dim=-2).all(dim=1)
 
 
 class TokenLayout(NamedTuple):
@@ -223,6 +232,16 @@ class MUSEBranch(TokenConv, nn.Module):
                          {"device": device, "dtype": dtype})
         self.feature_map = layout.feature_map
         self._values: torch.Tensor | None = None
+        self._padding: torch.Tensor | None = None
+        self._is_causal = False
+
+    def see_masks(self, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+        """Take this call's attention masks (by a mask-reading attention, e.g. ``MaskReadingAttention``): keys
+        blocked for every query are padding, never read; ``is_causal`` makes the 1-D convolution causal."""
+        if is_tracing():  # FX: the masks are graph inputs, not read by the convolution
+            return
+        self._padding = None if attn_mask is None else key_padding_from_mask(attn_mask)
+        self._is_causal = is_causal
 
     def stash(self, values: torch.Tensor) -> None:
         """Keep the values of the attention's current call for its output projection."""
@@ -249,8 +268,9 @@ class MUSEBranch(TokenConv, nn.Module):
             out = self._mix_conv(attn.flatten(1, 2), values.flatten(1, 2), flat_proj, None, kwargs)
             return out.unflatten(1, (H, W))
         # (..., N, C): leading dims (batch, and NesT's blocks) are all batch to the convolution.
-        kwargs = self._conv_kwargs(values.shape[-2], False, None)
-        out = self._mix_conv(attn.flatten(0, -3), values.flatten(0, -3), proj, None, kwargs)
+        padding, self._padding = self._padding, None
+        kwargs = self._conv_kwargs(values.shape[-2], self._is_causal, None)
+        out = self._mix_conv(attn.flatten(0, -3), values.flatten(0, -3), proj, padding, kwargs)
         return out.unflatten(0, values.shape[:-2])
 
     def __prepare_scriptable__(self) -> nn.Module:

@@ -70,6 +70,8 @@ def swap_attention(
     for name, module in list(model.named_modules()):
         if any(name.startswith(prefix + ".") for prefix in handled):
             continue
+        if isinstance(getattr(module, "muse", None), MUSEBranch):
+            raise ValueError(f"{name} already has a MUSE branch (swap_attention was run on this model before)")
         entry = ATTENTION_ADAPTERS.get(type(module))
         if entry is None and isinstance(module, (MUSEAttention, MUSEBranch)):
             continue
@@ -133,8 +135,6 @@ def _attach_branch(
         name: str, attn: nn.Module, adapter: AttentionAdapter, ancestors: list[nn.Module], options: dict[str, Any],
 ) -> None:
     """Build ``attn``'s silent ``MUSEBranch`` and tap its value and output layers."""
-    if isinstance(getattr(attn, "muse", None), MUSEBranch):
-        raise ValueError(f"{name} already has a MUSE branch (swap_attention was run on this model before)")
     found = [(getattr(attn, a), split) for a, split in adapter.values if is_tappable(getattr(attn, a, None))]
     outputs = (adapter.output,) if isinstance(adapter.output, str) else adapter.output
     output = next((getattr(attn, a) for a in outputs if is_tappable(getattr(attn, a, None))), None)
@@ -171,4 +171,6 @@ def _attach_branch(
         adapter.prepare(attn)
     attn.muse = branch
     attach(value, (groups, offset), output, branch)
+    if adapter.attention_class is not None:
+        attn.__class__ = adapter.attention_class
 

@@ -30,7 +30,7 @@ ZOO = [
     ("vit_dwee_patch16_reg1_gap_256", _SMALL, 2, {("2d", 1, (4, 4))}, []),
     ("qwen3_vit_88m", dict(depth=2, embed_dim=64, num_heads=2, img_size=64, num_classes=5), 2, {("2d", 0, (4, 4))}, []),
     ("vitamin_small_224", dict(img_size=64, num_classes=5), 14, {("2d", 0, (4, 4))}, []),
-    ("naflexvit_base_patch16_gap", _SMALL, 2, {("1d", 0, None)}, []),
+    ("naflexvit_base_patch16_gap", _SMALL, 2, {("1d", 4, None)}, []),
     ("pit_ti_distilled_224", dict(img_size=64, num_classes=5), 12, {("2d", 2, None)}, []),
     ("crossvit_9_240", dict(num_classes=5, input_size=240), 12, {("2d", 1, None)},
      [f"blocks.{i}.fusion.{j}.attn" for i in range(3) for j in range(2)]),
@@ -456,3 +456,52 @@ def test_swapped_model_deep_copies_and_reloads_its_branches(tmp_path):
     torch.save(model.state_dict(), tmp_path / "swapped.pth")
     fresh.load_state_dict(torch.load(tmp_path / "swapped.pth", weights_only=True))
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def _naflex_batch(model, valid, seed):
+    """NaFlex dict input: sample 0 a full 4 x 4 grid, sample 1 a 2 x 3 grid and padding (random patches)."""
+    patches = torch.randn(2, 16, 8 * 8 * 3, generator=torch.Generator().manual_seed(seed))  # 8 x 8 RGB patches
+    coords = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).view(16, 2)
+    coord = torch.stack([coords, torch.cat([torch.stack(torch.meshgrid(
+        torch.arange(2), torch.arange(3), indexing="ij"), -1).view(6, 2), torch.zeros(10, 2, dtype=torch.long)])])
+    patch_valid = torch.stack([torch.ones(16, dtype=torch.bool), torch.arange(16) < valid])
+    return {"patches": patches, "patch_coord": coord, "patch_valid": patch_valid}
+
+
+def test_naflex_padding_is_never_read_by_the_convolution():
+    model, _ = _build("naflexvit_base_patch16_gap", _SMALL)
+    model, _, _ = _swap(model)
+    for branch in _branches(model):
+        _random_branch(branch)  # trained: a branch reading padding would move the valid tokens
+    a, b = _naflex_batch(model, 6, 0), _naflex_batch(model, 6, 1)
+    b["patches"][:, :6] = a["patches"][:, :6]  # the same valid patches, other padding
+    b["patches"][0] = a["patches"][0]
+    fa, fb = (model.forward_features(d.pop("patches"), **d)["patches"] for d in (a, b))
+    valid = model.num_prefix_tokens + 6
+    assert (fa[1, valid:] - fb[1, valid:]).abs().max() > 1e-3  # the padding itself did change
+    torch.testing.assert_close(fa[1, :valid], fb[1, :valid])
+    torch.testing.assert_close(fa[0], fb[0])
+
+
+def test_key_padding_is_what_the_mask_blocks_for_every_query():
+    from muse_lightning.branch import key_padding_from_mask
+    valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    bool_mask = (valid[:, None, :, None] & valid[:, None, None, :])  # NaFlex's symmetric mask, True = may attend
+    float_mask = torch.zeros(2, 1, 5, 5).masked_fill(~bool_mask, float("-inf"))
+    for mask in (bool_mask, float_mask, float_mask.clamp(min=torch.finfo(torch.float32).min)):
+        assert torch.equal(key_padding_from_mask(mask), ~valid)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()  # the last key is blocked for all but one query
+    assert not key_padding_from_mask(causal).any()
+
+
+def test_swapped_sequence_model_stays_causal_under_is_causal():
+    blocks = nn.Sequential(Block(32, 4, qkv_bias=True), Block(32, 4, qkv_bias=True)).eval()
+    swap_attention(blocks)
+    for branch in _branches(blocks):
+        _random_branch(branch)
+    x = torch.randn(2, 9, 32)
+    moved = x.clone()
+    moved[:, 6:] += 1.0
+    run = lambda t: blocks[1](blocks[0](t, is_causal=True), is_causal=True)  # noqa: E731
+    torch.testing.assert_close(run(moved)[:, :6], run(x)[:, :6])
+    assert (run(moved)[:, 6:] - run(x)[:, 6:]).abs().max() > 1e-3
