@@ -95,9 +95,17 @@ def swap_attention(
         if strict:
             raise ValueError(message + " (strict=True)")
         warnings.warn(message, stacklevel=2)
+    plans = []  # every branch built (and every check passed) before the model changes
     for name, module, adapter in targets:
         ancestors = [model.get_submodule(".".join(name.split(".")[:i])) for i in range(name.count("."), -1, -1)]
-        _attach_branch(name, module, adapter, ancestors, mixer_kwargs)
+        plans.append((module, adapter, *_branch_for(name, module, adapter, ancestors, mixer_kwargs)))
+    for attn, adapter, branch, value, split, output in plans:
+        if adapter.prepare is not None:
+            adapter.prepare(attn)
+        attn.muse = branch
+        attach(value, split, output, branch)
+        if adapter.attention_class is not None:
+            attn.__class__ = adapter.attention_class
     for m in list(model.modules()):
         follow_token_layout(m)
     names = [name for name, _, _ in targets]
@@ -131,10 +139,10 @@ def _check_options(mixer_kwargs: dict[str, Any]) -> None:
         )
 
 
-def _attach_branch(
+def _branch_for(
         name: str, attn: nn.Module, adapter: AttentionAdapter, ancestors: list[nn.Module], options: dict[str, Any],
-) -> None:
-    """Build ``attn``'s silent ``MUSEBranch`` and tap its value and output layers."""
+) -> tuple[MUSEBranch, nn.Module, tuple[int, int], nn.Module]:
+    """``attn``'s silent ``MUSEBranch``, its value layer and split, and its output layer (nothing changed yet)."""
     found = [(getattr(attn, a), split) for a, split in adapter.values if is_tappable(getattr(attn, a, None))]
     outputs = (adapter.output,) if isinstance(adapter.output, str) else adapter.output
     output = next((getattr(attn, a) for a in outputs if is_tappable(getattr(attn, a, None))), None)
@@ -167,10 +175,5 @@ def _attach_branch(
         device=value.weight.device, dtype=value.weight.dtype,
     )
     branch.silence()
-    if adapter.prepare is not None:
-        adapter.prepare(attn)
-    attn.muse = branch
-    attach(value, (groups, offset), output, branch)
-    if adapter.attention_class is not None:
-        attn.__class__ = adapter.attention_class
+    return branch, value, (groups, offset), output
 

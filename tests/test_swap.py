@@ -424,8 +424,10 @@ def test_swap_errors_are_clear():
         swap_attention(vit(), conv_type="none")
     with pytest.raises(ValueError, match="cannot start silent"):
         swap_attention(vit(), conv_type="dynamic", conv_proj="shared", conv_layout="1d")
+    untouched = vit()
     with pytest.raises(ValueError, match="needs conv_type='static'"):
-        swap_attention(vit(), conv_type="dynamic")
+        swap_attention(untouched, conv_type="dynamic")
+    assert not _branches(untouched) and type(untouched.blocks[0].attn.qkv) is nn.Linear  # nothing half-swapped
     with pytest.raises(ValueError, match=r"conv_layout='2d' needs a token grid, but 0.attn \(Attention\)"):
         swap_attention(nn.Sequential(Block(32, 4)), conv_layout="2d")
     twice = swap_attention(vit())
@@ -438,7 +440,7 @@ def test_swap_into_a_plain_block_stack_uses_the_1d_layout():
     x = torch.randn(2, 9, 32)
     ref = blocks(x)
     swap_attention(blocks)
-    assert type(blocks[0].attn) is Attention and blocks[0].attn.muse.conv_layout == "1d"
+    assert isinstance(blocks[0].attn, Attention) and blocks[0].attn.muse.conv_layout == "1d"
     torch.testing.assert_close(blocks(x), ref, atol=1e-5, rtol=1e-5)
 
 
