@@ -156,6 +156,34 @@ class MaskReadingAttention(Attention):
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
+class MaskReadingEvaAttention(eva.EvaAttention):
+    """``MaskReadingAttention`` for EVA's attention (its RoPE argument first)."""
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            rope: torch.Tensor | None = None,
+            attn_mask: torch.Tensor | None = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        self.muse.see_masks(attn_mask, is_causal)
+        return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+
+
+class MaskReadingAttentionRope(AttentionRope):
+    """``MaskReadingAttention`` for timm's ``AttentionRope``."""
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            rope: torch.Tensor | None = None,
+            attn_mask: torch.Tensor | None = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        self.muse.see_masks(attn_mask, is_causal)
+        return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+
+
 @dataclass(frozen=True)
 class AttentionAdapter:
     """How MUSE's branch attaches to one attention class.
@@ -202,12 +230,14 @@ _CHANNEL = (
 _POOLING = "a pooling head: learned or pooled queries attend over the tokens, no token-wise values to convolve"
 for _cls, _adapter in (
         (Attention, AttentionAdapter(patch_grid, attention_class=MaskReadingAttention)),
-        (AttentionRope, AttentionAdapter(patch_grid)),
+        (AttentionRope, AttentionAdapter(patch_grid, attention_class=MaskReadingAttentionRope)),
         (DiffAttention, AttentionAdapter(patch_grid)),
         *((cls, AttentionAdapter(
             patch_grid, values=(("in_proj", _parallel_block_values),), output=("out_proj", "attn_out_proj"),
         )) for cls in (vision_transformer.ParallelScalingBlock, vision_transformer.DiffParallelScalingBlock)),
-        (eva.EvaAttention, AttentionAdapter(patch_grid, prepare=_separate_qkv_bias)),
+        (eva.EvaAttention, AttentionAdapter(
+            patch_grid, prepare=_separate_qkv_bias, attention_class=MaskReadingEvaAttention,
+        )),
         (beit.Attention, AttentionAdapter(patch_grid, prepare=_separate_qkv_bias)),
         (vision_transformer_relpos.RelPosAttention, AttentionAdapter(patch_grid)),
         (vision_transformer_sam.Attention, AttentionAdapter(block_window_grid)),

@@ -507,3 +507,19 @@ def test_swapped_sequence_model_stays_causal_under_is_causal():
     run = lambda t: blocks[1](blocks[0](t, is_causal=True), is_causal=True)  # noqa: E731
     torch.testing.assert_close(run(moved)[:, :6], run(x)[:, :6])
     assert (run(moved)[:, 6:] - run(x)[:, 6:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "eva02_tiny_patch14_224", "vit_base_patch16_rope_224"])
+def test_keys_the_attn_mask_blocks_are_not_read_by_the_convolution(name):
+    model, x = _build(name, _SMALL if "rope" in name else _VIT)
+    model, _, _ = _swap(model)
+    for branch in _branches(model):
+        _random_branch(branch)
+    n = model.num_prefix_tokens
+    blocked = torch.arange(n + 16) >= n + 12  # the bottom row of the 4 x 4 patch grid: no query may read it
+    mask = (~blocked).expand(n + 16, -1)[None, None]
+    moved = x.clone()
+    moved[..., 24:, :] += 1.0  # only the bottom row's pixels
+    a, b = model.forward_features(x, attn_mask=mask), model.forward_features(moved, attn_mask=mask)
+    torch.testing.assert_close(a[:, ~blocked], b[:, ~blocked])
+    assert (a[:, blocked] - b[:, blocked]).abs().max() > 1e-3
