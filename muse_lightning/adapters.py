@@ -15,7 +15,7 @@ from timm.layers import Attention, AttentionPoolLatent, AttentionRope, DiffAtten
 from timm.layers.attention_pool2d import AttentionPool2d, RotAttentionPool2d
 from timm.models import (
     beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientvit_mit, eva, fastvit, gcvit, maxxvit,
-    metaformer, nest, swiftformer, swin_transformer, tnt,
+    metaformer, nest, pvt_v2, swiftformer, swin_transformer, tnt, twins,
     swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer, vision_transformer_relpos,
     vision_transformer_sam, visformer, volo,
     xcit,
@@ -184,6 +184,36 @@ class MaskReadingAttentionRope(AttentionRope):
         return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
 
 
+def _reduced_grid(attn: nn.Module, grid: Sequence[int]) -> tuple[int, int]:
+    """The grid of a spatial-reduction attention's keys and values: its input ``grid`` after its
+    adaptive pooling (PVTv2's linear mode) and its strided ``sr`` convolution."""
+    h, w = grid[0], grid[1]
+    pool = getattr(attn, "pool", None)
+    if pool is not None:
+        h, w = (pool.output_size, pool.output_size) if isinstance(pool.output_size, int) else pool.output_size
+    sr = getattr(attn, "sr", None)
+    if isinstance(sr, nn.Conv2d):
+        (kh, kw), (sh, sw), (ph, pw) = sr.kernel_size, sr.stride, sr.padding
+        h, w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    return h, w
+
+
+class GridReadingPvtAttention(pvt_v2.Attention):
+    """PVTv2's spatial-reduction attention that hands its branch the grids of its values and its output."""
+
+    def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
+        self.muse.see_grids(_reduced_grid(self, feat_size), tuple(feat_size))
+        return super().forward(x, feat_size)
+
+
+class GridReadingSubSampleAttn(twins.GlobalSubSampleAttn):
+    """Twins' global sub-sampled attention that hands its branch the grids of its values and its output."""
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        self.muse.see_grids(_reduced_grid(self, size), tuple(size))
+        return super().forward(x, size)
+
+
 @dataclass(frozen=True)
 class AttentionAdapter:
     """How MUSE's branch attaches to one attention class.
@@ -246,6 +276,12 @@ for _cls, _adapter in (
         (swin_transformer_v2.WindowAttention, AttentionAdapter(window_grid, prepare=_separate_qkv_bias)),
         (swin_transformer_v2_cr.WindowMultiHeadAttention, AttentionAdapter(window_grid)),
         (davit.WindowAttention, AttentionAdapter(window_grid)),
+        (pvt_v2.Attention, AttentionAdapter(
+            square_grid, values=(("kv", 2),), attention_class=GridReadingPvtAttention,
+        )),
+        (twins.GlobalSubSampleAttn, AttentionAdapter(
+            square_grid, values=(("kv", 2),), attention_class=GridReadingSubSampleAttn,
+        )),
         (gcvit.WindowAttentionGlobal, AttentionAdapter(window_grid, values=(("qkv", _gcvit_values),))),
         (tnt.Attention, AttentionAdapter(tnt_grid, values=(("v", 1),))),
         (tiny_vit.Attention, AttentionAdapter(block_window_grid, values=(("qkv", _per_head_qkv),))),

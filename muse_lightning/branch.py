@@ -132,8 +132,10 @@ class TokenConv:
             proj: Callable[[torch.Tensor], torch.Tensor],
             key_padding_mask: torch.Tensor | None,
             conv_kwargs: dict,
+            resize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``proj``-ected attention output ``attn`` plus the convolution branch on the shared ``values``."""
+        """``proj``-ected attention output ``attn`` plus the convolution branch on the shared ``values``
+        (``resize`` takes the convolved values to the output's tokens when they sit on a coarser grid)."""
         if key_padding_mask is not None:
             values = values.masked_fill(key_padding_mask[..., None], 0.0)
         values = values[:, self.num_prefix_tokens:]
@@ -148,6 +150,8 @@ class TokenConv:
             conv = self.conv(values, **conv_kwargs)
         if indices is not None:
             conv = conv.gather(1, indices[..., None].expand(-1, -1, conv.shape[-1]))
+        if resize is not None:
+            conv = resize(conv)
         if self.num_prefix_tokens:
             conv = F.pad(conv, (0, 0, self.num_prefix_tokens, 0))  # prefix tokens: attention only
         if self.conv_proj_mode == "shared":
@@ -234,6 +238,12 @@ class MUSEBranch(TokenConv, nn.Module):
         self._values: torch.Tensor | None = None
         self._padding: torch.Tensor | None = None
         self._is_causal = False
+        self._grids: tuple[tuple[int, int], tuple[int, int]] | None = None
+
+    def see_grids(self, values_grid: tuple[int, int], output_grid: tuple[int, int]) -> None:
+        """Take this call's grids where the values sit on a coarser one than the output (spatial-reduction
+        attention: PVTv2, Twins): the values are convolved on theirs, then repeated up to the output's."""
+        self._grids = (tuple(values_grid), tuple(output_grid))
 
     def see_masks(self, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
         """Take this call's attention masks (by a mask-reading attention, e.g. ``MaskReadingAttention``): keys
@@ -256,6 +266,9 @@ class MUSEBranch(TokenConv, nn.Module):
                 "MUSEBranch was called without values: the attention's value projection did not run first "
                 "in this call (an attention whose forward this adapter does not fit)"
             )
+        grids, self._grids = self._grids, None
+        if grids is not None:
+            return self._mix_coarse(attn, values, proj, grids)
         if not is_tracing() and values.shape[:-1] != attn.shape[:-1]:
             raise RuntimeError(
                 f"the attention's values {tuple(values.shape)} and output {tuple(attn.shape)} are not over the same "
@@ -272,6 +285,28 @@ class MUSEBranch(TokenConv, nn.Module):
         kwargs = self._conv_kwargs(values.shape[-2], self._is_causal, None)
         out = self._mix_conv(attn.flatten(0, -3), values.flatten(0, -3), proj, padding, kwargs)
         return out.unflatten(0, values.shape[:-2])
+
+    def _mix_coarse(
+            self,
+            attn: torch.Tensor,
+            values: torch.Tensor,
+            proj: Callable[[torch.Tensor], torch.Tensor],
+            grids: tuple[tuple[int, int], tuple[int, int]],
+    ) -> torch.Tensor:
+        """The branch over values ``(B, h * w, C)`` on a coarser grid than the output ``(B, H * W, C)``."""
+        (h, w), (H, W) = grids
+        if not is_tracing() and (values.shape[1] != h * w or attn.shape[1] != H * W):
+            raise RuntimeError(
+                f"values {tuple(values.shape)} and output {tuple(attn.shape)} do not fill the {h} x {w} and "
+                f"{H} x {W} grids: the adapter does not fit this attention"
+            )
+
+        def resize(conv: torch.Tensor) -> torch.Tensor:
+            maps = conv.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+            return F.interpolate(maps, size=(H, W), mode="nearest").flatten(2).transpose(1, 2)
+
+        kwargs = self._conv_kwargs(h * w, False, (h, w)) if self.conv_layout == "2d" else {"is_causal": False}
+        return self._mix_conv(attn, values, proj, None, kwargs, resize)
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise NotImplementedError(_NO_SCRIPT)

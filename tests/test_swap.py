@@ -72,6 +72,8 @@ ZOO = [
     ("visformer_tiny", dict(num_classes=5, input_size=224), 8, {("2d", 0, None)}, []),
     ("gcvit_xxtiny", dict(num_classes=5, img_size=64), 12, {("2d", 0, (2, 2)), ("2d", 0, (4, 4))}, []),
     ("tnt_s_patch16_224", dict(num_classes=5, img_size=32, depth=2), 4, {("2d", 0, (4, 4)), ("2d", 1, (2, 2))}, []),
+    ("pvt_v2_b0", dict(num_classes=5, input_size=64), 8, {("2d", 0, None)}, []),
+    ("twins_pcpvt_small", dict(num_classes=5, depths=(1, 1, 1, 1), input_size=64), 4, {("2d", 0, None)}, []),
     ("volo", dict(build=volo.VOLO, layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64),
                   num_heads=(1, 2, 2, 2), num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
 ]
@@ -523,3 +525,22 @@ def test_keys_the_attn_mask_blocks_are_not_read_by_the_convolution(name):
     a, b = model.forward_features(x, attn_mask=mask), model.forward_features(moved, attn_mask=mask)
     torch.testing.assert_close(a[:, ~blocked], b[:, ~blocked])
     assert (a[:, blocked] - b[:, blocked]).abs().max() > 1e-3
+
+
+def test_spatial_reduction_branch_convolves_the_coarse_values_then_repeats_them_up():
+    model, x = _build("pvt_v2_b0", dict(num_classes=5, input_size=64))
+    model, _, _ = _swap(model)
+    branch = model.stages[0].blocks[0].attn.muse  # 16 x 16 tokens, keys and values on an 8 x 8 grid (sr 8: 2 x 2)
+    _random_branch(branch)
+    seen = {}
+    branch.register_forward_pre_hook(lambda m, args: seen.update(grids=m._grids, values=m._values))  # test probe
+    model(x)
+    (h, w), (H, W) = seen["grids"]
+    assert (H, W) == (16, 16) and (h, w) == (2, 2)
+    values = seen["values"]
+    conv = branch.conv(values, grid_size=(h, w)).unflatten(1, (h, w)).permute(0, 3, 1, 2)
+    ref = branch.conv_proj(conv.repeat_interleave(H // h, 2).repeat_interleave(W // w, 3).flatten(2).transpose(1, 2))
+    branch.stash(values)
+    branch.see_grids((h, w), (H, W))
+    got = branch(torch.zeros(values.shape[0], H * W, values.shape[-1]), lambda t: t.new_zeros(*t.shape[:-1], 32))
+    torch.testing.assert_close(got, ref)
