@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from timm.layers import Attention, AttentionPoolLatent, AttentionRope, DiffAttention
+from timm.layers import Attention, AttentionPoolLatent, AttentionRope, DiffAttention, to_2tuple
 from timm.layers.attention_pool2d import AttentionPool2d, RotAttentionPool2d
 from timm.models import (
     beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientvit_mit, eva, fastvit, gcvit, maxxvit,
-    metaformer, nest, pvt_v2, swiftformer, swin_transformer, tnt, twins,
+    metaformer, mvitv2, nest, pvt_v2, swiftformer, swin_transformer, tnt, twins,
     swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer, vision_transformer_relpos,
     vision_transformer_sam, visformer, volo,
     xcit,
@@ -28,7 +28,8 @@ from .branch import TokenLayout, widths
 
 __all__ = [
     "ATTENTION_ADAPTERS", "AttentionAdapter", "MaskReadingAttention", "block_window_grid", "feature_map", "patch_grid",
-    "patch_grid_without_prefix", "register_attention_adapter", "sequence", "square_grid", "tnt_grid", "window_grid",
+    "mvit_tokens", "patch_grid_without_prefix", "register_attention_adapter", "sequence", "square_grid", "tnt_grid",
+    "window_grid",
 ]
 
 LayoutFn = Callable[[nn.Module, Sequence[nn.Module]], TokenLayout]
@@ -82,6 +83,11 @@ def square_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
     """A square grid of each call, no prefix tokens: the flattened feature map of a stage (MetaFormer,
     EfficientFormer, FastViT) or a block of one (NesT). A non-square map is an error, never a guess."""
     return TokenLayout("2d")
+
+
+def mvit_tokens(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
+    """MViTv2: the grid of each call (handed over by the attention), after its class token if it has one."""
+    return TokenLayout("2d", int(attn.has_cls_token))
 
 
 def window_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
@@ -184,25 +190,38 @@ class MaskReadingAttentionRope(AttentionRope):
         return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
 
 
+def _strided_grid(layer: nn.Module, grid: Sequence[int]) -> tuple[int, int]:
+    """``grid`` after a strided convolution or pooling ``layer``."""
+    (kh, kw), (sh, sw), (ph, pw) = (to_2tuple(getattr(layer, a)) for a in ("kernel_size", "stride", "padding"))
+    return (grid[0] + 2 * ph - kh) // sh + 1, (grid[1] + 2 * pw - kw) // sw + 1
+
+
 def _reduced_grid(attn: nn.Module, grid: Sequence[int]) -> tuple[int, int]:
     """The grid of a spatial-reduction attention's keys and values: its input ``grid`` after its
     adaptive pooling (PVTv2's linear mode) and its strided ``sr`` convolution."""
     h, w = grid[0], grid[1]
     pool = getattr(attn, "pool", None)
     if pool is not None:
-        h, w = (pool.output_size, pool.output_size) if isinstance(pool.output_size, int) else pool.output_size
+        h, w = to_2tuple(pool.output_size)
     sr = getattr(attn, "sr", None)
-    if isinstance(sr, nn.Conv2d):
-        (kh, kw), (sh, sw), (ph, pw) = sr.kernel_size, sr.stride, sr.padding
-        h, w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    return h, w
+    return _strided_grid(sr, (h, w)) if isinstance(sr, nn.Conv2d) else (h, w)
 
 
 class GridReadingPvtAttention(pvt_v2.Attention):
     """PVTv2's spatial-reduction attention that hands its branch the grids of its values and its output."""
 
     def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
-        self.muse.see_grids(_reduced_grid(self, feat_size), tuple(feat_size))
+        self.muse.see_grids(_reduced_grid(self, feat_size), feat_size)
+        return super().forward(x, feat_size)
+
+
+class GridReadingMultiScaleAttention(mvitv2.MultiScaleAttention):
+    """MViTv2's pooling attention that hands its branch the grids of its values (the block's input; the
+    convolution reads the value projection before the attention pools it) and of its output (the pooled
+    queries')."""
+
+    def forward(self, x: torch.Tensor, feat_size: list[int]) -> tuple[torch.Tensor, list[int]]:
+        self.muse.see_grids(feat_size, feat_size if self.pool_q is None else _strided_grid(self.pool_q, feat_size))
         return super().forward(x, feat_size)
 
 
@@ -210,7 +229,7 @@ class GridReadingSubSampleAttn(twins.GlobalSubSampleAttn):
     """Twins' global sub-sampled attention that hands its branch the grids of its values and its output."""
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        self.muse.see_grids(_reduced_grid(self, size), tuple(size))
+        self.muse.see_grids(_reduced_grid(self, size), size)
         return super().forward(x, size)
 
 
@@ -278,6 +297,9 @@ for _cls, _adapter in (
         (davit.WindowAttention, AttentionAdapter(window_grid)),
         (pvt_v2.Attention, AttentionAdapter(
             square_grid, values=(("kv", 2),), attention_class=GridReadingPvtAttention,
+        )),
+        (mvitv2.MultiScaleAttention, AttentionAdapter(
+            mvit_tokens, attention_class=GridReadingMultiScaleAttention,
         )),
         (twins.GlobalSubSampleAttn, AttentionAdapter(
             square_grid, values=(("kv", 2),), attention_class=GridReadingSubSampleAttn,

@@ -240,10 +240,11 @@ class MUSEBranch(TokenConv, nn.Module):
         self._is_causal = False
         self._grids: tuple[tuple[int, int], tuple[int, int]] | None = None
 
-    def see_grids(self, values_grid: tuple[int, int], output_grid: tuple[int, int]) -> None:
-        """Take this call's grids where the values sit on a coarser one than the output (spatial-reduction
-        attention: PVTv2, Twins): the values are convolved on theirs, then repeated up to the output's."""
-        self._grids = (tuple(values_grid), tuple(output_grid))
+    def see_grids(self, values_grid: Sequence[int], output_grid: Sequence[int]) -> None:
+        """Take this call's grids where the values sit on another than the output (spatial-reduction attention,
+        PVTv2 and Twins: coarser; pooling attention, MViTv2: finer): the values are convolved on theirs,
+        then resized (nearest) to the output's."""
+        self._grids = ((values_grid[0], values_grid[1]), (output_grid[0], output_grid[1]))  # no iteration: FX
 
     def see_masks(self, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
         """Take this call's attention masks (by a mask-reading attention, e.g. ``MaskReadingAttention``): keys
@@ -293,19 +294,21 @@ class MUSEBranch(TokenConv, nn.Module):
             proj: Callable[[torch.Tensor], torch.Tensor],
             grids: tuple[tuple[int, int], tuple[int, int]],
     ) -> torch.Tensor:
-        """The branch over values ``(B, h * w, C)`` on a coarser grid than the output ``(B, H * W, C)``."""
+        """The branch over values on an ``h x w`` grid for an output on ``H x W`` (coarser or finer), each
+        after the prefix tokens: convolved on theirs, then resized (nearest) to the output's."""
         (h, w), (H, W) = grids
-        if not is_tracing() and (values.shape[1] != h * w or attn.shape[1] != H * W):
+        n = self.num_prefix_tokens
+        if not is_tracing() and (values.shape[1] != n + h * w or attn.shape[1] != n + H * W):
             raise RuntimeError(
                 f"values {tuple(values.shape)} and output {tuple(attn.shape)} do not fill the {h} x {w} and "
-                f"{H} x {W} grids: the adapter does not fit this attention"
+                f"{H} x {W} grids after {n} prefix tokens: the adapter does not fit this attention"
             )
 
         def resize(conv: torch.Tensor) -> torch.Tensor:
             maps = conv.unflatten(1, (h, w)).permute(0, 3, 1, 2)
             return F.interpolate(maps, size=(H, W), mode="nearest").flatten(2).transpose(1, 2)
 
-        kwargs = self._conv_kwargs(h * w, False, (h, w)) if self.conv_layout == "2d" else {"is_causal": False}
+        kwargs = self._conv_kwargs(n + h * w, False, (h, w)) if self.conv_layout == "2d" else {"is_causal": False}
         return self._mix_conv(attn, values, proj, None, kwargs, resize)
 
     def __prepare_scriptable__(self) -> nn.Module:

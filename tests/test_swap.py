@@ -1,6 +1,7 @@
 """swap_attention across timm's attention families: one small model of each, the same function after the swap."""
 import copy
 import warnings
+from functools import partial
 
 import pytest
 import timm
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
-from timm.models import efficientformer, metaformer, nest, tiny_vit, volo
+from timm.models import efficientformer, metaformer, mvitv2, nest, tiny_vit, volo
 from torch import nn
 
 from muse_lightning import (
@@ -19,6 +20,12 @@ from muse_lightning.adapters import ATTENTION_ADAPTERS, patch_grid
 _VIT = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
 _SMALL = dict(_VIT, embed_dim=64, num_heads=2)
 _SWIN = dict(img_size=32, patch_size=2, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=32, num_classes=5)
+
+def _mvit(use_cls_token: bool, **kwargs):
+    cfg = mvitv2.MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=(16, 32, 64, 128), num_heads=(1, 2, 4, 8),
+                                  use_cls_token=use_cls_token)
+    return mvitv2.MultiScaleVit(cfg, img_size=64, num_classes=5, **kwargs)
+
 
 # (model, kwargs, swapped, layouts (layout, prefix tokens, grid), what is left alone). Images are 32 x 32 unless
 # img_size says otherwise.
@@ -74,6 +81,8 @@ ZOO = [
     ("tnt_s_patch16_224", dict(num_classes=5, img_size=32, depth=2), 4, {("2d", 0, (4, 4)), ("2d", 1, (2, 2))}, []),
     ("pvt_v2_b0", dict(num_classes=5, input_size=64), 8, {("2d", 0, None)}, []),
     ("twins_pcpvt_small", dict(num_classes=5, depths=(1, 1, 1, 1), input_size=64), 4, {("2d", 0, None)}, []),
+    ("mvitv2", dict(build=partial(_mvit, False), input_size=64), 4, {("2d", 0, None)}, []),
+    ("mvitv2_cls", dict(build=partial(_mvit, True), input_size=64), 4, {("2d", 1, None)}, []),
     ("volo", dict(build=volo.VOLO, layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64),
                   num_heads=(1, 2, 2, 2), num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
 ]
