@@ -162,8 +162,8 @@ class MaskReadingAttention(Attention):
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
-class MaskReadingEvaAttention(eva.EvaAttention):
-    """``MaskReadingAttention`` for EVA's attention (its RoPE argument first)."""
+class _RopeMaskReading:
+    """``MaskReadingAttention``'s forward for the attentions that take a RoPE argument first."""
 
     def forward(
             self,
@@ -176,18 +176,12 @@ class MaskReadingEvaAttention(eva.EvaAttention):
         return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
 
 
-class MaskReadingAttentionRope(AttentionRope):
+class MaskReadingEvaAttention(_RopeMaskReading, eva.EvaAttention):
+    """``MaskReadingAttention`` for EVA's attention."""
+
+
+class MaskReadingAttentionRope(_RopeMaskReading, AttentionRope):
     """``MaskReadingAttention`` for timm's ``AttentionRope``."""
-
-    def forward(
-            self,
-            x: torch.Tensor,
-            rope: torch.Tensor | None = None,
-            attn_mask: torch.Tensor | None = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
-        self.muse.see_masks(attn_mask, is_causal)
-        return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def _strided_grid(layer: nn.Module, grid: Sequence[int]) -> tuple[int, int]:
