@@ -12,22 +12,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from timm.layers import Attention, AttentionPoolLatent, AttentionRope, DiffAttention, to_2tuple
+from timm.layers.attention2d import Attention2d, MultiQueryAttention2d
 from timm.layers.attention_pool2d import AttentionPool2d, RotAttentionPool2d
 from timm.models import (
-    beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientvit_mit, eva, fastvit, gcvit, maxxvit,
-    metaformer, mvitv2, nest, pvt_v2, swiftformer, swin_transformer, tnt, twins,
-    swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, vision_transformer, vision_transformer_relpos,
-    vision_transformer_sam, visformer, volo,
-    xcit,
+    beit, cait, coat, convit, cpubone, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
+    efficientvit_mit, efficientvit_msra, eva, fastvit, gcvit, gemma4_vit, hiera, hieradet_sam2, iformer, levit, lowformer,
+    maxxvit, metaformer, mvitv2, nest, nextvit, pvt_v2, shvit, swiftformer, swin_transformer, swin_transformer_v2,
+    swin_transformer_v2_cr, tiny_vit, tnt, twins, vision_transformer, vision_transformer_relpos,
+    vision_transformer_sam, visformer, volo, xcit,
 )
 from timm.models.csatv2 import SpatialAttention as CSATSpatialAttention  # the module is shadowed by its model
 import torch
 from torch import nn
 
-from .branch import TokenLayout, widths
+from .branch import Split, TokenLayout, widths
 
 __all__ = [
-    "ATTENTION_ADAPTERS", "AttentionAdapter", "MaskReadingAttention", "block_window_grid", "feature_map", "patch_grid",
+    "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "MaskReadingAttention", "block_window_grid", "feature_map", "patch_grid",
     "mvit_tokens", "patch_grid_without_prefix", "register_attention_adapter", "sequence", "square_grid", "tnt_grid",
     "window_grid",
 ]
@@ -85,6 +86,22 @@ def square_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
     return TokenLayout("2d")
 
 
+def class_token_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
+    """The grid of each call (handed over by the attention) after one class token (CoaT)."""
+    return TokenLayout("2d", 1)
+
+
+def levit_tokens(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
+    """LeViT: its stage's fixed ``resolution`` grid of tokens, or its ``(B, C, H, W)`` maps in conv mode."""
+    return TokenLayout("2d", feature_map=True) if attn.use_conv else TokenLayout("2d", 0, to_2tuple(attn.resolution))
+
+
+def nextvit_tokens(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
+    """NextViT: the square grid of each call, or where its keys and values are average-pooled over runs of
+    ``sr_ratio ** 2`` consecutive tokens, the sequence of those runs (handed over by the attention)."""
+    return TokenLayout("2d") if attn.sr is None else TokenLayout("1d")
+
+
 def mvit_tokens(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
     """MViTv2: the grid of each call (handed over by the attention), after its class token if it has one."""
     return TokenLayout("2d", int(attn.has_cls_token))
@@ -111,22 +128,65 @@ def feature_map(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
     return TokenLayout("2d", feature_map=True)
 
 
-def _per_head_qkv(attn: nn.Module) -> tuple[int, int]:
+def _per_head_qkv(attn: nn.Module) -> Split:
     """A fused ``qkv`` whose output is per head ``[q | k | v]`` of ``key_dim``, ``key_dim``, ``val_dim``
-    (TinyViT, EfficientFormer)."""
-    return attn.num_heads, 2 * attn.key_dim
+    (TinyViT, EfficientFormer, LeViT)."""
+    return attn.num_heads, slice(2 * attn.key_dim, None)
 
 
-def _maxvit_qkv(attn: nn.Module) -> tuple[int, int]:
-    """MaxViT's and CoAtNet's ``qkv``: per head ``[q | k | v]`` with ``head_first``, else the usual thirds."""
+def _head_first_qkv(attn: nn.Module) -> Split:
+    """A ``qkv`` that is per head ``[q | k | v]`` with ``head_first``, else the usual thirds (MaxViT's and
+    CoAtNet's, timm's ``Attention2d``)."""
     if attn.head_first:
-        return attn.num_heads, 2 * attn.dim_head
-    return 1, 2 * widths(attn.qkv)[1] // 3
+        return attn.num_heads, slice(2 * attn.dim_head, None)
+    return 1, slice(2 * widths(attn.qkv)[1] // 3, None)
 
 
-def _parallel_block_values(block: nn.Module) -> tuple[int, int]:
+def _parallel_block_values(block: nn.Module) -> Split:
     """ViT's parallel-scaling blocks fuse ``[mlp | q | k | v]`` into one ``in_proj``: V is its last ``dim`` channels."""
-    return 1, block.in_proj.out_features - block.in_split[-1]
+    return 1, slice(block.in_proj.out_features - block.in_split[-1], None)
+
+
+def _key_value(attn: nn.Module) -> Split:
+    """A ``kv`` layer that is per head ``[k | v]`` of ``key_dim`` and ``val_dim`` (LeViT's downsampling attention)."""
+    return attn.num_heads, slice(attn.key_dim, None)
+
+
+def _shvit_qkv(attn: nn.Module) -> Split:
+    """SHViT's single-head ``qkv``: ``[q | k | v]`` of ``qk_dim``, ``qk_dim``, ``pdim``."""
+    return 1, slice(2 * attn.qk_dim, None)
+
+
+def _cascaded_qkv(attn: nn.Module) -> Split:
+    """Each of EfficientViT-MSRA's per-head ``qkvs``: ``[q | k | v]`` of ``key_dim``, ``key_dim``, ``val_dim``."""
+    return 1, slice(2 * attn.key_dim, None)
+
+
+def _value_gate(attn: nn.Module) -> Split:
+    """iFormer's ``v_gate``: ``[v | gate]``, both squashed by a sigmoid after the layer; V the first half."""
+    return 1, slice(0, widths(attn.v_gate)[1] // 2)
+
+
+def _conv_attention_qkv(attn: nn.Module) -> Split:
+    """LowFormer's and CPUBone's ``pwise``: per head ``[q | k | v]`` of ``head_dim`` each."""
+    return attn.num_heads, slice(2 * attn.head_dim, None)
+
+
+def _hiera_order(attn: nn.Module, ancestors: Sequence[nn.Module]) -> None:
+    """Hand a Hiera attention's branch the order of its tokens: Hiera unrolls the patch grid into mask units
+    (``Unroll``), its ``Reroll`` gives each block's order; a pooling block's values are in the order of the
+    block before it."""
+    model = next(m for m in ancestors if isinstance(m, hiera.Hiera))
+    index = next(i for i, block in enumerate(model.blocks) if block.attn is attn)
+
+    def raster(i: int) -> torch.Tensor:  # the token index at each place of block i's output grid
+        size = model.reroll.schedule[i][1]
+        tokens = torch.arange(size[0] * size[1], dtype=torch.float64)[None, :, None]
+        return model.reroll(tokens, i)[0, ..., 0].flatten().long(), size
+
+    values_at, values_grid = raster(index - 1 if attn.q_stride > 1 else index)
+    output_at, output_grid = raster(index)
+    attn.muse.follow_token_order(values_grid, output_grid, values_at, output_at.argsort())
 
 
 def tnt_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
@@ -138,13 +198,13 @@ def tnt_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
     return TokenLayout("2d", int(model.num_prefix_tokens), tuple(model.pixel_embed.grid_size))
 
 
-def _gcvit_values(attn: nn.Module) -> tuple[int, int]:
+def _gcvit_values(attn: nn.Module) -> Split:
     """GCViT's ``qkv`` is ``[k | v]`` where a global query comes from outside, else ``[q | k | v]``."""
     out = widths(attn.qkv)[1]
-    return 1, out - out // (2 if attn.use_global else 3)
+    return 1, slice(out - out // (2 if attn.use_global else 3), None)
 
 
-def _separate_qkv_bias(attn: nn.Module) -> None:
+def _separate_qkv_bias(attn: nn.Module, ancestors: Sequence[nn.Module]) -> None:
     """Add the q/k/v bias after calling the ``qkv`` layer (these attentions' ``qkv_bias_separate``), so that
     the layer runs and its tap sees the values."""
     if getattr(attn, "q_bias", None) is not None:
@@ -227,20 +287,73 @@ class GridReadingSubSampleAttn(twins.GlobalSubSampleAttn):
         return super().forward(x, size)
 
 
+class GridReadingLocallyGroupedAttn(twins.LocallyGroupedAttn):
+    """Twins' locally grouped attention that hands its branch the grid whose windows its values are."""
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        self.muse.see_windows(size)
+        return super().forward(x, size)
+
+
+class GridReadingFactorAttn(coat.FactorAttnConvRelPosEnc):
+    """CoaT's factorized attention that hands its branch the grid of its tokens after the class token."""
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        self.muse.see_grids(size, size)
+        return super().forward(x, size)
+
+
+class GridReadingLevitDownsample(levit.AttentionDownsample):
+    """LeViT's downsampling attention (token mode) that hands its branch its grid and its strided queries'."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_conv:
+            h, w = to_2tuple(self.resolution)
+            self.muse.see_grids((h, w), ((h - 1) // self.stride + 1, (w - 1) // self.stride + 1))
+        return super().forward(x)
+
+
+class GridReadingEfficientAttention(nextvit.EfficientAttention):
+    """NextViT's attention that, where it pools its keys and values over runs of tokens, hands its branch
+    the number of runs and of tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sr is not None:
+            self.muse.see_grids((1, x.shape[1] // self.N_ratio), (1, x.shape[1]))
+        return super().forward(x)
+
+
+class MaskReadingGemma4Attention(gemma4_vit.Gemma4Attention):
+    """``MaskReadingAttention`` for Gemma4's attention (its padding never read by the convolution)."""
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            rope_cos: torch.Tensor,
+            rope_sin: torch.Tensor,
+            attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.muse.see_masks(attn_mask, False)
+        return super().forward(x, rope_cos, rope_sin, attn_mask=attn_mask)
+
+
 @dataclass(frozen=True)
 class AttentionAdapter:
     """How MUSE's branch attaches to one attention class.
 
     Attributes:
         layout: ``(attention, its ancestors nearest first) -> TokenLayout``.
-        values: Candidate value layers, ``(attribute, split)``: the first present (an ``nn.Linear``,
-            or a 1 x 1 ``nn.Conv2d`` over ``(B, C, H, W)`` maps with a ``feature_map`` layout) is
-            tapped. ``split`` is an int ``p``, the values being the last ``1 / p`` of its output
-            channels (3 for a fused ``qkv``), or ``attention -> (groups, offset)`` where the output
-            is ``groups`` equal groups (one per head) whose channels from ``offset`` on are values.
-        output: The ``nn.Linear`` whose output the branch is added to (the attention's output
-            projection), or candidates, the first present taken.
-        prepare: Called on the attention before tapping, e.g. to route its values through the layer.
+        values: Candidate value layers, ``(path, split)`` (a dotted path in the attention): the first
+            present is tapped: a pointwise layer (an ``nn.Linear``, or a 1 x 1 ``nn.Conv2d`` over
+            ``(B, C, H, W)`` maps with a ``feature_map`` layout, each alone or with its norm and
+            activation), or an ``nn.ModuleList`` of them whose values are joined in order (one per
+            head). ``split`` is an int ``p``, the values being the last ``1 / p`` of its output
+            channels (3 for a fused ``qkv``), or ``attention -> (groups, slice)`` where the output is
+            ``groups`` equal groups (one per head) whose ``slice`` of channels are values.
+        output: The attention's output projection (pointwise: the branch is added to its output; an
+            ``nn.ConvTranspose2d``: to its input), or candidates, the first present taken.
+        prepare: Called with the attention (its branch set as ``muse``) and its ancestors before tapping, e.g.
+            to route its values through the layer.
         attention_class: A subclass of the attention's class (same weights, a forward that first hands its
             masks to the branch, as ``MaskReadingAttention``) the attention becomes.
     """
@@ -248,11 +361,13 @@ class AttentionAdapter:
     layout: LayoutFn = sequence
     values: tuple[tuple[str, int | Callable[[nn.Module], tuple[int, int]]], ...] = (("qkv", 3), ("v_proj", 1))
     output: str | tuple[str, ...] = "proj"
-    prepare: Callable[[nn.Module], None] | None = None
+    prepare: Callable[[nn.Module, Sequence[nn.Module]], None] | None = None
     attention_class: type[nn.Module] | None = None
 
 
 ATTENTION_ADAPTERS: dict[type[nn.Module], AttentionAdapter | str] = {}
+# Named like attention, but no attention: never reported as left alone.
+NOT_ATTENTION: set[type[nn.Module]] = {nextvit.ConvAttention}  # a grouped 3 x 3 convolution
 
 
 def register_attention_adapter(cls: type[nn.Module], adapter: AttentionAdapter | str) -> None:
@@ -307,12 +422,36 @@ for _cls, _adapter in (
         (nest.Attention, AttentionAdapter(square_grid)),
         (convit.GPSA, AttentionAdapter(patch_grid_without_prefix, values=(("v", 1),))),
         (convit.MHSA, AttentionAdapter(patch_grid)),
-        (maxxvit.AttentionCl, AttentionAdapter(feature_map, values=(("qkv", _maxvit_qkv),))),
-        (maxxvit.Attention2d, AttentionAdapter(feature_map, values=(("qkv", _maxvit_qkv),))),
+        (maxxvit.AttentionCl, AttentionAdapter(feature_map, values=(("qkv", _head_first_qkv),))),
+        (maxxvit.Attention2d, AttentionAdapter(feature_map, values=(("qkv", _head_first_qkv),))),
         (visformer.Attention, AttentionAdapter(feature_map)),
         (volo.Attention, AttentionAdapter(feature_map)),
         (volo.OutlookAttention, AttentionAdapter(feature_map, values=(("v", 1),))),
         (volo.ClassAttention, _CLASS_ATTENTION),
+        (twins.LocallyGroupedAttn, AttentionAdapter(square_grid, attention_class=GridReadingLocallyGroupedAttn)),
+        (coat.FactorAttnConvRelPosEnc, AttentionAdapter(class_token_grid, attention_class=GridReadingFactorAttn)),
+        (levit.Attention, AttentionAdapter(levit_tokens, values=(("qkv", _per_head_qkv),))),
+        (levit.AttentionDownsample, AttentionAdapter(
+            levit_tokens, values=(("kv", _key_value),), attention_class=GridReadingLevitDownsample,
+        )),
+        (efficientformer_v2.Attention2d, AttentionAdapter(feature_map, values=(("v", 1),))),
+        (efficientformer_v2.Attention2dDownsample, AttentionAdapter(feature_map, values=(("v", 1),))),
+        (nextvit.EfficientAttention, AttentionAdapter(
+            nextvit_tokens, values=(("v", 1),), attention_class=GridReadingEfficientAttention,
+        )),
+        (efficientvit_msra.CascadedGroupAttention, AttentionAdapter(feature_map, values=(("qkvs", _cascaded_qkv),))),
+        (Attention2d, AttentionAdapter(feature_map, values=(("qkv", _head_first_qkv),))),
+        (MultiQueryAttention2d, AttentionAdapter(feature_map, values=(("value.proj", 1),), output="output.proj")),
+        (shvit.SHSA, AttentionAdapter(feature_map, values=(("qkv", _shvit_qkv),))),
+        (iformer.SHMA, AttentionAdapter(feature_map, values=(("v_gate", _value_gate),))),
+        *((cls, AttentionAdapter(
+            feature_map, values=(("pwise", _conv_attention_qkv),), output=("o_proj", "upsampling.0", "upsampling"),
+        )) for cls in (lowformer.ConvAttention, cpubone.ConvAttention)),
+        (gemma4_vit.Gemma4Attention, AttentionAdapter(
+            sequence, output="o_proj", attention_class=MaskReadingGemma4Attention,
+        )),
+        (hieradet_sam2.MultiScaleAttention, AttentionAdapter(feature_map)),
+        (hiera.MaskUnitAttention, AttentionAdapter(square_grid, prepare=_hiera_order)),
         (crossvit.CrossAttention, "cross attention: one branch's class token queries the other branch's tokens"),
         (CSATSpatialAttention, "a spatial gate over a 7 x 7 map of pooled channel statistics, not the model's tokens"),
         (davit.ChannelAttention, _CHANNEL),

@@ -11,6 +11,7 @@ attention's own forward, state_dict keys and weights stay as they are.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
@@ -23,8 +24,8 @@ from ._fx import is_tracing
 from .conv import ConvLayout, ConvType, create_conv
 
 __all__ = [
-    "BranchOutput", "BranchOutputConv", "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "ValueTap",
-    "ValueTapConv", "key_padding_from_mask",
+    "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "attach", "key_padding_from_mask", "resize_grid", "tap_class",
+    "tap_role", "widths",
 ]
 
 ConvProj = Literal["separate", "shared", "per_kernel"]
@@ -135,7 +136,7 @@ class TokenConv:
             resize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``proj``-ected attention output ``attn`` plus the convolution branch on the shared ``values``
-        (``resize`` takes the convolved values to the output's tokens when they sit on a coarser grid)."""
+        (``resize`` takes the convolved values to the output's tokens when they sit on another grid)."""
         if key_padding_mask is not None:
             values = values.masked_fill(key_padding_mask[..., None], 0.0)
         values = values[:, self.num_prefix_tokens:]
@@ -204,9 +205,9 @@ class TokenConv:
 class MUSEBranch(TokenConv, nn.Module):
     """MUSE's convolution branch attached to an attention module it does not own.
 
-    The attention's value projection (a ``ValueTap``) hands over the values with ``stash``; its
-    output projection (a ``BranchOutput``) calls the branch, which adds the convolution of those
-    values. Built silent by ``swap_attention``.
+    The attention's value layers (value taps, see ``attach``) hand over the values with ``stash``;
+    its output layer calls the branch, which adds the convolution of those values. Built silent by
+    ``swap_attention``.
     """
 
     def __init__(
@@ -218,6 +219,7 @@ class MUSEBranch(TokenConv, nn.Module):
             conv_type: ConvType = "static",
             conv_proj: ConvProj = "separate",
             layout: TokenLayout = TokenLayout(),
+            num_value_parts: int = 1,
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None,
     ) -> None:
@@ -228,6 +230,7 @@ class MUSEBranch(TokenConv, nn.Module):
             num_heads: Kernel heads of the dynamic convolution.
             kernel_sizes, conv_type, conv_proj: as ``MUSEAttention``.
             layout: The tokens' layout.
+            num_value_parts: Value layers whose values are joined (one per head in EfficientViT-MSRA).
         """
         super().__init__()
         if conv_type == "none":
@@ -235,16 +238,43 @@ class MUSEBranch(TokenConv, nn.Module):
         self._build_conv(value_dim, out_dim, num_heads, kernel_sizes, conv_type, conv_proj, layout,
                          {"device": device, "dtype": dtype})
         self.feature_map = layout.feature_map
-        self._values: torch.Tensor | None = None
+        self._values: list[torch.Tensor | None] = [None] * num_value_parts
         self._padding: torch.Tensor | None = None
         self._is_causal = False
         self._grids: tuple[tuple[int, int], tuple[int, int]] | None = None
+        self._windowed = False
+        self.order_grids: tuple[tuple[int, int], tuple[int, int]] | None = None
+        self.register_buffer("values_at", None, persistent=False)
+        self.register_buffer("output_places", None, persistent=False)
+
+    def follow_token_order(
+            self,
+            values_grid: Sequence[int],
+            output_grid: Sequence[int],
+            values_at: torch.Tensor,
+            output_places: torch.Tensor,
+    ) -> None:
+        """Tokens that are not row-major (Hiera's unrolled mask units): the value token at each place of the
+        row-major ``values_grid`` is ``values_at[place]``; output token ``j`` sits at ``output_places[j]`` of
+        ``output_grid``. The values are put in row-major order, convolved, taken to the output's grid
+        (``resize_grid``) and put in the output's order."""
+        if values_at.numel() != values_grid[0] * values_grid[1] or output_places.numel() != output_grid[0] * output_grid[1]:
+            raise ValueError("values_at and output_places must hold one index per place of their grids")
+        self.order_grids = ((int(values_grid[0]), int(values_grid[1])), (int(output_grid[0]), int(output_grid[1])))
+        self.values_at, self.output_places = values_at.long(), output_places.long()
 
     def see_grids(self, values_grid: Sequence[int], output_grid: Sequence[int]) -> None:
-        """Take this call's grids where the values sit on another than the output (spatial-reduction attention,
-        PVTv2 and Twins: coarser; pooling attention, MViTv2: finer): the values are convolved on theirs,
-        then resized (nearest) to the output's."""
+        """Take this call's grids (after the prefix tokens) of the values and of the output where the
+        attention hands them: the values are convolved on theirs, then taken to the output's (see
+        ``resize_grid``; coarser in spatial-reduction attention, finer in query pooling)."""
         self._grids = ((values_grid[0], values_grid[1]), (output_grid[0], output_grid[1]))  # no iteration: FX
+
+    def see_windows(self, grid: Sequence[int]) -> None:
+        """Take this call's ``grid`` where the values arrive as the windows ``(B, h, w, ws, ws, C)`` of the
+        zero-padded grid and the output as its tokens (Twins' locally grouped attention): the values are
+        put back on the grid, padding dropped, and convolved there."""
+        self.see_grids(grid, grid)
+        self._windowed = True
 
     def see_masks(self, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
         """Take this call's attention masks (by a mask-reading attention, e.g. ``MaskReadingAttention``): keys
@@ -254,48 +284,64 @@ class MUSEBranch(TokenConv, nn.Module):
         self._padding = None if attn_mask is None else key_padding_from_mask(attn_mask)
         self._is_causal = is_causal
 
-    def stash(self, values: torch.Tensor) -> None:
-        """Keep the values of the attention's current call for its output projection."""
-        self._values = values
+    def stash(self, values: torch.Tensor, part: int = 0) -> None:
+        """Keep the values (value layer ``part``'s) of the attention's current call for its output layer."""
+        self._values[part] = values
 
-    def forward(self, attn: torch.Tensor, proj: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``proj(attn)`` plus the convolution of the stashed values (tokens ``(..., N, C)``, or
-        ``(B, H, W, C)`` maps with ``feature_map``)."""
-        values, self._values = self._values, None
-        if values is None:
+    def _take_values(self) -> torch.Tensor:
+        parts, self._values = self._values, [None] * len(self._values)
+        if any(p is None for p in parts):
             raise RuntimeError(
                 "MUSEBranch was called without values: the attention's value projection did not run first "
                 "in this call (an attention whose forward this adapter does not fit)"
             )
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def forward(self, attn: torch.Tensor, proj: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``proj(attn)`` plus the convolution of the stashed values (tokens ``(..., N, C)``, or
+        ``(B, H, W, C)`` maps with ``feature_map``)."""
+        values = self._take_values()
+        if self.values_at is not None:
+            if not is_tracing() and values.shape[1] != self.values_at.numel():
+                raise RuntimeError(
+                    f"values of {values.shape[1]} tokens, but this branch follows a fixed order of "
+                    f"{self.values_at.numel()} (Hiera's unrolled tokens; masked inputs are not supported)"
+                )
+            return self._mix_grids(attn, values[:, self.values_at], proj, self.order_grids, self.output_places)
         grids, self._grids = self._grids, None
+        if self._windowed:
+            self._windowed = False
+            values = _unpartition(values, grids[0])
+        if self.feature_map:  # the maps carry their grids
+            B, h, w, C = values.shape
+            H, W = attn.shape[1], attn.shape[2]
+            flat_proj = lambda t: proj(t.unflatten(1, (H, W))).flatten(1, 2)  # noqa: E731 (the projection sees maps)
+            out = self._mix_grids(attn.flatten(1, 2), values.flatten(1, 2), flat_proj, ((h, w), (H, W)))
+            return out.unflatten(1, (H, W))
         if grids is not None:
-            return self._mix_coarse(attn, values, proj, grids)
+            return self._mix_grids(attn, values, proj, grids)
         if not is_tracing() and values.shape[:-1] != attn.shape[:-1]:
             raise RuntimeError(
                 f"the attention's values {tuple(values.shape)} and output {tuple(attn.shape)} are not over the same "
                 "tokens: the adapter does not fit this attention"
             )
-        if self.feature_map:
-            B, H, W, C = values.shape
-            kwargs = self._conv_kwargs(H * W, False, (H, W)) if self.conv_layout == "2d" else {"is_causal": False}
-            flat_proj = lambda t: proj(t.unflatten(1, (H, W))).flatten(1, 2)  # noqa: E731 (the projection sees maps)
-            out = self._mix_conv(attn.flatten(1, 2), values.flatten(1, 2), flat_proj, None, kwargs)
-            return out.unflatten(1, (H, W))
         # (..., N, C): leading dims (batch, and NesT's blocks) are all batch to the convolution.
         padding, self._padding = self._padding, None
         kwargs = self._conv_kwargs(values.shape[-2], self._is_causal, None)
         out = self._mix_conv(attn.flatten(0, -3), values.flatten(0, -3), proj, padding, kwargs)
         return out.unflatten(0, values.shape[:-2])
 
-    def _mix_coarse(
+    def _mix_grids(
             self,
             attn: torch.Tensor,
             values: torch.Tensor,
             proj: Callable[[torch.Tensor], torch.Tensor],
             grids: tuple[tuple[int, int], tuple[int, int]],
+            output_places: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The branch over values on an ``h x w`` grid for an output on ``H x W`` (coarser or finer), each
-        after the prefix tokens: convolved on theirs, then resized (nearest) to the output's."""
+        """The branch over values on an ``h x w`` grid for an output on ``H x W``, each after the prefix
+        tokens: convolved on theirs, then taken to the output's (``resize_grid``; then to the places of
+        the output tokens, ``output_places``, if they are not row-major)."""
         (h, w), (H, W) = grids
         n = self.num_prefix_tokens
         if not is_tracing() and (values.shape[1] != n + h * w or attn.shape[1] != n + H * W):
@@ -303,16 +349,44 @@ class MUSEBranch(TokenConv, nn.Module):
                 f"values {tuple(values.shape)} and output {tuple(attn.shape)} do not fill the {h} x {w} and "
                 f"{H} x {W} grids after {n} prefix tokens: the adapter does not fit this attention"
             )
+        kwargs = self._conv_kwargs(n + h * w, False, (h, w)) if self.conv_layout == "2d" else {"is_causal": False}
 
         def resize(conv: torch.Tensor) -> torch.Tensor:
-            maps = conv.unflatten(1, (h, w)).permute(0, 3, 1, 2)
-            return F.interpolate(maps, size=(H, W), mode="nearest").flatten(2).transpose(1, 2)
+            conv = resize_grid(conv, h, w, H, W)
+            return conv if output_places is None else conv[:, output_places]
 
-        kwargs = self._conv_kwargs(n + h * w, False, (h, w)) if self.conv_layout == "2d" else {"is_causal": False}
         return self._mix_conv(attn, values, proj, None, kwargs, resize)
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise NotImplementedError(_NO_SCRIPT)
+
+
+def resize_grid(tokens: torch.Tensor, h: int, w: int, H: int, W: int) -> torch.Tensor:
+    """``tokens (B, h * w, C)`` of an ``h x w`` grid taken to an ``H x W`` grid (a leaf in ``torch.fx`` graphs).
+
+    A coarser output (pooled or strided queries: MViTv2, SAM2-Hiera, LeViT, EfficientFormer v2) takes the
+    token where each output token's window starts, every ``round(h / H)``-th; a finer one (spatial reduction:
+    PVTv2, Twins, MobileNetV4, NextViT) repeats each token over the output tokens it covers (nearest).
+    """
+    if h == H and w == W:
+        return tokens
+    maps = tokens.unflatten(1, (h, w))
+    if H <= h and W <= w:
+        picked = maps[:, :: max(round(h / H), 1), :: max(round(w / W), 1)][:, :H, :W]
+        if picked.shape[1] == H and picked.shape[2] == W:
+            return picked.flatten(1, 2)
+    maps = F.interpolate(maps.permute(0, 3, 1, 2), size=(H, W), mode="nearest")
+    return maps.flatten(2).transpose(1, 2)
+
+
+torch.fx.wrap("resize_grid")
+
+
+def _unpartition(windows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Windows ``(B, h, w, ws, ws, C)`` of a zero-padded grid back to the ``grid``'s tokens ``(B, H * W, C)``."""
+    B, h, w, ws, _, C = windows.shape
+    maps = windows.transpose(2, 3).reshape(B, h * ws, w * ws, C)
+    return maps[:, : grid[0], : grid[1]].flatten(1, 2)
 
 
 _NO_SCRIPT = (
@@ -322,81 +396,136 @@ _NO_SCRIPT = (
 )
 
 
-class ValueTap(nn.Linear):
-    """An attention's value-producing ``nn.Linear`` that also hands the values to its ``MUSEBranch``.
+Split = tuple[int, slice]  # (groups, channels of each group that are values)
 
-    The output channels are ``groups`` equal groups (1, or one per head where a head's q, k and v
-    sit side by side) and each group's channels from ``offset`` on are values: the last third of a
-    fused ``qkv``, or all of a ``v_proj``. Made by ``attach``, which swaps the class of the layer.
-    """
+
+def _value_channels(out: torch.Tensor, split: Split, maps: bool) -> torch.Tensor:
+    """The value channels of a value layer's output ``out`` (channels last, or ``(B, C, H, W)`` ``maps``):
+    ``groups`` equal groups (1, or one per head where a head's q, k and v sit side by side), each group's
+    ``slice`` of channels."""
+    groups, channels = split
+    if maps:
+        return out[:, channels] if groups == 1 else out.unflatten(1, (groups, -1))[:, :, channels].flatten(1, 2)
+    return out[..., channels] if groups == 1 else out.unflatten(-1, (groups, -1))[..., channels].flatten(-2)
+
+
+class _Tap:
+    """What the taps share: the tapped layer's class (``_muse_base``), whether it works on ``(B, C, H, W)``
+    maps (``_muse_maps``), and pickling by that class (the tap classes are made per class by ``tap_class``)."""
+
+    _muse_base: type[nn.Module]
+    _muse_role: str
+    _muse_maps: bool
+
+    def __reduce_ex__(self, protocol: int):  # pickle and deepcopy rebuild the tap class from its parts
+        return _new_tap, (self._muse_base, self._muse_role, self._muse_maps), self.__dict__
+
+
+class _ValueTap(_Tap):
+    """A value-producing layer that also hands its values (split by ``muse_value_split``) to its branch; maps
+    go as ``(B, H, W, C)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        groups, offset = self.__dict__["muse_value_split"]
-        values = out[..., offset:] if groups == 1 else out.unflatten(-1, (groups, -1))[..., offset:].flatten(-2)
-        self.__dict__["muse_branch"].stash(values)
+        split, part = self.__dict__["muse_value_split"], self.__dict__["muse_value_part"]
+        values = _value_channels(out, split, self._muse_maps)
+        self.__dict__["muse_branch"].stash(values.permute(0, 2, 3, 1) if self._muse_maps else values, part)
         return out
 
 
-class BranchOutput(nn.Linear):
-    """An attention's output ``nn.Linear`` that adds its ``MUSEBranch`` to the projection."""
+class _BranchOutput(_Tap):
+    """An attention's output layer that adds its branch to the projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.__dict__["muse_branch"](x, super().forward)
-
-
-class ValueTapConv(nn.Conv2d):
-    """``ValueTap`` for a 1 x 1 ``nn.Conv2d`` over ``(B, C, H, W)`` maps (CoAtNet, Visformer): the values,
-    split along the channels, go to the branch as a ``(B, H, W, C)`` map."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        groups, offset = self.__dict__["muse_value_split"]
-        values = out[:, offset:] if groups == 1 else out.unflatten(1, (groups, -1))[:, :, offset:].flatten(1, 2)
-        self.__dict__["muse_branch"].stash(values.permute(0, 2, 3, 1))
-        return out
-
-
-class BranchOutputConv(nn.Conv2d):
-    """``BranchOutput`` for a 1 x 1 ``nn.Conv2d`` output projection over ``(B, C, H, W)`` maps."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = super().forward
-        out = self.__dict__["muse_branch"](
-            x.permute(0, 2, 3, 1), lambda t: conv(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
-        )
+        branch = self.__dict__["muse_branch"]
+        if not self._muse_maps:
+            return branch(x, super().forward)
+        layer = super().forward
+        out = branch(x.permute(0, 2, 3, 1), lambda t: layer(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         return out.permute(0, 3, 1, 2)
 
 
-_TAPS: dict[type[nn.Module], tuple[type[nn.Module], type[nn.Module]]] = {
-    nn.Linear: (ValueTap, BranchOutput), nn.Conv2d: (ValueTapConv, BranchOutputConv),
-}
+class _BranchInput(_Tap):
+    """An attention's output layer that is not pointwise (LowFormer's upsampling transposed convolution): the
+    branch is added to its input, in the attention's value space."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        joined = self.__dict__["muse_branch"](x.permute(0, 2, 3, 1), lambda t: t)
+        return super().forward(joined.permute(0, 3, 1, 2))
 
 
-def is_tappable(layer: nn.Module | None) -> bool:
-    """A plain ``nn.Linear``, or a 1 x 1 ``nn.Conv2d`` (stride 1, ungrouped): the layers MUSE taps."""
+_ROLES: dict[str, type[_Tap]] = {"value": _ValueTap, "output": _BranchOutput, "input": _BranchInput}
+
+
+@functools.cache
+def tap_class(base: type[nn.Module], role: str, maps: bool) -> type[nn.Module]:
+    """The class a layer of class ``base`` becomes to play ``role`` (``"value"``, ``"output"``, ``"input"``)."""
+    mixin = _ROLES[role]
+    return type(f"{mixin.__name__.lstrip('_')}{base.__name__}", (mixin, base),
+                {"_muse_base": base, "_muse_role": role, "_muse_maps": maps, "__module__": __name__})
+
+
+def _new_tap(base: type[nn.Module], role: str, maps: bool) -> nn.Module:
+    cls = tap_class(base, role, maps)
+    return cls.__new__(cls)
+
+
+def _elementwise(layer: nn.Module) -> bool:
+    """A norm, activation, dropout or identity: what a pointwise layer may hold beside its projection."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Identity, nn.Dropout)
+    return isinstance(layer, norms) or type(layer).__module__ == "torch.nn.modules.activation"
+
+
+def _core(layer: nn.Module | None) -> nn.Module | None:
+    """The projection of a pointwise layer: a plain ``nn.Linear``, a 1 x 1 ``nn.Conv2d`` (stride 1, ungrouped),
+    or a module holding exactly one of them and only norms and activations beside it (LeViT's ``LinearNorm``,
+    the ``ConvNorm`` layers, ``Sequential(act, ConvNorm)``, Gemma4's ``Gemma4ClippableLinear``)."""
+    if layer is None:
+        return None
+    if type(layer) is nn.Linear:
+        return layer
     if type(layer) is nn.Conv2d:
-        return layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1
-    return type(layer) is nn.Linear
+        return layer if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1 else None
+    leaves = [m for m in layer.modules() if next(m.children(), None) is None and m is not layer]
+    cores = [m for m in leaves if type(m) in (nn.Linear, nn.Conv2d)]
+    if len(cores) != 1 or _core(cores[0]) is None or not all(m is cores[0] or _elementwise(m) for m in leaves):
+        return None
+    return cores[0]
+
+
+def tap_role(layer: nn.Module | None, output: bool) -> str | None:
+    """How ``layer`` can be tapped: ``"value"`` (values) or ``"output"`` (a pointwise layer, the branch added to
+    its projection), ``"input"`` (an output ``nn.ConvTranspose2d``, the branch added to its input); None: not."""
+    if _core(layer) is not None:
+        return "output" if output else "value"
+    return "input" if output and type(layer) is nn.ConvTranspose2d else None
 
 
 def widths(layer: nn.Module) -> tuple[int, int]:
     """``(in, out)`` channels of a tappable layer."""
-    if isinstance(layer, nn.Conv2d):
-        return layer.in_channels, layer.out_channels
-    return layer.in_features, layer.out_features
+    core = _core(layer) or layer
+    if isinstance(core, nn.Linear):
+        return core.in_features, core.out_features
+    return core.in_channels, core.out_channels
 
 
-def attach(value: nn.Module, split: tuple[int, int], output: nn.Module, branch: MUSEBranch) -> None:
-    """Turn ``value`` into a value tap (values: ``split = (groups, offset)``, see ``ValueTap``) and
-    ``output`` into a branch output feeding ``branch``; both tappable layers of one kind.
+def _on_maps(layer: nn.Module) -> bool:
+    return not isinstance(_core(layer), nn.Linear)
+
+
+def attach(values: Sequence[nn.Module], split: Split, output: nn.Module, branch: MUSEBranch) -> None:
+    """Turn ``values`` (the value layers, one or several whose values are joined in order) into value taps
+    (values: ``split``, see ``_value_channels``) and ``output`` into the layer feeding ``branch``.
 
     The layers keep their weights and state_dict keys; ``branch`` is referenced, not registered,
     so it is registered once, on the attention.
     """
-    for layer, role in ((value, 0), (output, 1)):
-        if not is_tappable(layer):
-            raise TypeError(f"MUSE taps a plain nn.Linear or a 1 x 1 nn.Conv2d, got {layer!r}")
-        layer.__class__ = _TAPS[type(layer)][role]
+    roles = [(layer, tap_role(layer, False)) for layer in values] + [(output, tap_role(output, True))]
+    for layer, role in roles:
+        if role is None:
+            raise TypeError(f"MUSE taps a pointwise layer (nn.Linear, 1 x 1 nn.Conv2d, with its norm), got {layer!r}")
+    for part, (layer, role) in enumerate(roles):
+        layer.__class__ = tap_class(type(layer), role, _on_maps(layer))
         layer.__dict__["muse_branch"] = branch
-    value.__dict__["muse_value_split"] = split
+        layer.__dict__["muse_value_split"] = split
+        layer.__dict__["muse_value_part"] = part

@@ -8,9 +8,9 @@ from typing import Any, Literal, overload
 
 from torch import nn
 
-from .adapters import ATTENTION_ADAPTERS, AttentionAdapter
+from .adapters import ATTENTION_ADAPTERS, NOT_ATTENTION, AttentionAdapter
 from .attention import MUSEAttention
-from .branch import MUSEBranch, attach, is_tappable, widths
+from .branch import MUSEBranch, Split, attach, tap_role, widths
 from .vit import follow_token_layout
 
 __all__ = ["swap_attention"]
@@ -98,12 +98,12 @@ def swap_attention(
     plans = []  # every branch built (and every check passed) before the model changes
     for name, module, adapter in targets:
         ancestors = [model.get_submodule(".".join(name.split(".")[:i])) for i in range(name.count("."), -1, -1)]
-        plans.append((module, adapter, *_branch_for(name, module, adapter, ancestors, mixer_kwargs)))
-    for attn, adapter, branch, value, split, output in plans:
-        if adapter.prepare is not None:
-            adapter.prepare(attn)
+        plans.append((module, adapter, ancestors, *_branch_for(name, module, adapter, ancestors, mixer_kwargs)))
+    for attn, adapter, ancestors, branch, values, split, output in plans:
         attn.muse = branch
-        attach(value, split, output, branch)
+        if adapter.prepare is not None:
+            adapter.prepare(attn, ancestors)
+        attach(values, split, output, branch)
         if adapter.attention_class is not None:
             attn.__class__ = adapter.attention_class
     for m in list(model.modules()):
@@ -117,7 +117,8 @@ def _looks_like_attention(module: nn.Module) -> bool:
     """A module named like an attention, with weights, that holds no attention ``swap_attention`` knows (then it
     is a block holding one)."""
     return (
-        bool(_ATTENTION_NAME.search(type(module).__name__))
+        type(module) not in NOT_ATTENTION
+        and bool(_ATTENTION_NAME.search(type(module).__name__))
         and any(True for _ in module.parameters())
         and not any(type(m) in ATTENTION_ADAPTERS for m in module.modules())
     )
@@ -139,23 +140,40 @@ def _check_options(mixer_kwargs: dict[str, Any]) -> None:
         )
 
 
+def _find(attn: nn.Module, path: str) -> list[nn.Module]:
+    """The layers at ``path`` (dotted) in ``attn``: one, or each of a ``ModuleList``'s; none if absent."""
+    try:
+        found = attn.get_submodule(path)
+    except AttributeError:
+        return []
+    return list(found) if isinstance(found, nn.ModuleList) else [found]
+
+
 def _branch_for(
         name: str, attn: nn.Module, adapter: AttentionAdapter, ancestors: list[nn.Module], options: dict[str, Any],
-) -> tuple[MUSEBranch, nn.Module, tuple[int, int], nn.Module]:
-    """``attn``'s silent ``MUSEBranch``, its value layer and split, and its output layer (nothing changed yet)."""
-    found = [(getattr(attn, a), split) for a, split in adapter.values if is_tappable(getattr(attn, a, None))]
+) -> tuple[MUSEBranch, list[nn.Module], Split, nn.Module]:
+    """``attn``'s silent ``MUSEBranch``, its value layers and split, and its output layer (nothing changed yet)."""
+    found = [
+        (layers, split) for path, split in adapter.values
+        if (layers := _find(attn, path)) and all(tap_role(layer, output=False) for layer in layers)
+    ]
     outputs = (adapter.output,) if isinstance(adapter.output, str) else adapter.output
-    output = next((getattr(attn, a) for a in outputs if is_tappable(getattr(attn, a, None))), None)
+    output = next((layers[0] for path in outputs if len(layers := _find(attn, path)) == 1
+                   and tap_role(layers[0], output=True)), None)
     if not found or output is None:
         raise TypeError(
             f"{name} ({type(attn).__name__}) has no value layer among {[a for a, _ in adapter.values]} or no "
-            f"output layer among {list(outputs)} (nn.Linear or 1 x 1 nn.Conv2d): its adapter does not fit it"
+            f"output layer among {list(outputs)} (pointwise: nn.Linear or 1 x 1 nn.Conv2d, with its norm): its "
+            "adapter does not fit it"
         )
-    value, split = found[0]
-    value_width = widths(value)[1]
-    groups, offset = (1, value_width - value_width // split) if isinstance(split, int) else split(attn)
-    value_dim = value_width - groups * offset
+    values, split = found[0]
+    value_width = widths(values[0])[1]
+    split = (1, slice(value_width - value_width // split, None)) if isinstance(split, int) else split(attn)
+    groups, channels = split
+    value_dim = len(values) * groups * len(range(value_width // groups)[channels])
     output_in, output_out = widths(output)
+    if tap_role(output, output=True) == "input":  # the branch joins the output layer's input
+        output_out = output_in
     layout = adapter.layout(attn, ancestors)
     conv_layout = options.get("conv_layout", layout.layout)
     if conv_layout == "2d" and layout.layout != "2d":
@@ -169,11 +187,12 @@ def _branch_for(
             f"conv_proj='shared' adds the convolution to the attention output, but {name}'s values are {value_dim} "
             f"wide and its output projection takes {output_in}: use conv_proj='separate'"
         )
+    weight = next(values[0].parameters())
     branch = MUSEBranch(
-        value_dim, output_out, num_heads=attn.num_heads, kernel_sizes=options.get("kernel_sizes"),
-        conv_type=options.get("conv_type", "static"), conv_proj=conv_proj, layout=layout._replace(layout=conv_layout),
-        device=value.weight.device, dtype=value.weight.dtype,
+        value_dim, output_out, num_heads=getattr(attn, "num_heads", getattr(attn, "heads", 1)),
+        kernel_sizes=options.get("kernel_sizes"), conv_type=options.get("conv_type", "static"), conv_proj=conv_proj,
+        layout=layout._replace(layout=conv_layout), num_value_parts=len(values), device=weight.device,
+        dtype=weight.dtype,
     )
     branch.silence()
-    return branch, value, (groups, offset), output
-
+    return branch, values, split, output

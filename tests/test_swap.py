@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
-from timm.models import efficientformer, metaformer, mvitv2, nest, tiny_vit, volo
+from timm.models import efficientformer, hiera, hieradet_sam2, levit, metaformer, mvitv2, nest, tiny_vit, volo
 from torch import nn
 
 from muse_lightning import (
@@ -85,11 +85,36 @@ ZOO = [
     ("mvitv2_cls", dict(build=partial(_mvit, True), input_size=64), 4, {("2d", 1, None)}, []),
     ("volo", dict(build=volo.VOLO, layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64),
                   num_heads=(1, 2, 2, 2), num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
+    ("twins_svt_small", dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 64), num_heads=(1, 2, 2, 2),
+                             wss=(4, 4, 2, 2), num_classes=5, input_size=64), 4, {("2d", 0, None)}, []),
+    ("levit_128s", dict(img_size=128, num_classes=5), 11, {("2d", 0, (8, 8)), ("2d", 0, (4, 4)), ("2d", 0, (2, 2))}, []),
+    ("levit_conv_128s", dict(img_size=64, num_classes=5), 11, {("2d", 0, None)}, []),
+    ("efficientformerv2_s0", dict(img_size=64, num_classes=5), 5, {("2d", 0, None)}, []),
+    ("coat_lite_tiny", dict(img_size=64, num_classes=5), 8, {("2d", 1, None)}, []),
+    ("coat_tiny", dict(img_size=64, num_classes=5), 26, {("2d", 1, None)}, []),
+    ("nextvit_small", dict(depths=(1, 1, 5, 1), num_classes=5, input_size=64), 3, {("2d", 0, None), ("1d", 0, None)},
+     []),
+    ("efficientvit_m0", dict(img_size=64, num_classes=5), 6, {("2d", 0, None)}, []),
+    ("mobilenetv4_hybrid_medium", dict(num_classes=5, input_size=64), 8, {("2d", 0, None)}, []),
+    ("mobilenetv5_base", dict(channel_multiplier=0.25, num_classes=5, input_size=64), 13, {("2d", 0, None)}, []),
+    ("shvit_s1", dict(num_classes=5, input_size=64), 9, {("2d", 0, None)}, []),
+    ("iformer_m", dict(num_classes=5, input_size=64), 6, {("2d", 0, None)}, []),
+    ("lowformer_b0", dict(num_classes=5, input_size=64), 7, {("2d", 0, None)}, []),
+    ("cpubone_b0_bfrobust", dict(num_classes=5, input_size=64), 7, {("2d", 0, None)}, []),
+    ("gemma4_vit_167m", dict(depth=2, embed_dim=64, num_heads=2, head_dim=32, num_classes=5, input_size=48), 2,
+     {("1d", 0, None)}, []),
+    ("hiera", dict(build=hiera.Hiera, img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 1, 1, 1),
+                   num_classes=5, input_size=64), 4, {("2d", 0, None)}, []),
+    ("sam2_hiera", dict(build=hieradet_sam2.HieraDet, embed_dim=16, num_heads=1, stages=(1, 2, 2, 1),
+                        global_att_blocks=(2, 4), window_spec=(4, 4, 4, 2), num_classes=5, input_size=64), 6,
+     {("2d", 0, None)}, []),
 ]
 ZOO_IDS = [entry[0] for entry in ZOO]
 # Models whose features are their class tokens only: the last block's convolution, which neither reads nor
 # writes them, reaches no output (the class-token caveat of the README).
 CLASS_TOKEN_FEATURES = {"pit_ti_distilled_224": "transformers.2.blocks.3.attn.muse."}
+# timm 1.0.31's own models that torch.fx cannot trace (Hiera's optional mask, Gemma4's input dispatch), and how.
+FX_UNTRACEABLE = {"hiera": AttributeError, "gemma4_vit_167m": torch.fx.proxy.TraceError}
 
 
 def _build(name, kwargs):
@@ -171,7 +196,8 @@ def _branch_out(branch, values, grid):
     """The convolution branch alone, on ``values (B, N, C)``; a feature-map branch gets them as ``(B, H, W, C)``."""
     if branch.feature_map:
         values = values.unflatten(1, grid)
-    branch.stash(values)
+    for part, part_values in enumerate(values.chunk(len(branch._values), dim=-1)):  # one per value layer
+        branch.stash(part_values, part)
     width = branch.conv_proj.out_features
     out = branch(torch.zeros_like(values), lambda t: t.new_zeros(*t.shape[:-1], width))
     return out.flatten(1, 2) if branch.feature_map else out
@@ -183,6 +209,7 @@ def test_swapped_branch_skips_prefix_tokens_and_reads_only_grid_neighbours(name,
     model, _, _ = _swap(model)
     for branch in _branches(model):
         _random_branch(branch)
+        branch.values_at = None  # the convolution in row-major order (Hiera's token order: its own test)
         # A map's grid is its shape; with no grid of its own, a square one is inferred.
         prefix, (h, w) = branch.num_prefix_tokens, branch.grid_size or ((5, 6) if branch.feature_map else (5, 5))
         values = torch.randn(2, prefix + h * w, branch.conv.weight[0].shape[0])
@@ -206,6 +233,10 @@ def test_swapped_branch_skips_prefix_tokens_and_reads_only_grid_neighbours(name,
 def test_swapped_family_traces_with_fx(name, kwargs, count, layouts, left):
     from timm.models._features_fx import create_feature_extractor, get_graph_node_names
     model, x = _build(name, kwargs)
+    if name in FX_UNTRACEABLE:  # timm's own model does not trace: nothing for the swap to keep
+        with pytest.raises(FX_UNTRACEABLE[name]):
+            create_feature_extractor(model, {get_graph_node_names(model)[1][-1]: "out"})(x)
+        return
     model, _, _ = _swap(model)
     for branch in _branches(model):
         _random_branch(branch)  # a trained branch, so that a graph that dropped it would differ
@@ -464,6 +495,8 @@ def test_swapped_model_deep_copies_and_reloads_its_branches(tmp_path):
     tap = ema.blocks[0].attn.qkv
     assert tap.__dict__["muse_branch"] is ema.blocks[0].attn.muse is not model.blocks[0].attn.muse
     torch.testing.assert_close(ema(x), model(x))
+    torch.save(model, tmp_path / "whole.pth")  # the whole module pickles, taps included
+    torch.testing.assert_close(torch.load(tmp_path / "whole.pth", weights_only=False)(x), model(x))
     fresh, _ = _build("eva02_tiny_patch14_224", _VIT)
     fresh, _, _ = _swap(fresh)
     torch.save(model.state_dict(), tmp_path / "swapped.pth")
@@ -542,7 +575,7 @@ def test_spatial_reduction_branch_convolves_the_coarse_values_then_repeats_them_
     branch = model.stages[0].blocks[0].attn.muse  # 16 x 16 tokens, keys and values on an 8 x 8 grid (sr 8: 2 x 2)
     _random_branch(branch)
     seen = {}
-    branch.register_forward_pre_hook(lambda m, args: seen.update(grids=m._grids, values=m._values))  # test probe
+    branch.register_forward_pre_hook(lambda m, args: seen.update(grids=m._grids, values=m._values[0]))  # test probe
     model(x)
     (h, w), (H, W) = seen["grids"]
     assert (H, W) == (16, 16) and (h, w) == (2, 2)
@@ -553,3 +586,105 @@ def test_spatial_reduction_branch_convolves_the_coarse_values_then_repeats_them_
     branch.see_grids((h, w), (H, W))
     got = branch(torch.zeros(values.shape[0], H * W, values.shape[-1]), lambda t: t.new_zeros(*t.shape[:-1], 32))
     torch.testing.assert_close(got, ref)
+
+
+_ZOO_KWARGS = {entry[0]: entry[1] for entry in ZOO}
+
+
+def _branch_delta(attn, *args):
+    """What ``attn``'s branch adds to its output, on ``args``: with the (random) branch, minus without it."""
+    branch = attn.muse
+    out = attn(*args)
+    saved = [p.detach().clone() for p in branch.parameters()]
+    branch.silence()
+    silent = attn(*args)
+    with torch.no_grad():
+        for p, value in zip(branch.parameters(), saved):
+            p.copy_(value)
+    return out - silent
+
+
+def _stash_probe(branch):
+    """The values each call hands ``branch`` (a test probe)."""
+    seen = []
+    branch.register_forward_pre_hook(lambda m, args: seen.append([v.detach() for v in m._values]))
+    return seen
+
+
+@pytest.mark.parametrize("block", [0, 1, 2])  # mask-unit attention, then the pooling blocks' global attention
+def test_hiera_branch_convolves_the_unrolled_tokens_on_the_patch_grid(block):
+    model, x = _build("hiera", _ZOO_KWARGS["hiera"])
+    model, _, _ = _swap(model)
+    attn = model.blocks[block].attn
+    _random_branch(attn.muse)
+    tokens = {}
+    model.blocks[block].register_forward_pre_hook(lambda m, args: tokens.update(x=m.norm1(args[0])))  # test probe
+    model(x)
+    delta = _branch_delta(attn, tokens["x"])
+    values = F.linear(tokens["x"], attn.qkv.weight, attn.qkv.bias)[..., 2 * attn.dim_out:]
+    # timm's Reroll puts a block's tokens back on the grid: the values in the order of the block before a pooling one.
+    grid = model.reroll(values, block - 1 if attn.q_stride > 1 else block)  # (B, H, W, C)
+    conv = attn.muse.conv(grid.flatten(1, 2), grid_size=grid.shape[1:3]).unflatten(1, grid.shape[1:3])
+    stride = round(attn.q_stride ** 0.5)
+    expected = attn.muse.conv_proj(conv[:, ::stride, ::stride])
+    torch.testing.assert_close(model.reroll(delta, block), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_twins_locally_grouped_branch_convolves_the_whole_map_and_never_its_padding():
+    model, _ = _build("twins_svt_small", _ZOO_KWARGS["twins_svt_small"])
+    model, _, _ = _swap(model)
+    attn = model.blocks[0][0].attn  # windows of 4 x 4: an 18 x 18 grid is padded to 20 x 20
+    _random_branch(attn.muse)
+    x = torch.randn(2, 18 * 18, attn.dim)
+    delta = _branch_delta(attn, x, (18, 18))
+    values = F.linear(x, attn.qkv.weight, attn.qkv.bias)[..., 2 * attn.dim:]
+    expected = attn.muse.conv_proj(attn.muse.conv(values, grid_size=(18, 18)))
+    torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_strided_query_branch_takes_the_convolution_where_each_query_sits():
+    model, _ = _build("levit_128s", dict(img_size=112, num_classes=5))
+    model, _, _ = _swap(model)
+    attn = model.stages[1].downsample.attn_downsample  # keys and values 7 x 7, queries every other one: 4 x 4
+    _random_branch(attn.muse)
+    x = torch.randn(2, 49, attn.kv.linear.in_features)
+    delta = _branch_delta(attn, x)
+    kv = levit.LinearNorm.forward(attn.kv, x)  # the layer itself, untapped: its BatchNorm's values
+    values = kv.unflatten(-1, (attn.num_heads, -1))[..., attn.key_dim:].flatten(-2)
+    conv = attn.muse.conv(values, grid_size=(7, 7)).unflatten(1, (7, 7))[:, ::2, ::2].flatten(1, 2)
+    torch.testing.assert_close(delta, attn.muse.conv_proj(conv), atol=1e-5, rtol=1e-4)
+
+
+def test_branch_joins_a_non_pointwise_output_layer_at_its_input():
+    """LowFormer's output projection is an upsampling transposed convolution: the branch is added before it."""
+    model, x = _build("lowformer_b0", _ZOO_KWARGS["lowformer_b0"])
+    model, _, _ = _swap(model)
+    attn = next(m for m in model.modules() if hasattr(m, "muse") and isinstance(m.upsampling, nn.ConvTranspose2d))
+    _random_branch(attn.muse)
+    inputs = {}
+    attn.register_forward_pre_hook(lambda m, args: inputs.update(x=args[0]))  # test probe
+    model(x)
+    seen = _stash_probe(attn.muse)
+    delta = _branch_delta(attn, inputs["x"])
+    (values,) = seen[0]  # (B, h, w, C): the per-head V of its pointwise qkv
+    h, w = values.shape[1:3]
+    conv = attn.muse.conv_proj(attn.muse.conv(values.flatten(1, 2), grid_size=(h, w))).unflatten(1, (h, w))
+    up = attn.upsampling
+    expected = F.conv_transpose2d(conv.permute(0, 3, 1, 2), up.weight, None, up.stride, up.padding, groups=up.groups)
+    torch.testing.assert_close(delta, expected[..., : delta.shape[-2], : delta.shape[-1]], atol=1e-5, rtol=1e-4)
+
+
+def test_branch_joins_the_values_of_several_value_layers_in_their_order():
+    """EfficientViT-MSRA's cascaded heads each have their own qkv: the branch convolves their values joined."""
+    model, x = _build("efficientvit_m0", _ZOO_KWARGS["efficientvit_m0"])
+    model, _, _ = _swap(model)
+    attn = next(m for m in model.modules() if hasattr(m, "muse") and len(m.qkvs) > 1)
+    seen = _stash_probe(attn.muse)
+    outputs = {}
+    for i, qkv in enumerate(attn.qkvs):
+        qkv.register_forward_hook(lambda m, args, out, i=i: outputs.update({i: out}))  # test probe
+    model(x)
+    heads = [outputs[i][:, 2 * attn.key_dim:].permute(0, 2, 3, 1) for i in range(len(attn.qkvs))]
+    assert len(seen[0]) == len(attn.qkvs)
+    for got, expected in zip(seen[0], heads):
+        torch.testing.assert_close(got, expected)
