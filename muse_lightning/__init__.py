@@ -10,12 +10,13 @@ from .datamodules import (
 )
 from .modules import ClassifierModule, ImageClassifier, SequenceClassifier, TextClassifier
 from .swap import swap_attention
-from .vit import MUSEEva, MUSEVisionTransformer  # importing registers the muse_vit_* models with timm
+from .vit import MUSEEva, MUSENaFlexVit, MUSEVisionTransformer  # importing registers the muse_vit_* models with timm
 
 __all__ = [
     "AttentionAdapter", "ClassifierModule", "FashionMNISTDataModule", "ImageClassifier", "ImageFolderDataModule",
-    "MUSEAttention", "MUSEBlock", "MUSEBranch", "MUSEEva", "MUSEVisionTransformer", "MultiScaleDepthwiseConv",
-    "MultiScaleDynamicConv", "ResumableSampler", "SequenceClassifier", "SequenceFileDataModule", "TextClassifier",
-    "TextFileDataModule", "TokenLayout", "WordNetGlossesDataModule", "register_attention_adapter", "swap_attention",
+    "MUSEAttention", "MUSEBlock", "MUSEBranch", "MUSEEva", "MUSENaFlexVit", "MUSEVisionTransformer",
+    "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "ResumableSampler", "SequenceClassifier",
+    "SequenceFileDataModule", "TextClassifier", "TextFileDataModule", "TokenLayout", "WordNetGlossesDataModule",
+    "register_attention_adapter", "swap_attention",
 ]
 __version__ = "0.1.0"

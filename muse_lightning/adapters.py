@@ -11,15 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from timm.layers import Attention, AttentionPoolLatent, AttentionRope, DiffAttention, to_2tuple
+from timm.layers import Attention, AttentionPoolLatent, AttentionPoolPrr, AttentionRope, DiffAttention, to_2tuple
+from timm.layers import cbam, coord_attn, selective_kernel, split_attn
 from timm.layers.attention2d import Attention2d, MultiQueryAttention2d
 from timm.layers.attention_pool2d import AttentionPool2d, RotAttentionPool2d
+from timm.layers.bottleneck_attn import BottleneckAttn
+from timm.layers.halo_attn import HaloAttn
+from timm.layers.lambda_layer import LambdaLayer
+from timm.layers.non_local_attn import BatNonLocalAttn, NonLocalAttn
 from timm.models import (
     beit, cait, coat, convit, cpubone, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
-    efficientvit_mit, efficientvit_msra, eva, fastvit, gcvit, gemma4_vit, hiera, hieradet_sam2, iformer, levit, lowformer,
-    maxxvit, metaformer, mvitv2, nest, nextvit, pvt_v2, shvit, swiftformer, swin_transformer, swin_transformer_v2,
-    swin_transformer_v2_cr, tiny_vit, tnt, twins, vision_transformer, vision_transformer_relpos,
-    vision_transformer_sam, visformer, volo, xcit,
+    efficientvit_mit, efficientvit_msra, eva, fastvit, gcvit, gemma4_vit, hiera, hieradet_sam2, iformer, levit,
+    lowformer, maxxvit, metaformer, mobilevit, mvitv2, naflexvit, nest, nextvit, pvt_v2, shvit, swiftformer,
+    swin_transformer, swin_transformer_v2, swin_transformer_v2_cr, tiny_vit, tnt, twins, visformer, vision_transformer,
+    vision_transformer_relpos, vision_transformer_sam, volo, xcit,
 )
 from timm.models.csatv2 import SpatialAttention as CSATSpatialAttention  # the module is shadowed by its model
 import torch
@@ -28,9 +33,10 @@ from torch import nn
 from .branch import Split, TokenLayout, widths
 
 __all__ = [
-    "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "MaskReadingAttention", "block_window_grid", "feature_map", "patch_grid",
-    "mvit_tokens", "patch_grid_without_prefix", "register_attention_adapter", "sequence", "square_grid", "tnt_grid",
-    "window_grid",
+    "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "MaskReadingAttention", "adapter_for", "ancestors_of",
+    "block_window_grid", "class_token_grid", "feature_map", "levit_tokens", "mvit_tokens", "nextvit_tokens",
+    "patch_grid", "patch_grid_without_prefix", "refresh_token_layouts", "register_attention_adapter", "sequence",
+    "square_grid", "tnt_grid", "window_grid",
 ]
 
 LayoutFn = Callable[[nn.Module, Sequence[nn.Module]], TokenLayout]
@@ -61,12 +67,15 @@ def _class_tokens(ancestors: Sequence[nn.Module]) -> int | None:
 
 
 def patch_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
-    """The enclosing ViT-style model's patch grid after its prefix tokens; after a model's class tokens,
-    the square grid of each call (PiT, CrossViT); a sequence otherwise, after the enclosing model's
-    ``num_prefix_tokens`` if it has them (NaFlexViT)."""
+    """The enclosing ViT-style model's patch grid after its prefix tokens (NaFlexViT: each call's); after a
+    model's class tokens, the square grid of each call (PiT, CrossViT); a sequence otherwise, after the
+    enclosing model's ``num_prefix_tokens`` if it has them."""
     owner = _vit_owner(ancestors)
     if owner is not None:
         return TokenLayout("2d", int(owner.num_prefix_tokens), tuple(owner.patch_embed.grid_size))
+    naflex = next((m for m in ancestors if isinstance(m, naflexvit.NaFlexVit)), None)
+    if naflex is not None:  # any grid: each call's, handed over by MUSENaFlexVit
+        return TokenLayout("2d", int(naflex.num_prefix_tokens))
     classes = _class_tokens(ancestors)
     if classes is not None:
         return TokenLayout("2d", classes)
@@ -165,6 +174,16 @@ def _cascaded_qkv(attn: nn.Module) -> Split:
 def _value_gate(attn: nn.Module) -> Split:
     """iFormer's ``v_gate``: ``[v | gate]``, both squashed by a sigmoid after the layer; V the first half."""
     return 1, slice(0, widths(attn.v_gate)[1] // 2)
+
+
+def _bottleneck_qkv(attn: nn.Module) -> Split:
+    """BoTNet's ``qkv``: ``[q | k | v]`` of ``dim_out_qk``, ``dim_out_qk``, ``dim_out_v``."""
+    return 1, slice(2 * attn.dim_out_qk, None)
+
+
+def _halo_kv(attn: nn.Module) -> Split:
+    """HaloNet's ``kv``: per head ``[k | v]`` of ``dim_head_qk`` and ``dim_head_v``."""
+    return attn.num_heads, slice(attn.dim_head_qk, None)
 
 
 def _conv_attention_qkv(attn: nn.Module) -> Split:
@@ -287,6 +306,15 @@ class GridReadingSubSampleAttn(twins.GlobalSubSampleAttn):
         return super().forward(x, size)
 
 
+class GridReadingSamAttention(vision_transformer_sam.Attention):
+    """SAM ViT's attention, which takes ``(B, H, W, C)`` maps (a window, or the whole image in global blocks, of
+    any size), handing its branch their grid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.muse.see_grids(x.shape[1:3], x.shape[1:3])
+        return super().forward(x)
+
+
 class GridReadingLocallyGroupedAttn(twins.LocallyGroupedAttn):
     """Twins' locally grouped attention that hands its branch the grid whose windows its values are."""
 
@@ -366,8 +394,15 @@ class AttentionAdapter:
 
 
 ATTENTION_ADAPTERS: dict[type[nn.Module], AttentionAdapter | str] = {}
-# Named like attention, but no attention: never reported as left alone.
-NOT_ATTENTION: set[type[nn.Module]] = {nextvit.ConvAttention}  # a grouped 3 x 3 convolution
+# Named like attention, but no attention over tokens: never reported as left alone. NextViT's multi-head
+# convolutional attention is a grouped 3 x 3 convolution; the others are CNN gates, channel or spatial
+# weights from pooled statistics (CBAM, coordinate and strip attention, selective-kernel and split attention,
+# CSATv2's spatial gate).
+NOT_ATTENTION: set[type[nn.Module]] = {
+    nextvit.ConvAttention, cbam.ChannelAttn, cbam.LightChannelAttn, cbam.SpatialAttn, cbam.LightSpatialAttn,
+    coord_attn.CoordAttn, coord_attn.SimpleCoordAttn, coord_attn.EfficientLocalAttn, coord_attn.StripAttn,
+    selective_kernel.SelectiveKernelAttn, split_attn.SplitAttn, CSATSpatialAttention,
+}
 
 
 def register_attention_adapter(cls: type[nn.Module], adapter: AttentionAdapter | str) -> None:
@@ -380,10 +415,35 @@ def register_attention_adapter(cls: type[nn.Module], adapter: AttentionAdapter |
     ATTENTION_ADAPTERS[cls] = adapter
 
 
+def ancestors_of(model: nn.Module, name: str) -> list[nn.Module]:
+    """The modules holding ``model``'s submodule ``name``, nearest first (``model`` last)."""
+    return [model.get_submodule(".".join(name.split(".")[:i])) for i in range(name.count("."), -1, -1)]
+
+
+def adapter_for(attn: nn.Module) -> AttentionAdapter | None:
+    """The adapter ``attn`` was swapped with (its class, or the class its adapter swapped it from)."""
+    entry = next((ATTENTION_ADAPTERS[c] for c in type(attn).__mro__ if c in ATTENTION_ADAPTERS), None)
+    return entry if isinstance(entry, AttentionAdapter) else None
+
+
+def refresh_token_layouts(model: nn.Module) -> None:
+    """Read each swapped attention's grid again from its adapter, after the model changed its input size
+    (timm's ``set_input_size``: a new patch grid or window)."""
+    for name, attn in model.named_modules():
+        branch, adapter = getattr(attn, "muse", None), adapter_for(attn)
+        if branch is None or adapter is None or not hasattr(branch, "grid_size"):
+            continue
+        branch.grid_size = adapter.layout(attn, ancestors_of(model, name)).grid_size
+
+
 _CLASS_ATTENTION = "class attention: only the class token queries, so it has no token-wise output to add to"
 _CHANNEL = (
     "channel attention: it mixes channels, not tokens; the model's own token mixing (convolutions, window "
     "attention) sits beside it"
+)
+_LINEAR = (
+    "linear attention (EfficientViT-MIT, MobileViTv2, lambda layers): a context summed over all tokens, no "
+    "token-wise attention output of values to set a convolution beside"
 )
 _POOLING = "a pooling head: learned or pooled queries attend over the tokens, no token-wise values to convolve"
 for _cls, _adapter in (
@@ -398,7 +458,9 @@ for _cls, _adapter in (
         )),
         (beit.Attention, AttentionAdapter(patch_grid, prepare=_separate_qkv_bias)),
         (vision_transformer_relpos.RelPosAttention, AttentionAdapter(patch_grid)),
-        (vision_transformer_sam.Attention, AttentionAdapter(block_window_grid)),
+        (vision_transformer_sam.Attention, AttentionAdapter(
+            block_window_grid, attention_class=GridReadingSamAttention,
+        )),
         (cait.TalkingHeadAttn, AttentionAdapter(patch_grid_without_prefix)),
         (swin_transformer.WindowAttention, AttentionAdapter(window_grid)),
         (swin_transformer_v2.WindowAttention, AttentionAdapter(window_grid, prepare=_separate_qkv_bias)),
@@ -453,14 +515,21 @@ for _cls, _adapter in (
         (hieradet_sam2.MultiScaleAttention, AttentionAdapter(feature_map)),
         (hiera.MaskUnitAttention, AttentionAdapter(square_grid, prepare=_hiera_order)),
         (crossvit.CrossAttention, "cross attention: one branch's class token queries the other branch's tokens"),
-        (CSATSpatialAttention, "a spatial gate over a 7 x 7 map of pooled channel statistics, not the model's tokens"),
         (davit.ChannelAttention, _CHANNEL),
+        (davit.ChannelAttentionV2, _CHANNEL),
         (xcit.XCA, _CHANNEL),
         (edgenext.CrossCovarianceAttn, _CHANNEL),
         (swiftformer.EfficientAdditiveAttention, "additive attention: one pooled global query and no value projection"),
-        (efficientvit_mit.LiteMLA, "linear attention over convolutional (NCHW) projections: no token-wise value layer"),
+        (efficientvit_mit.LiteMLA, _LINEAR),
+        (mobilevit.LinearSelfAttention, _LINEAR),
+        (LambdaLayer, _LINEAR),
+        (BatNonLocalAttn, "a bilinear attention transform (it resamples blocks of the map), no token-wise values"),
+        (NonLocalAttn, AttentionAdapter(feature_map, values=(("g", 1),), output="z")),
+        (BottleneckAttn, AttentionAdapter(feature_map, values=(("qkv", _bottleneck_qkv),), output="pool")),
+        (HaloAttn, AttentionAdapter(feature_map, values=(("kv", _halo_kv),), output="pool")),
         (cait.ClassAttn, _CLASS_ATTENTION),
         (AttentionPoolLatent, _POOLING),
+        (AttentionPoolPrr, _POOLING),
         (AttentionPool2d, _POOLING),
         (RotAttentionPool2d, _POOLING),
 ):

@@ -258,7 +258,8 @@ class MUSEBranch(TokenConv, nn.Module):
         row-major ``values_grid`` is ``values_at[place]``; output token ``j`` sits at ``output_places[j]`` of
         ``output_grid``. The values are put in row-major order, convolved, taken to the output's grid
         (``resize_grid``) and put in the output's order."""
-        if values_at.numel() != values_grid[0] * values_grid[1] or output_places.numel() != output_grid[0] * output_grid[1]:
+        sizes = (values_grid[0] * values_grid[1], output_grid[0] * output_grid[1])
+        if (values_at.numel(), output_places.numel()) != sizes:
             raise ValueError("values_at and output_places must hold one index per place of their grids")
         self.order_grids = ((int(values_grid[0]), int(values_grid[1])), (int(output_grid[0]), int(output_grid[1])))
         self.values_at, self.output_places = values_at.long(), output_places.long()
@@ -495,18 +496,20 @@ def _core(layer: nn.Module | None) -> nn.Module | None:
 
 def tap_role(layer: nn.Module | None, output: bool) -> str | None:
     """How ``layer`` can be tapped: ``"value"`` (values) or ``"output"`` (a pointwise layer, the branch added to
-    its projection), ``"input"`` (an output ``nn.ConvTranspose2d``, the branch added to its input); None: not."""
+    its projection), ``"input"`` (an output layer over ``(B, C, H, W)`` maps that is not pointwise, the branch
+    added to its input: an upsampling ``nn.ConvTranspose2d``, or the pooling or identity an attention without
+    output projection ends in); None: not."""
     if _core(layer) is not None:
         return "output" if output else "value"
-    return "input" if output and type(layer) is nn.ConvTranspose2d else None
+    return "input" if output and type(layer) in (nn.ConvTranspose2d, nn.AvgPool2d, nn.Identity) else None
 
 
-def widths(layer: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` channels of a tappable layer."""
+def widths(layer: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` channels of a tappable layer (None: a pooling or identity, as wide as what it is given)."""
     core = _core(layer) or layer
     if isinstance(core, nn.Linear):
         return core.in_features, core.out_features
-    return core.in_channels, core.out_channels
+    return (core.in_channels, core.out_channels) if hasattr(core, "in_channels") else None
 
 
 def _on_maps(layer: nn.Module) -> bool:

@@ -157,7 +157,7 @@ class MultiScaleDepthwiseConv(nn.Module):
             if not is_tracing() and (grid_size is None or grid_size[0] * grid_size[1] != N):
                 raise ValueError(f"grid_size must be (H, W) with H * W = {N} tokens, got {grid_size}")
             # (B, C, H, W) viewed from (B, H, W, C) is channels-last: no transposes.
-            x = v.reshape(B, *grid_size, C).permute(0, 3, 1, 2)
+            x = v.reshape(B, grid_size[0], grid_size[1], C).permute(0, 3, 1, 2)
             out = F.conv2d(x, kernel.unsqueeze(1), bias, padding=width // 2, groups=C)
             return out.permute(0, 2, 3, 1).reshape(B, N, C)
         # (B, C, 1, N) viewed from (B, N, C) is channels-last 2-D: the fast depthwise path, no transposes.

@@ -8,7 +8,7 @@ from typing import Any, Literal, overload
 
 from torch import nn
 
-from .adapters import ATTENTION_ADAPTERS, NOT_ATTENTION, AttentionAdapter
+from .adapters import ATTENTION_ADAPTERS, NOT_ATTENTION, AttentionAdapter, ancestors_of
 from .attention import MUSEAttention
 from .branch import MUSEBranch, Split, attach, tap_role, widths
 from .vit import follow_token_layout
@@ -97,7 +97,7 @@ def swap_attention(
         warnings.warn(message, stacklevel=2)
     plans = []  # every branch built (and every check passed) before the model changes
     for name, module, adapter in targets:
-        ancestors = [model.get_submodule(".".join(name.split(".")[:i])) for i in range(name.count("."), -1, -1)]
+        ancestors = ancestors_of(model, name)
         plans.append((module, adapter, ancestors, *_branch_for(name, module, adapter, ancestors, mixer_kwargs)))
     for attn, adapter, ancestors, branch, values, split, output in plans:
         attn.muse = branch
@@ -158,8 +158,10 @@ def _branch_for(
         if (layers := _find(attn, path)) and all(tap_role(layer, output=False) for layer in layers)
     ]
     outputs = (adapter.output,) if isinstance(adapter.output, str) else adapter.output
-    output = next((layers[0] for path in outputs if len(layers := _find(attn, path)) == 1
-                   and tap_role(layers[0], output=True)), None)
+    # The first pointwise projection among the candidates, else the first layer the branch can join the input of.
+    present = [layers[0] for path in outputs if len(layers := _find(attn, path)) == 1]
+    output = next((layer for role in ("output", "input") for layer in present
+                   if tap_role(layer, output=True) == role), None)
     if not found or output is None:
         raise TypeError(
             f"{name} ({type(attn).__name__}) has no value layer among {[a for a, _ in adapter.values]} or no "
@@ -171,7 +173,7 @@ def _branch_for(
     split = (1, slice(value_width - value_width // split, None)) if isinstance(split, int) else split(attn)
     groups, channels = split
     value_dim = len(values) * groups * len(range(value_width // groups)[channels])
-    output_in, output_out = widths(output)
+    output_in, output_out = widths(output) or (value_dim, value_dim)
     if tap_role(output, output=True) == "input":  # the branch joins the output layer's input
         output_out = output_in
     layout = adapter.layout(attn, ancestors)

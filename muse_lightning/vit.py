@@ -7,27 +7,39 @@ patch tokens for the head.
 """
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import HybridEmbed, PatchDropout, PatchDropoutWithIndices
+from timm.layers import HybridEmbed, PatchDropout, PatchDropoutWithIndices, apply_keep_indices_nlc
 from timm.layers.patch_dropout import patch_dropout_forward
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
+from timm.models.beit import Beit
 from timm.models.eva import Eva
+from timm.models.naflexvit import NaFlexVit
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from .attention import MUSEAttention
 from .block import MUSEBlock
+from ._fx import is_tracing
+from .adapters import refresh_token_layouts
 from .branch import TokenConv
 
-__all__ = ["MUSEEva", "MUSEVisionTransformer", "follow_token_layout", "run_block"]
+__all__ = [
+    "MUSEBeit", "MUSEEva", "MUSENaFlexVit", "MUSESwinTransformer", "MUSESwinTransformerV2", "MUSESwinTransformerV2Cr",
+    "MUSEVisionTransformer", "MUSEVisionTransformerRelPos", "follow_token_layout", "run_block",
+]
 
 
 BlockKwargs = Callable[[int], dict[str, Any]]
@@ -103,38 +115,88 @@ class _PerCallLayout:
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B, _, height, width = x.shape
+        height, width = x.shape[-2:]
         x, layout, block_kwargs = self._embed(x, attn_mask, is_causal)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         x, intermediates = self._run_blocks(blocks, x, layout, block_kwargs, take_indices)
-        if norm:
-            intermediates = [self.norm(y) for y in intermediates]
-        prefix_tokens = None
-        if self.num_prefix_tokens:
-            prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
-            intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if output_fmt == "NCHW":
-            H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if output_dict:
-            result: dict[str, Any] = {"image_intermediates": intermediates}
-            if prefix_tokens is not None and return_prefix_tokens:
-                result["image_intermediates_prefix"] = prefix_tokens
-            if not intermediates_only:
-                result["image_features"] = self.norm(x)
-            return result
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        grid = self.patch_embed.dynamic_feat_size((height, width))
+        return _intermediates_out(self, x, intermediates, grid, norm, return_prefix_tokens, output_fmt,
+                                  intermediates_only, output_dict)
+
+
+def _intermediates_out(
+        model: nn.Module,
+        x: torch.Tensor,
+        intermediates: list[torch.Tensor],
+        grid: Sequence[int],
+        norm: bool,
+        return_prefix_tokens: bool,
+        output_fmt: str,
+        intermediates_only: bool,
+        output_dict: bool,
+        extra: dict[str, Any] | None = None,
+) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]] | dict[str, Any]:
+    """``forward_intermediates``' result as timm's ViTs shape it: intermediates normed if ``norm``, prefix
+    tokens split off, ``(B, C, H, W)`` maps of ``grid`` for ``output_fmt="NCHW"``; ``extra`` joins a dict."""
+    if norm:
+        intermediates = [model.norm(y) for y in intermediates]
+    n = model.num_prefix_tokens
+    prefix_tokens = [y[:, :n] for y in intermediates] if n else None
+    intermediates = [y[:, n:] for y in intermediates]
+    if output_fmt == "NCHW":
+        H, W = grid
+        intermediates = [y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+    if output_dict:
+        result: dict[str, Any] = {"image_intermediates": intermediates, **(extra or {})}
+        if prefix_tokens is not None and return_prefix_tokens:
+            result["image_intermediates_prefix"] = prefix_tokens
+        if not intermediates_only:
+            result["image_features"] = model.norm(x)
+        return result
+    if return_prefix_tokens and prefix_tokens is not None:
+        intermediates = list(zip(intermediates, prefix_tokens))
+    if intermediates_only:
+        return intermediates
+    return model.norm(x), intermediates
+
+
+class _FollowsInputSize:
+    """timm's ``set_input_size`` (a new image size, patch size or window), the MUSE convolutions then told
+    the model's new grids."""
+
+    def set_input_size(self, *args: Any, **kwargs: Any) -> None:
+        super().set_input_size(*args, **kwargs)
+        refresh_token_layouts(self)
+        for m in self.modules():
+            if isinstance(m, MUSEAttention) and m.grid_size is not None:
+                m.grid_size = tuple(self.patch_embed.grid_size)
+
+
+class MUSEBeit(_FollowsInputSize, Beit):
+    """timm's ``Beit`` whose MUSE convolutions follow ``set_input_size``."""
+
+
+class MUSEVisionTransformerRelPos(_FollowsInputSize, VisionTransformerRelPos):
+    """timm's ``VisionTransformerRelPos`` whose MUSE convolutions follow ``set_input_size``."""
+
+
+class MUSESwinTransformer(_FollowsInputSize, SwinTransformer):
+    """timm's ``SwinTransformer`` whose MUSE convolutions follow ``set_input_size`` (new windows)."""
+
+
+class MUSESwinTransformerV2(_FollowsInputSize, SwinTransformerV2):
+    """timm's ``SwinTransformerV2`` whose MUSE convolutions follow ``set_input_size`` (new windows)."""
+
+
+class MUSESwinTransformerV2Cr(_FollowsInputSize, SwinTransformerV2Cr):
+    """timm's ``SwinTransformerV2Cr`` whose MUSE convolutions follow ``set_input_size`` (new windows)."""
 
 
 def _masks(attn_mask: torch.Tensor | None, is_causal: bool) -> dict[str, Any]:
     return {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
 
 
-class MUSEVisionTransformer(_PerCallLayout, VisionTransformer):
+class MUSEVisionTransformer(_FollowsInputSize, _PerCallLayout, VisionTransformer):
     """timm's ``VisionTransformer`` that tells its MUSE convolutions where the tokens sit.
 
     Mixers get the model's ``num_prefix_tokens`` and patch grid when the model is built. With
@@ -174,7 +236,7 @@ class _KeptPatches(PatchDropoutWithIndices):
         return x, self.keep_indices
 
 
-class MUSEEva(_PerCallLayout, Eva):
+class MUSEEva(_FollowsInputSize, _PerCallLayout, Eva):
     """timm's ``Eva`` (EVA, EVA-02, DINOv3, PE, ViT-RoPE) that hands its MUSE convolutions the patch grid
     of each input with ``dynamic_img_size=True`` and the kept patches under patch dropout, as
     ``MUSEVisionTransformer`` does. ``swap_attention`` turns a swapped ``Eva`` into one."""
@@ -195,15 +257,145 @@ class MUSEEva(_PerCallLayout, Eva):
         return self.norm_pre(x), layout, block_kwargs
 
 
+class MUSENaFlexVit(NaFlexVit):
+    """timm's ``NaFlexVit`` whose MUSE convolutions follow the patch grid of each call: an image's grid
+    (patch dropout's kept patches at their places), or in NaFlex mode each sample's patches at their
+    ``patch_coord`` on the batch's grid, its padding never read (one cell past the grid holds it). As
+    ``MUSEVisionTransformer``, the layout is handed to each block right before it runs.
+    ``swap_attention`` turns a swapped ``NaFlexVit`` into one."""
+
+    def _layout(self, patches: torch.Tensor, patch_coord: torch.Tensor | None, embeds: dict) -> tuple:
+        """``(grid, kept or placed patch indices)`` of this call."""
+        pad = bool(self.embeds.dynamic_img_pad)
+        # An FX graph takes either kind of input, so it always gets places (identity ones for a whole image).
+        return naflex_layout(patches, patch_coord, embeds.get("patch_valid"), embeds.get("keep_indices"),
+                             tuple(self.embeds.patch_size), pad, is_tracing())
+
+    def _run_blocks(
+            self,
+            blocks: nn.Sequential,
+            embeds: dict,
+            layout: tuple,
+            naflex_mode: bool,
+            take_indices: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """As timm's block loop (axial or mixed RoPE), each block told ``layout``; the last block's output and
+        those of ``take_indices``."""
+        x, rope, keep = embeds["patches"], embeds.get("rope_embeds"), embeds.get("keep_indices")
+        mixed = self.rope_is_mixed and rope is not None
+        ropes = iter(rope) if mixed else itertools.repeat(rope)
+        taken = []
+        for i, (blk, blk_rope) in enumerate(zip(blocks, ropes)):
+            if mixed and self.training and self.patch_drop is not None and keep is not None:
+                blk_rope = apply_keep_indices_nlc(x, blk_rope, keep, pos_embed_has_batch=naflex_mode)
+            kwargs = {"attn_mask": embeds.get("attn_mask")} | ({} if rope is None else {"rope": blk_rope})
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(run_block, blk, x, layout, **kwargs)
+            else:
+                x = run_block(blk, x, layout, **kwargs)
+            if i in take_indices:
+                taken.append(x)
+        return x, taken
+
+    def forward_features(
+            self,
+            patches: torch.Tensor,
+            patch_coord: torch.Tensor | None = None,
+            patch_valid: torch.Tensor | None = None,
+            attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """As timm's: embeddings, blocks, final norm (NaFlex mode: a dict with ``patch_valid``)."""
+        embeds = self._forward_embeds(patches, patch_coord=patch_coord, patch_valid=patch_valid, attn_mask=attn_mask)
+        layout = self._layout(patches, patch_coord, embeds)
+        x, _ = self._run_blocks(self.blocks, embeds, layout, patch_coord is not None)
+        x = self.norm(x)
+        if patch_coord is not None:
+            return {"patches": x, "patch_valid": embeds.get("patch_valid")}
+        return x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor | dict[str, torch.Tensor],
+            indices: int | list[int] | None = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+            patch_coord: torch.Tensor | None = None,
+            patch_valid: torch.Tensor | None = None,
+            attn_mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]] | dict[str, Any]:
+        """As timm's ``NaFlexVit.forward_intermediates`` (NaFlex dict inputs: ``output_fmt="NLC"`` only)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        if isinstance(x, dict):
+            if output_fmt == "NCHW":
+                raise ValueError('output_fmt="NCHW" is not supported for NaFlex (dict) inputs, use "NLC"')
+            patch_coord, patch_valid = x["patch_coord"], x.get("patch_valid", patch_valid)
+            attn_mask, patches = x.get("attn_mask", attn_mask), x["patches"]
+        else:
+            patches = x
+        embeds = self._forward_embeds(patches, patch_coord=patch_coord, patch_valid=patch_valid, attn_mask=attn_mask)
+        layout = self._layout(patches, patch_coord, embeds)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        x, intermediates = self._run_blocks(blocks, embeds, layout, patch_coord is not None, take_indices)
+        valid = embeds.get("patch_valid")
+        return _intermediates_out(self, x, intermediates, layout[0], norm, return_prefix_tokens, output_fmt,
+                                  intermediates_only, output_dict, {} if valid is None else {"patch_valid": valid})
+
+
+def naflex_layout(
+        patches: torch.Tensor,
+        patch_coord: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        patch_size: tuple[int, int],
+        pad: bool,
+        always_places: bool = False,
+) -> tuple[tuple[int, int], torch.Tensor | None]:
+    """A NaFlexViT call's grid and patch places (a leaf in ``torch.fx`` graphs, computed at run time).
+
+    Images: their patch grid, and patch dropout's ``keep`` indices. NaFlex mode: the batch's grid from the
+    patches' ``(y, x)`` ``patch_coord`` ``(B, N, 2)`` (of the kept ones), each patch's place in it;
+    padding (``valid`` False) all in one cell past the grid, which the convolution reads as zero.
+    ``always_places``: an image's places too, where it has no patch dropout (each patch its own).
+    """
+    if patch_coord is None:
+        (h, w), (ph, pw) = patches.shape[-2:], patch_size
+        grid = (-(-h // ph), -(-w // pw)) if pad else (h // ph, w // pw)
+        if keep is None and always_places:
+            keep = torch.arange(grid[0] * grid[1], device=patches.device).expand(patches.shape[0], -1)
+        return grid, keep
+    coord = patch_coord if keep is None else patch_coord.gather(1, keep[..., None].expand(-1, -1, 2))
+    if valid is None:
+        valid = torch.ones_like(coord[..., 0], dtype=torch.bool)
+    rows, cols = (int(coord[..., i][valid].max()) + 1 for i in (0, 1))
+    places = torch.where(valid, coord[..., 0] * cols + coord[..., 1], rows * cols)
+    return (rows + int(not bool(valid.all())), cols), places
+
+
+torch.fx.wrap("naflex_layout")
+
+
+# timm's models and the MUSE subclasses that keep their MUSE convolutions on the layout of each call.
+_FOLLOWING: dict[type[nn.Module], type[nn.Module]] = {
+    VisionTransformer: MUSEVisionTransformer, NaFlexVit: MUSENaFlexVit, Eva: MUSEEva, Beit: MUSEBeit,
+    VisionTransformerRelPos: MUSEVisionTransformerRelPos, SwinTransformer: MUSESwinTransformer,
+    SwinTransformerV2: MUSESwinTransformerV2, SwinTransformerV2Cr: MUSESwinTransformerV2Cr,
+}
+
+
 def follow_token_layout(model: nn.Module) -> None:
-    """Turn a timm ``VisionTransformer`` into a ``MUSEVisionTransformer`` and an ``Eva`` into a ``MUSEEva``
-    (class swaps: weights and keys unchanged), so that their MUSE convolutions follow each call's layout."""
-    if type(model) is VisionTransformer:
-        model.__class__ = MUSEVisionTransformer
-    elif type(model) is Eva:
-        model.__class__ = MUSEEva
-        if type(model.patch_drop) is PatchDropoutWithIndices:
-            model.patch_drop.__class__ = _KeptPatches
+    """Class-swap a timm model to its MUSE subclass (``_FOLLOWING``: ``VisionTransformer`` to
+    ``MUSEVisionTransformer``, ``Eva`` to ``MUSEEva``, ...; weights and keys unchanged), so that its MUSE
+    convolutions follow each call's layout and ``set_input_size``."""
+    if type(model) in _FOLLOWING:
+        model.__class__ = _FOLLOWING[type(model)]
+    if type(model) is MUSEEva and type(model.patch_drop) is PatchDropoutWithIndices:
+        model.patch_drop.__class__ = _KeptPatches
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -37,12 +37,12 @@ ZOO = [
     ("vit_dwee_patch16_reg1_gap_256", _SMALL, 2, {("2d", 1, (4, 4))}, []),
     ("qwen3_vit_88m", dict(depth=2, embed_dim=64, num_heads=2, img_size=64, num_classes=5), 2, {("2d", 0, (4, 4))}, []),
     ("vitamin_small_224", dict(img_size=64, num_classes=5), 14, {("2d", 0, (4, 4))}, []),
-    ("naflexvit_base_patch16_gap", _SMALL, 2, {("1d", 4, None)}, []),
+    ("naflexvit_base_patch16_gap", _SMALL, 2, {("2d", 4, None)}, []),
     ("pit_ti_distilled_224", dict(img_size=64, num_classes=5), 12, {("2d", 2, None)}, []),
     ("crossvit_9_240", dict(num_classes=5, input_size=240), 12, {("2d", 1, None)},
      [f"blocks.{i}.fusion.{j}.attn" for i in range(3) for j in range(2)]),
     ("mobilevit_xxs", dict(num_classes=5, input_size=64), 9, {("1d", 0, None)}, []),
-    ("csatv2", dict(num_classes=5, input_size=64), 4, {("1d", 0, None)}, ["stages.0.0.attn"]),
+    ("csatv2", dict(num_classes=5, input_size=64), 4, {("1d", 0, None)}, []),
     ("eva02_tiny_patch14_224", _VIT, 2, {("2d", 1, (4, 4))}, []),
     ("vit_base_patch16_rope_224", _SMALL, 2, {("2d", 1, (4, 4))}, []),
     ("vit_small_patch16_dinov3", _SMALL, 2, {("2d", 5, (4, 4))}, []),
@@ -87,7 +87,8 @@ ZOO = [
                   num_heads=(1, 2, 2, 2), num_classes=5), 4, {("2d", 0, None)}, ["post_network.0.attn"]),
     ("twins_svt_small", dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 64), num_heads=(1, 2, 2, 2),
                              wss=(4, 4, 2, 2), num_classes=5, input_size=64), 4, {("2d", 0, None)}, []),
-    ("levit_128s", dict(img_size=128, num_classes=5), 11, {("2d", 0, (8, 8)), ("2d", 0, (4, 4)), ("2d", 0, (2, 2))}, []),
+    ("levit_128s", dict(img_size=128, num_classes=5), 11,
+     {("2d", 0, (8, 8)), ("2d", 0, (4, 4)), ("2d", 0, (2, 2))}, []),
     ("levit_conv_128s", dict(img_size=64, num_classes=5), 11, {("2d", 0, None)}, []),
     ("efficientformerv2_s0", dict(img_size=64, num_classes=5), 5, {("2d", 0, None)}, []),
     ("coat_lite_tiny", dict(img_size=64, num_classes=5), 8, {("2d", 1, None)}, []),
@@ -103,6 +104,10 @@ ZOO = [
     ("cpubone_b0_bfrobust", dict(num_classes=5, input_size=64), 7, {("2d", 0, None)}, []),
     ("gemma4_vit_167m", dict(depth=2, embed_dim=64, num_heads=2, head_dim=32, num_classes=5, input_size=48), 2,
      {("1d", 0, None)}, []),
+    ("botnet26t_256", dict(img_size=128, num_classes=5), 3, {("2d", 0, None)}, []),
+    ("halonet26t", dict(img_size=256, num_classes=5), 3, {("2d", 0, None)}, []),
+    ("resnet18_non_local", dict(build=partial(timm.create_model, "resnet18", block_args=dict(attn_layer="nl")),
+                                num_classes=5, input_size=64), 8, {("2d", 0, None)}, []),
     ("hiera", dict(build=hiera.Hiera, img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 1, 1, 1),
                    num_classes=5, input_size=64), 4, {("2d", 0, None)}, []),
     ("sam2_hiera", dict(build=hieradet_sam2.HieraDet, embed_dim=16, num_heads=1, stages=(1, 2, 2, 1),
@@ -363,9 +368,11 @@ def test_swap_options_keep_the_function(name, kwargs, options):
 
 
 @pytest.mark.parametrize(("name", "cls"), [("vit_tiny_patch16_224", "MUSEVisionTransformer"),
-                                           ("eva02_tiny_patch14_224", "MUSEEva")])
+                                           ("eva02_tiny_patch14_224", "MUSEEva"),
+                                           ("naflexvit_base_patch16_gap", "MUSENaFlexVit")])
 def test_swapped_dynamic_size_model_follows_non_square_grids(name, cls):
-    model, _ = _build(name, dict(_VIT, dynamic_img_size=True))
+    kwargs = _SMALL if name.startswith("naflex") else dict(_VIT, dynamic_img_size=True)  # NaFlexViT: any size
+    model, _ = _build(name, kwargs)
     model, _, _ = _swap(model)
     assert type(model).__name__ == cls
     branch = _branches(model)[0]
@@ -374,6 +381,34 @@ def test_swapped_dynamic_size_model_follows_non_square_grids(name, cls):
     assert branch.grid_size == (4, 5)
     model(torch.randn(1, 3, 48, 24))
     assert branch.grid_size == (6, 3)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "new"), [
+    ("vit_tiny_patch16_224", _VIT, dict(img_size=48)),
+    ("eva02_tiny_patch14_224", _VIT, dict(img_size=48)),
+    ("beit_base_patch16_224", _SMALL, dict(img_size=48)),
+    ("vit_relpos_base_patch16_224", _SMALL, dict(img_size=48)),
+    ("swin_tiny_patch4_window7_224", dict(_SWIN, patch_size=4), dict(img_size=48, window_size=6)),
+    ("muse_vit_tiny_patch4_32", dict(depth=2, patch_size=8), dict(img_size=48)),
+])
+def test_set_input_size_moves_the_convolution_to_the_new_grid(name, kwargs, new):
+    model, _ = _build(name, kwargs)
+    if not name.startswith("muse_"):
+        model, _, _ = _swap(model)
+    model.set_input_size(**new)
+    mixers = [m for m in model.modules() if hasattr(m, "conv") and hasattr(m, "grid_size")]
+    assert {m.grid_size for m in mixers} == {(6, 6)}  # 48 px: 6 x 6 patches of 8 (Swin: its new 6 x 6 windows)
+    assert torch.isfinite(model(torch.randn(1, 3, 48, 48))).all()
+
+
+def test_sam_branch_follows_any_image_size():
+    model, _ = _build("samvit_base_patch16", _ZOO_KWARGS["samvit_base_patch16"])
+    model, _, _ = _swap(model)
+    branch = _random_branch(model.blocks[1].attn.muse)  # the global block: the whole image's grid
+    seen = {}
+    branch.register_forward_pre_hook(lambda m, args: seen.update(grids=m._grids))  # test probe
+    model(torch.randn(1, 3, 64, 80))
+    assert seen["grids"] == ((8, 10), (8, 10))
 
 
 def test_swapped_model_fine_tunes_from_the_original():
@@ -527,6 +562,48 @@ def test_naflex_padding_is_never_read_by_the_convolution():
     assert (fa[1, valid:] - fb[1, valid:]).abs().max() > 1e-3  # the padding itself did change
     torch.testing.assert_close(fa[1, :valid], fb[1, :valid])
     torch.testing.assert_close(fa[0], fb[0])
+
+
+def test_naflex_dict_mode_convolves_each_samples_patches_on_their_own_2d_grid():
+    model, _ = _build("naflexvit_base_patch16_gap", _SMALL)
+    model, _, _ = _swap(model, kernel_sizes=(3,))  # reach 1: the neighbours below differ from the 1-D ones
+    branch = _random_branch(model.blocks[0].attn.muse)
+    batch = _naflex_batch(model, 6, 0)  # sample 0: a 4 x 4 grid; sample 1: a 2 x 3 grid, then padding
+    seen = {}
+    branch.register_forward_pre_hook(lambda m, args: seen.update(grid=m.grid_size, places=m.patch_indices))  # probe
+    model(batch)
+    (y, x), valid = batch["patch_coord"].unbind(-1), batch["patch_valid"]
+    assert seen["grid"] == (5, 4)  # the batch's 4 x 4 grid and one row holding the padding
+    torch.testing.assert_close(seen["places"], torch.where(valid, y * 4 + x, 16))
+    prefix, width = branch.num_prefix_tokens, branch.conv.weight[0].shape[0]
+    values = torch.randn(2, prefix + 16, width)
+    padding = torch.zeros(2, prefix + 16, dtype=torch.bool)
+    padding[1, prefix + 6:] = True
+
+    def branch_out(v):
+        branch.grid_size, branch.patch_indices, branch._padding = seen["grid"], seen["places"], padding
+        return _branch_out(branch, v, None)
+
+    moved = values.clone()
+    moved[1, prefix + 3] += 1.0  # sample 1's patch (1, 0)
+    changed = (branch_out(moved) - branch_out(values))[1, prefix:prefix + 6].abs().sum(-1) > 0
+    # (0, 0), (0, 1), (1, 0), (1, 1) are its 3 x 3 neighbourhood; (0, 2), next to it in the sequence, and (1, 2) not
+    assert changed.tolist() == [True, True, False, True, True, False]
+    moved = values.clone()
+    moved[1, prefix + 6:] += 1.0  # padding, in the cell past the grid
+    torch.testing.assert_close(branch_out(moved)[1, :prefix + 6], branch_out(values)[1, :prefix + 6])
+
+
+def test_naflex_intermediates_follow_the_grid_of_each_input():
+    model, _ = _build("naflexvit_base_patch16_gap", _SMALL)
+    model, _, _ = _swap(model)
+    _random_branch(model.blocks[0].attn.muse)
+    image = torch.randn(1, 3, 32, 40)
+    final, maps = model.forward_intermediates(image)
+    assert [tuple(m.shape) for m in maps] == [(1, 64, 4, 5)] * 2
+    torch.testing.assert_close(final, model.forward_features(image))
+    dict_out = model.forward_intermediates(_naflex_batch(model, 6, 0), output_fmt="NLC", output_dict=True)
+    assert [tuple(m.shape) for m in dict_out["image_intermediates"]] == [(2, 16, 64)] * 2
 
 
 def test_key_padding_is_what_the_mask_blocks_for_every_query():
