@@ -115,6 +115,7 @@ ZOO = [
      {("2d", 0, None)}, []),
 ]
 ZOO_IDS = [entry[0] for entry in ZOO]
+_ZOO_KWARGS = {entry[0]: entry[1] for entry in ZOO}
 # Models whose features are their class tokens only: the last block's convolution, which neither reads nor
 # writes them, reaches no output (the class-token caveat of the README).
 CLASS_TOKEN_FEATURES = {"pit_ti_distilled_224": "transformers.2.blocks.3.attn.muse."}
@@ -271,6 +272,18 @@ def test_registered_and_swapped_models_trace_with_fx_and_compile_fullgraph(name,
     torch.testing.assert_close(_fx_features(model, node)(x)["out"], features)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_hiera_token_order_and_pooled_grids_compile_fullgraph():
+    model, x = _build("hiera", _ZOO_KWARGS["hiera"])
+    model, _, _ = _swap(model)
+    for branch in _branches(model):
+        with torch.no_grad():
+            for p in branch.parameters():
+                p.normal_(0, 0.05)  # a trained branch, so that a graph that dropped it would differ
+    features = model.forward_features  # Hiera's head starts at zero: its features show the branches
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(features, fullgraph=True)(x), features(x), atol=1e-5, rtol=1e-4)
 
 
 def test_registered_model_fx_features_only_and_torchvision_feature_extractor():
@@ -665,7 +678,6 @@ def test_spatial_reduction_branch_convolves_the_coarse_values_then_repeats_them_
     torch.testing.assert_close(got, ref)
 
 
-_ZOO_KWARGS = {entry[0]: entry[1] for entry in ZOO}
 
 
 def _branch_delta(attn, *args):
