@@ -382,6 +382,8 @@ class AttentionAdapter:
             ``nn.ConvTranspose2d``: to its input), or candidates, the first present taken.
         prepare: Called with the attention (its branch set as ``muse``) and its ancestors before tapping, e.g.
             to route its values through the layer.
+        left_alone: ``attention -> reason or None``: why this one is left alone (a cross attention, whose
+            values are another sequence's), None to swap it.
         attention_class: A subclass of the attention's class (same weights, a forward that first hands its
             masks to the branch, as ``MaskReadingAttention``) the attention becomes.
     """
@@ -390,6 +392,7 @@ class AttentionAdapter:
     values: tuple[tuple[str, int | Callable[[nn.Module], tuple[int, int]]], ...] = (("qkv", 3), ("v_proj", 1))
     output: str | tuple[str, ...] = "proj"
     prepare: Callable[[nn.Module, Sequence[nn.Module]], None] | None = None
+    left_alone: Callable[[nn.Module], str | None] | None = None
     attention_class: type[nn.Module] | None = None
 
 

@@ -266,7 +266,9 @@ class ImageClassifier(ClassifierModule):
 
 
 class TextClassifier(ClassifierModule):
-    """Text classifier of MUSE blocks (``MUSETextNet``) trained from scratch: nothing to download."""
+    """Text classifier: MUSE blocks (``MUSETextNet``) trained from scratch, nothing to download; or with
+    ``encoder``, a Hugging Face ``transformers`` encoder with MUSE swapped into its attention, fine-tuned
+    (``muse_lightning.hf.HFEncoderNet``; the ``text`` extra)."""
 
     _linked_from_data = ("vocab_size", "pad_id")
 
@@ -286,6 +288,10 @@ class TextClassifier(ClassifierModule):
             parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
+            encoder: str | None = None,
+            pretrained: bool = True,
+            swap_attention: bool = True,
+            mixer_kwargs: dict[str, Any] | None = None,
             lr: float = 1e-3,
             weight_decay: float = 0.05,
             warmup_fraction: float = 0.05,
@@ -299,17 +305,37 @@ class TextClassifier(ClassifierModule):
             vocab_size, pad_id: The tokenizer's id range and padding id; 257 and 0 fit bytes (the CLI links them
                 from the data module's tokenizer).
             dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
-                drop_path_rate: The network, see ``MUSETextNet``.
+                drop_path_rate: The network, see ``MUSETextNet`` (not used with ``encoder``).
+            encoder: A ``transformers`` model name or folder to fine-tune instead (its ``tokenizer.json`` is the
+                data module's ``tokenizer``).
+            pretrained: Load the encoder's weights; False: its config with random weights.
+            swap_attention: Add MUSE's convolution branch to the encoder's attention (else the encoder as it is).
+            mixer_kwargs: MUSE options for the swap (``kernel_sizes``, ``conv_type``, ...).
             lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
         """
         super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
         self.save_hyperparameters()
+        self.example_input_array = ({"input_ids": torch.ones(1, max_length, dtype=torch.long)},)
+        if encoder is not None:
+            from .hf import HFEncoderNet  # transformers: the text extra
+            self.model = HFEncoderNet(encoder, num_classes, pretrained, swap_attention, mixer_kwargs, pad_id)
+            positions = getattr(self.model.config, "max_position_embeddings", None)
+            if positions is not None and max_length > positions:
+                raise ValueError(f"max_length={max_length} exceeds the encoder {encoder!r}'s {positions} positions")
+            rows = self.model.model.get_input_embeddings().num_embeddings
+            if vocab_size > rows:
+                raise ValueError(
+                    f"vocab_size={vocab_size} (the tokenizer's) exceeds the encoder {encoder!r}'s {rows} token "
+                    "embeddings: use the encoder's own tokenizer.json"
+                )
+            return
+        if swap_attention is not True or mixer_kwargs:
+            raise ValueError("swap_attention and mixer_kwargs are encoder options: give encoder")
         self.model = MUSETextNet(
             num_classes, vocab_size=vocab_size, max_length=max_length, pad_id=pad_id, dim=dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj,
             parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
         )
-        self.example_input_array = ({"input_ids": torch.ones(1, max_length, dtype=torch.long)},)
 
 
 class SequenceClassifier(ClassifierModule):

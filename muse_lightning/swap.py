@@ -65,6 +65,8 @@ def swap_attention(
             (default: the adapter's layout, 2-D where the tokens are a grid).
     """
     _check_options(mixer_kwargs)
+    if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        from . import hf  # noqa: F401  (registers the Hugging Face adapters; transformers is an optional extra)
     targets, left = [], []
     handled: list[str] = []
     for name, module in list(model.named_modules()):
@@ -81,8 +83,9 @@ def swap_attention(
                 handled.append(name)
             continue
         handled.append(name)
-        if isinstance(entry, str):
-            left.append(f"{name} ({type(module).__name__}: {entry})")
+        reason = entry if isinstance(entry, str) else entry.left_alone and entry.left_alone(module)
+        if reason:
+            left.append(f"{name} ({type(module).__name__}: {reason})")
         else:
             targets.append((name, module, entry))
     if not targets:
@@ -140,6 +143,18 @@ def _check_options(mixer_kwargs: dict[str, Any]) -> None:
         )
 
 
+_HEADS = ("num_heads", "heads", "num_attention_heads", "n_heads")
+
+
+def _num_heads(attn: nn.Module) -> int:
+    """The attention's head count (its own attribute, or its inner attention's), for the dynamic kernels' heads."""
+    for m in (attn, *attn.children()):
+        heads = next((getattr(m, a) for a in _HEADS if isinstance(getattr(m, a, None), int)), None)
+        if heads:
+            return heads
+    return 1
+
+
 def _find(attn: nn.Module, path: str) -> list[nn.Module]:
     """The layers at ``path`` (dotted) in ``attn``: one, or each of a ``ModuleList``'s; none if absent."""
     try:
@@ -191,7 +206,7 @@ def _branch_for(
         )
     weight = next(values[0].parameters())
     branch = MUSEBranch(
-        value_dim, output_out, num_heads=getattr(attn, "num_heads", getattr(attn, "heads", 1)),
+        value_dim, output_out, num_heads=_num_heads(attn),
         kernel_sizes=options.get("kernel_sizes"), conv_type=options.get("conv_type", "static"), conv_proj=conv_proj,
         layout=layout._replace(layout=conv_layout), num_value_parts=len(values), device=weight.device,
         dtype=weight.dtype,

@@ -4,7 +4,8 @@
 - ``"bpe"``, ``"wordpiece"``, ``"unigram"``: a vocabulary of ``vocab_size`` tokens trained on the
   training texts by Hugging Face ``tokenizers`` (offline, seconds), NFKC-normalised and lowercased,
   split on whitespace and punctuation first; ``[PAD]`` is id 0 and ``[UNK]`` id 1.
-- a path to a ``tokenizer.json`` (what ``tokenizers`` and ``transformers`` save): used as it is.
+- a path to a ``tokenizer.json`` (what ``tokenizers`` and ``transformers`` save), or a ``transformers`` model
+  folder holding one: used as it is.
 
 Every tokenizer cuts texts at ``max_length`` tokens and pads a batch with its own padding id. The
 Hugging Face ones need the ``text`` extra (``pip install -e ".[text]"``).
@@ -88,6 +89,7 @@ class HFTokenizer(_Tokenizer):
             pad_id = next((i for t in _PAD_TOKENS if (i := tokenizer.token_to_id(t)) is not None), None)
         if pad_id is None:
             raise ValueError(f"{source} has no padding token: give it one of {list(_PAD_TOKENS)} or enable its padding")
+        tokenizer.enable_truncation(max_length)  # cut keeping its special tokens ([SEP] last)
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.vocab_size = tokenizer.get_vocab_size()
@@ -152,4 +154,9 @@ def create_tokenizer(tokenizer: str, max_length: int, vocab_size: int) -> _Token
         return None
     if tokenizer.endswith(".json"):
         return HFTokenizer.from_file(tokenizer, max_length)
-    raise ValueError(f"tokenizer must be 'byte', one of {TRAINED_KINDS} or a path to a tokenizer.json, got {tokenizer!r}")
+    if Path(tokenizer).is_dir():  # a transformers model folder
+        return HFTokenizer.from_file(Path(tokenizer) / "tokenizer.json", max_length)
+    raise ValueError(
+        f"tokenizer must be 'byte', one of {TRAINED_KINDS}, a path to a tokenizer.json or a folder holding one, "
+        f"got {tokenizer!r}"
+    )

@@ -51,7 +51,7 @@ def test_a_users_tokenizer_json_is_used_as_it_is(tmp_path):
     ("missing.json", FileNotFoundError, "tokenizer: no such file .*missing.json"),
     ("broken.json", ValueError, "tokenizer: .*broken.json is not a Hugging Face tokenizer.json"),
     ("nopad.json", ValueError, r"nopad.json has no padding token: give it one of \['\[PAD\]', '<pad>'"),
-    ("sentencepiece", ValueError, "tokenizer must be 'byte', one of .*'bpe'.* or a path to a tokenizer.json"),
+    ("sentencepiece", ValueError, "tokenizer must be 'byte', one of .*'bpe'.* a path to a tokenizer.json"),
 ])
 def test_a_bad_tokenizer_is_named_when_the_data_module_is_built(tmp_path, tokenizer, error, match):
     import tokenizers
