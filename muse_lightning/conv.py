@@ -15,6 +15,7 @@ grid (image patches) and each kernel size ``k`` is a ``k x k`` depthwise kernel 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -33,6 +34,11 @@ CONV_TYPES: tuple[str, ...] = ("static", "dynamic", "none")
 ConvLayout = Literal["1d", "2d"]
 CONV_LAYOUTS: tuple[str, ...] = ("1d", "2d")
 DEFAULT_KERNEL_SIZES: dict[str, tuple[int, ...]] = {"static": (1, 3, 5), "dynamic": (3, 15)}
+# The static convolution's backend: "torch" (PyTorch's depthwise convolution, the default) or "triton"
+# (``muse_lightning.triton_conv``, on CUDA tensors or under TRITON_INTERPRET=1; not yet measured on a GPU).
+CONV_BACKEND = os.environ.get("MUSE_CONV_BACKEND", "torch")
+if CONV_BACKEND not in ("torch", "triton"):
+    raise ValueError(f"MUSE_CONV_BACKEND must be 'torch' or 'triton', got {CONV_BACKEND!r}")
 
 
 def check_kernel_sizes(kernel_sizes: Sequence[int]) -> tuple[int, ...]:
@@ -76,6 +82,11 @@ def _gated_kernel(
 def _token_padding(width: int, is_causal: bool) -> tuple[int, int]:
     """Zero tokens (before, after) the sequence that a ``width`` kernel reads."""
     return (width - 1, 0) if is_causal else (width // 2, width // 2)
+
+
+def _use_triton(v: torch.Tensor) -> bool:
+    """The Triton backend where it is chosen and runs: CUDA tensors, or any under Triton's interpreter."""
+    return CONV_BACKEND == "triton" and not is_tracing() and (v.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 class MultiScaleDepthwiseConv(nn.Module):
@@ -156,6 +167,12 @@ class MultiScaleDepthwiseConv(nn.Module):
                 raise ValueError("is_causal is not defined for the 2-D convolution layout")
             if not is_tracing() and (grid_size is None or grid_size[0] * grid_size[1] != N):
                 raise ValueError(f"grid_size must be (H, W) with H * W = {N} tokens, got {grid_size}")
+        if _use_triton(v):
+            from .triton_conv import depthwise_conv
+            if self.layout == "2d":
+                return depthwise_conv(v, kernel, bias, grid_size[0], width // 2, width // 2)
+            return depthwise_conv(v, kernel.view(C, 1, width), bias, 1, 0, width - 1 if is_causal else width // 2)
+        if self.layout == "2d":
             # (B, C, H, W) viewed from (B, H, W, C) is channels-last: no transposes.
             x = v.reshape(B, grid_size[0], grid_size[1], C).permute(0, 3, 1, 2)
             out = F.conv2d(x, kernel.unsqueeze(1), bias, padding=width // 2, groups=C)

@@ -3,6 +3,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on CPU tensors through Triton's interpreter (tests/test_triton_conv.py); it must be on
+# before triton is first imported, which importing torch's and muse_lightning's dependencies does.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
