@@ -26,7 +26,6 @@ _FROM_MODEL = (
 _ATTENTION_NAME = re.compile(r"Attention|Attn")
 
 
-
 @overload
 def swap_attention(
         model: nn.Module, *, return_names: Literal[False] = ..., strict: bool = ..., **mixer_kwargs: Any,
@@ -50,9 +49,10 @@ def swap_attention(
     token layout is added to the output projection. The branch starts silent (its output
     projection, or with ``conv_proj="shared"`` its kernels, at zero), so the swapped model computes
     the same function and fine-tuning starts from its accuracy. Adapters are looked up by exact
-    class in ``ATTENTION_ADAPTERS`` (``register_attention_adapter`` adds one). A timm
-    ``VisionTransformer`` becomes a ``MUSEVisionTransformer`` and an ``Eva`` a ``MUSEEva``: they follow
-    dynamic image sizes and patch dropout.
+    class in ``ATTENTION_ADAPTERS`` (``register_attention_adapter`` adds one; a ``transformers`` model
+    brings in ``muse_lightning.hf``'s). A timm ``VisionTransformer`` becomes a ``MUSEVisionTransformer``,
+    an ``Eva`` a ``MUSEEva`` and a ``NaFlexVit`` a ``MUSENaFlexVit``: they follow dynamic image sizes and
+    patch dropout; these and BEiT, ViT-relpos and the Swins also follow ``set_input_size``.
 
     Attentions left alone (pooling and class-attention heads, attention classes without an adapter)
     are named in a warning; ``strict=True`` makes them an error.
