@@ -36,7 +36,7 @@ __all__ = [
     "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "MaskReadingAttention", "adapter_for", "ancestors_of",
     "block_window_grid", "class_token_grid", "feature_map", "levit_tokens", "mvit_tokens", "nextvit_tokens",
     "patch_grid", "patch_grid_without_prefix", "refresh_token_layouts", "register_attention_adapter", "sequence",
-    "square_grid", "tnt_grid", "window_grid",
+    "square_grid", "tnt_grid", "values_after", "window_grid",
 ]
 
 LayoutFn = Callable[[nn.Module, Sequence[nn.Module]], TokenLayout]
@@ -137,10 +137,12 @@ def feature_map(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
     return TokenLayout("2d", feature_map=True)
 
 
-def _per_head_qkv(attn: nn.Module) -> Split:
-    """A fused ``qkv`` whose output is per head ``[q | k | v]`` of ``key_dim``, ``key_dim``, ``val_dim``
-    (TinyViT, EfficientFormer, LeViT)."""
-    return attn.num_heads, slice(2 * attn.key_dim, None)
+def values_after(width: str, blocks: int = 2, per_head: bool = False) -> Callable[[nn.Module], Split]:
+    """The split of a layer whose values follow ``blocks`` blocks (q and k, or k) of ``attn.<width>`` channels,
+    in the whole output or, ``per_head``, in each head's ``[q | k | v]`` group of it."""
+    def split(attn: nn.Module) -> Split:
+        return (attn.num_heads if per_head else 1), slice(blocks * getattr(attn, width), None)
+    return split
 
 
 def _head_first_qkv(attn: nn.Module) -> Split:
@@ -156,39 +158,9 @@ def _parallel_block_values(block: nn.Module) -> Split:
     return 1, slice(block.in_proj.out_features - block.in_split[-1], None)
 
 
-def _key_value(attn: nn.Module) -> Split:
-    """A ``kv`` layer that is per head ``[k | v]`` of ``key_dim`` and ``val_dim`` (LeViT's downsampling attention)."""
-    return attn.num_heads, slice(attn.key_dim, None)
-
-
-def _shvit_qkv(attn: nn.Module) -> Split:
-    """SHViT's single-head ``qkv``: ``[q | k | v]`` of ``qk_dim``, ``qk_dim``, ``pdim``."""
-    return 1, slice(2 * attn.qk_dim, None)
-
-
-def _cascaded_qkv(attn: nn.Module) -> Split:
-    """Each of EfficientViT-MSRA's per-head ``qkvs``: ``[q | k | v]`` of ``key_dim``, ``key_dim``, ``val_dim``."""
-    return 1, slice(2 * attn.key_dim, None)
-
-
 def _value_gate(attn: nn.Module) -> Split:
     """iFormer's ``v_gate``: ``[v | gate]``, both squashed by a sigmoid after the layer; V the first half."""
     return 1, slice(0, widths(attn.v_gate)[1] // 2)
-
-
-def _bottleneck_qkv(attn: nn.Module) -> Split:
-    """BoTNet's ``qkv``: ``[q | k | v]`` of ``dim_out_qk``, ``dim_out_qk``, ``dim_out_v``."""
-    return 1, slice(2 * attn.dim_out_qk, None)
-
-
-def _halo_kv(attn: nn.Module) -> Split:
-    """HaloNet's ``kv``: per head ``[k | v]`` of ``dim_head_qk`` and ``dim_head_v``."""
-    return attn.num_heads, slice(attn.dim_head_qk, None)
-
-
-def _conv_attention_qkv(attn: nn.Module) -> Split:
-    """LowFormer's and CPUBone's ``pwise``: per head ``[q | k | v]`` of ``head_dim`` each."""
-    return attn.num_heads, slice(2 * attn.head_dim, None)
 
 
 def _hiera_order(attn: nn.Module, ancestors: Sequence[nn.Module]) -> None:
@@ -439,6 +411,8 @@ def refresh_token_layouts(model: nn.Module) -> None:
         branch.grid_size = adapter.layout(attn, ancestors_of(model, name)).grid_size
 
 
+# A fused qkv that is per head [q | k | v] of key_dim, key_dim, val_dim (TinyViT, EfficientFormer, LeViT).
+_PER_HEAD_QKV = values_after("key_dim", per_head=True)
 _CLASS_ATTENTION = "class attention: only the class token queries, so it has no token-wise output to add to"
 _CHANNEL = (
     "channel attention: it mixes channels, not tokens; the model's own token mixing (convolutions, window "
@@ -480,8 +454,8 @@ for _cls, _adapter in (
         )),
         (gcvit.WindowAttentionGlobal, AttentionAdapter(window_grid, values=(("qkv", _gcvit_values),))),
         (tnt.Attention, AttentionAdapter(tnt_grid, values=(("v", 1),))),
-        (tiny_vit.Attention, AttentionAdapter(block_window_grid, values=(("qkv", _per_head_qkv),))),
-        (efficientformer.Attention, AttentionAdapter(square_grid, values=(("qkv", _per_head_qkv),))),
+        (tiny_vit.Attention, AttentionAdapter(block_window_grid, values=(("qkv", _PER_HEAD_QKV),))),
+        (efficientformer.Attention, AttentionAdapter(square_grid, values=(("qkv", _PER_HEAD_QKV),))),
         (metaformer.Attention, AttentionAdapter(square_grid)),
         (fastvit.Attention, AttentionAdapter(square_grid)),
         (nest.Attention, AttentionAdapter(square_grid)),
@@ -495,22 +469,26 @@ for _cls, _adapter in (
         (volo.ClassAttention, _CLASS_ATTENTION),
         (twins.LocallyGroupedAttn, AttentionAdapter(square_grid, attention_class=GridReadingLocallyGroupedAttn)),
         (coat.FactorAttnConvRelPosEnc, AttentionAdapter(class_token_grid, attention_class=GridReadingFactorAttn)),
-        (levit.Attention, AttentionAdapter(levit_tokens, values=(("qkv", _per_head_qkv),))),
+        (levit.Attention, AttentionAdapter(levit_tokens, values=(("qkv", _PER_HEAD_QKV),))),
         (levit.AttentionDownsample, AttentionAdapter(
-            levit_tokens, values=(("kv", _key_value),), attention_class=GridReadingLevitDownsample,
+            levit_tokens, values=(("kv", values_after("key_dim", 1, per_head=True)),),  # per head [k | v]
+            attention_class=GridReadingLevitDownsample,
         )),
         (efficientformer_v2.Attention2d, AttentionAdapter(feature_map, values=(("v", 1),))),
         (efficientformer_v2.Attention2dDownsample, AttentionAdapter(feature_map, values=(("v", 1),))),
         (nextvit.EfficientAttention, AttentionAdapter(
             nextvit_tokens, values=(("v", 1),), attention_class=GridReadingEfficientAttention,
         )),
-        (efficientvit_msra.CascadedGroupAttention, AttentionAdapter(feature_map, values=(("qkvs", _cascaded_qkv),))),
+        (efficientvit_msra.CascadedGroupAttention, AttentionAdapter(  # each head its own [q | k | v]
+            feature_map, values=(("qkvs", values_after("key_dim")),),
+        )),
         (Attention2d, AttentionAdapter(feature_map, values=(("qkv", _head_first_qkv),))),
         (MultiQueryAttention2d, AttentionAdapter(feature_map, values=(("value.proj", 1),), output="output.proj")),
-        (shvit.SHSA, AttentionAdapter(feature_map, values=(("qkv", _shvit_qkv),))),
+        (shvit.SHSA, AttentionAdapter(feature_map, values=(("qkv", values_after("qk_dim")),))),  # single head
         (iformer.SHMA, AttentionAdapter(feature_map, values=(("v_gate", _value_gate),))),
         *((cls, AttentionAdapter(
-            feature_map, values=(("pwise", _conv_attention_qkv),), output=("o_proj", "upsampling.0", "upsampling"),
+            feature_map, values=(("pwise", values_after("head_dim", per_head=True)),),
+            output=("o_proj", "upsampling.0", "upsampling"),
         )) for cls in (lowformer.ConvAttention, cpubone.ConvAttention)),
         (gemma4_vit.Gemma4Attention, AttentionAdapter(
             sequence, output="o_proj", attention_class=MaskReadingGemma4Attention,
@@ -528,8 +506,10 @@ for _cls, _adapter in (
         (LambdaLayer, _LINEAR),
         (BatNonLocalAttn, "a bilinear attention transform (it resamples blocks of the map), no token-wise values"),
         (NonLocalAttn, AttentionAdapter(feature_map, values=(("g", 1),), output="z")),
-        (BottleneckAttn, AttentionAdapter(feature_map, values=(("qkv", _bottleneck_qkv),), output="pool")),
-        (HaloAttn, AttentionAdapter(feature_map, values=(("kv", _halo_kv),), output="pool")),
+        (BottleneckAttn, AttentionAdapter(feature_map, values=(("qkv", values_after("dim_out_qk")),), output="pool")),
+        (HaloAttn, AttentionAdapter(
+            feature_map, values=(("kv", values_after("dim_head_qk", 1, per_head=True)),), output="pool",
+        )),
         (cait.ClassAttn, _CLASS_ATTENTION),
         (AttentionPoolLatent, _POOLING),
         (AttentionPoolPrr, _POOLING),

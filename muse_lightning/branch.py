@@ -3,11 +3,11 @@
 ``TokenConv`` is the branch's logic, shared by ``MUSEAttention`` and ``MUSEBranch``: it convolves
 the value tokens over their layout (the sequence, or a row-major ``H x W`` grid after
 ``num_prefix_tokens`` attention-only tokens) and adds the result to the attention's output
-projection. ``MUSEBranch`` carries that branch for an attention module it does not own:
-``ValueTap`` (the attention's value ``nn.Linear``, class-swapped; ``ValueTapConv`` for a 1 x 1
-convolution) hands it the values as the attention computes them, and ``BranchOutput`` (the
-attention's output layer; ``BranchOutputConv``) adds the branch to the projection, so the
-attention's own forward, state_dict keys and weights stay as they are.
+projection. ``MUSEBranch`` carries that branch for an attention module it does not own: the
+attention's value layers, class-swapped to value taps (``tap_class``: any pointwise layer, an
+``nn.Linear`` or a 1 x 1 convolution with its norm), hand it the values as the attention computes
+them, and its output layer, swapped likewise, adds the branch to the projection (or, not pointwise,
+joins it at its input), so the attention's own forward, state_dict keys and weights stay as they are.
 """
 from __future__ import annotations
 
@@ -314,9 +314,8 @@ class MUSEBranch(TokenConv, nn.Module):
             self._windowed = False
             values = _unpartition(values, grids[0])
         if self.feature_map:  # the maps carry their grids
-            B, h, w, C = values.shape
-            H, W = attn.shape[1], attn.shape[2]
-            flat_proj = lambda t: proj(t.unflatten(1, (H, W))).flatten(1, 2)  # noqa: E731 (the projection sees maps)
+            (h, w), (H, W) = values.shape[1:3], attn.shape[1:3]
+            flat_proj = lambda t: proj(t.unflatten(1, (H, W))).flatten(1, 2)  # the projection sees maps
             out = self._mix_grids(attn.flatten(1, 2), values.flatten(1, 2), flat_proj, ((h, w), (H, W)))
             return out.unflatten(1, (H, W))
         if grids is not None:
