@@ -5,8 +5,8 @@ from .block import MUSEBlock
 from .branch import MUSEBranch, TokenLayout
 from .conv import MultiScaleDepthwiseConv, MultiScaleDynamicConv
 from .datamodules import (
-    FashionMNISTDataModule, ImageFolderDataModule, ResumableSampler, SequenceFileDataModule, TextFileDataModule,
-    WordNetGlossesDataModule,
+    FashionMNISTDataModule, ImageFolderDataModule, ResumableSampler, RottenTomatoesDataModule, SequenceFileDataModule,
+    TextFileDataModule, WordNetGlossesDataModule,
 )
 from .modules import ClassifierModule, ImageClassifier, SequenceClassifier, TextClassifier
 from .swap import swap_attention
@@ -15,7 +15,7 @@ from .vit import MUSEEva, MUSENaFlexVit, MUSEVisionTransformer  # importing regi
 __all__ = [
     "AttentionAdapter", "ClassifierModule", "FashionMNISTDataModule", "ImageClassifier", "ImageFolderDataModule",
     "MUSEAttention", "MUSEBlock", "MUSEBranch", "MUSEEva", "MUSENaFlexVit", "MUSEVisionTransformer",
-    "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "ResumableSampler", "SequenceClassifier",
+    "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "ResumableSampler", "RottenTomatoesDataModule", "SequenceClassifier",
     "SequenceFileDataModule", "TextClassifier", "TextFileDataModule", "TokenLayout", "WordNetGlossesDataModule",
     "register_attention_adapter", "swap_attention",
 ]

@@ -300,7 +300,8 @@ def main(
         modes: ``eager``, ``compiled`` (``torch.compile``), ``max-autotune``; default eager and
             compiled, plus max-autotune on CUDA.
         passes: ``fwd`` (no grad) and/or ``fwd+bwd``; default both.
-        models: Also time training steps of the MUSE ViTs against timm's ViTs of the same size (``model_sizes``).
+        models: Also time training steps of the MUSE ViTs against timm's ViTs of the same size (``model_sizes``;
+            not with the ``tiny`` preset).
         model_sizes: ``small`` (ViT-S/16) and / or ``base`` (ViT-B/16); default ViT-S, and ViT-B too on CUDA.
         seed_design: Also time the seed's design (``muse_lightning.seed``), as shipped (attention
             dropout 0.1, active in the fwd+bwd pass) and with dropout 0.
@@ -319,7 +320,7 @@ def main(
     table = presets(quick, device)
     shapes = table["vit"] + table["text"] if preset == "all" else table[preset]
     records = list(measure_mixers(shapes, modes, passes, device, rounds, warmup, seed_design))
-    if models and preset not in ("tiny", "vit-s"):
+    if models and preset != "tiny":
         batch = 4 if quick else (32 if device == "cpu" else 128)
         sizes = model_sizes or (["small", "base"] if device == "cuda" and not quick else ["small"])
         records += list(measure_models(modes, device, batch, 2 if quick else 12, rounds, warmup, sizes))

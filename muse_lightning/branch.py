@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._fx import is_tracing
-from .conv import ConvLayout, ConvType, create_conv
+from .conv import ConvLayout, ConvType, create_conv, grid_tokens, with_prefix
 
 __all__ = [
     "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "attach", "key_padding_from_mask", "resize_grid", "tap_class",
@@ -136,25 +136,26 @@ class TokenConv:
             resize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``proj``-ected attention output ``attn`` plus the convolution branch on the shared ``values``
-        (``resize`` takes the convolved values to the output's tokens when they sit on another grid)."""
-        if key_padding_mask is not None:
-            values = values.masked_fill(key_padding_mask[..., None], 0.0)
-        values = values[:, self.num_prefix_tokens:]
+        (``resize`` takes the convolved values to the output's tokens when they sit on another grid). The
+        convolution itself zeroes the padding and skips the prefix tokens (inside its kernel on the Triton
+        backend), unless the values must first be scattered to their grid or the output resized."""
+        convolve = self.conv.forward_per_kernel if self.conv_proj_mode == "per_kernel" else self.conv
         indices = self.patch_indices
-        if indices is not None:  # the kept patches back in their places, the dropped ones zero
-            grid = self.grid_size
-            index = indices[..., None].expand(-1, -1, values.shape[-1])
-            values = values.new_zeros(values.shape[0], grid[0] * grid[1], values.shape[-1]).scatter(1, index, values)
-        if self.conv_proj_mode == "per_kernel":
-            conv = self.conv.forward_per_kernel(values, **conv_kwargs).flatten(2)
+        if indices is None and resize is None:
+            conv = convolve(values, key_padding_mask=key_padding_mask, num_prefix_tokens=self.num_prefix_tokens,
+                            **conv_kwargs).flatten(2)
         else:
-            conv = self.conv(values, **conv_kwargs)
-        if indices is not None:
-            conv = conv.gather(1, indices[..., None].expand(-1, -1, conv.shape[-1]))
-        if resize is not None:
-            conv = resize(conv)
-        if self.num_prefix_tokens:
-            conv = F.pad(conv, (0, 0, self.num_prefix_tokens, 0))  # prefix tokens: attention only
+            values = grid_tokens(values, key_padding_mask, self.num_prefix_tokens)
+            if indices is not None:  # the kept patches back in their places, the dropped ones zero
+                grid = self.grid_size
+                index = indices[..., None].expand(-1, -1, values.shape[-1])
+                values = values.new_zeros(values.shape[0], grid[0] * grid[1], values.shape[-1]).scatter(1, index, values)
+            conv = convolve(values, **conv_kwargs).flatten(2)
+            if indices is not None:
+                conv = conv.gather(1, indices[..., None].expand(-1, -1, conv.shape[-1]))
+            if resize is not None:
+                conv = resize(conv)
+            conv = with_prefix(conv, self.num_prefix_tokens)
         if self.conv_proj_mode == "shared":
             return proj(attn + conv)
         return proj(attn) + self.conv_proj(conv)

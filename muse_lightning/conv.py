@@ -27,6 +27,7 @@ from ._fx import is_tracing
 
 __all__ = [
     "ConvLayout", "ConvType", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "check_kernel_sizes", "create_conv",
+    "grid_tokens", "with_prefix",
 ]
 
 ConvType = Literal["static", "dynamic", "none"]
@@ -84,6 +85,18 @@ def _token_padding(width: int, is_causal: bool) -> tuple[int, int]:
     return (width - 1, 0) if is_causal else (width // 2, width // 2)
 
 
+def grid_tokens(v: torch.Tensor, key_padding_mask: torch.Tensor | None, num_prefix_tokens: int) -> torch.Tensor:
+    """The tokens a convolution reads: padding zeroed, the prefix tokens left out."""
+    if key_padding_mask is not None:
+        v = v.masked_fill(key_padding_mask[..., None], 0.0)
+    return v[:, num_prefix_tokens:]
+
+
+def with_prefix(out: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """``out`` ``(B, N, ...)`` after ``num_prefix_tokens`` zero rows (the prefix tokens get attention only)."""
+    return F.pad(out, (0, 0) * (out.dim() - 2) + (num_prefix_tokens, 0)) if num_prefix_tokens else out
+
+
 def _use_triton(v: torch.Tensor) -> bool:
     """The Triton backend where it is chosen and runs: CUDA tensors, or any under Triton's interpreter."""
     return CONV_BACKEND == "triton" and not is_tracing() and (v.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
@@ -135,19 +148,33 @@ class MultiScaleDepthwiseConv(nn.Module):
             nn.init.zeros_(self.gate)
 
     def forward(
-            self, v: torch.Tensor, is_causal: bool = False, grid_size: tuple[int, int] | None = None,
+            self,
+            v: torch.Tensor,
+            is_causal: bool = False,
+            grid_size: tuple[int, int] | None = None,
+            key_padding_mask: torch.Tensor | None = None,
+            num_prefix_tokens: int = 0,
     ) -> torch.Tensor:
-        """Convolve ``v`` of shape ``(B, N, C)``; the 2-D layout needs ``grid_size = (H, W)``, H * W = N."""
+        """Convolve the tokens of ``v`` ``(B, N, C)`` after its ``num_prefix_tokens`` (whose outputs are zero),
+        tokens marked in ``key_padding_mask`` (``(B, N)``, True on padding) reading as zero; the 2-D layout
+        needs ``grid_size = (H, W)`` of the tokens after the prefix."""
         kernel = _gated_kernel(list(self.weight), self.kernel_sizes, self.gate, is_causal, self.spatial_dims)
         bias = self.bias[0] if self.gate is None else self.gate.softmax(0) @ self.bias
-        return self._conv(v, kernel, bias, max(self.kernel_sizes), is_causal, grid_size)
+        return self._conv(v, kernel, bias, max(self.kernel_sizes), is_causal, grid_size, key_padding_mask,
+                          num_prefix_tokens)
 
     def forward_per_kernel(
-            self, v: torch.Tensor, is_causal: bool = False, grid_size: tuple[int, int] | None = None,
+            self,
+            v: torch.Tensor,
+            is_causal: bool = False,
+            grid_size: tuple[int, int] | None = None,
+            key_padding_mask: torch.Tensor | None = None,
+            num_prefix_tokens: int = 0,
     ) -> torch.Tensor:
         """Gated output of each kernel size, stacked: ``(B, N, len(kernel_sizes), C)``."""
         outs = [
-            self._conv(v, w, b, k, is_causal, grid_size) for w, b, k in zip(self.weight, self.bias, self.kernel_sizes)
+            self._conv(v, w, b, k, is_causal, grid_size, key_padding_mask, num_prefix_tokens)
+            for w, b, k in zip(self.weight, self.bias, self.kernel_sizes)
         ]
         out = torch.stack(outs, dim=2)
         return out if self.gate is None else out * self.gate.softmax(0)[:, None]
@@ -160,29 +187,35 @@ class MultiScaleDepthwiseConv(nn.Module):
             width: int,
             is_causal: bool,
             grid_size: tuple[int, int] | None,
+            key_padding_mask: torch.Tensor | None,
+            num_prefix_tokens: int,
     ) -> torch.Tensor:
-        B, N, C = v.shape
+        B, T, C = v.shape
+        N = T - num_prefix_tokens
         if self.layout == "2d":
             if is_causal:
                 raise ValueError("is_causal is not defined for the 2-D convolution layout")
             if not is_tracing() and (grid_size is None or grid_size[0] * grid_size[1] != N):
                 raise ValueError(f"grid_size must be (H, W) with H * W = {N} tokens, got {grid_size}")
-        if _use_triton(v):
+        if _use_triton(v):  # masking, the prefix and the bias inside the one kernel
             from .triton_conv import depthwise_conv
             if self.layout == "2d":
-                return depthwise_conv(v, kernel, bias, grid_size[0], width // 2, width // 2)
-            return depthwise_conv(v, kernel.view(C, 1, width), bias, 1, 0, width - 1 if is_causal else width // 2)
+                return depthwise_conv(v, kernel, bias, grid_size[0], width // 2, width // 2, num_prefix_tokens,
+                                      key_padding_mask)
+            return depthwise_conv(v, kernel.view(C, 1, width), bias, 1, 0, width - 1 if is_causal else width // 2,
+                                  num_prefix_tokens, key_padding_mask)
+        v = grid_tokens(v, key_padding_mask, num_prefix_tokens)
         if self.layout == "2d":
             # (B, C, H, W) viewed from (B, H, W, C) is channels-last: no transposes.
             x = v.reshape(B, grid_size[0], grid_size[1], C).permute(0, 3, 1, 2)
             out = F.conv2d(x, kernel.unsqueeze(1), bias, padding=width // 2, groups=C)
-            return out.permute(0, 2, 3, 1).reshape(B, N, C)
+            return with_prefix(out.permute(0, 2, 3, 1).reshape(B, N, C), num_prefix_tokens)
         # (B, C, 1, N) viewed from (B, N, C) is channels-last 2-D: the fast depthwise path, no transposes.
         x = v.unsqueeze(1).permute(0, 3, 1, 2)
         # Causal: pad width - 1 on both sides and keep the first N outputs (each reads t - width + 1 .. t).
         pad = width - 1 if is_causal else width // 2
         out = F.conv2d(x, kernel.view(C, 1, 1, width), bias, padding=(0, pad), groups=C)
-        return out.permute(0, 2, 3, 1)[:, 0, :N]
+        return with_prefix(out.permute(0, 2, 3, 1)[:, 0, :N], num_prefix_tokens)
 
 
 class MultiScaleDynamicConv(nn.Module):
@@ -242,16 +275,26 @@ class MultiScaleDynamicConv(nn.Module):
                 start += k
         return kernels
 
-    def forward(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        """Convolve ``v`` of shape ``(B, N, C)`` along N."""
+    def forward(
+            self, v: torch.Tensor, is_causal: bool = False, key_padding_mask: torch.Tensor | None = None,
+            num_prefix_tokens: int = 0,
+    ) -> torch.Tensor:
+        """Convolve the tokens of ``v`` ``(B, N, C)`` after its ``num_prefix_tokens`` (whose outputs are zero)
+        along N, tokens marked in ``key_padding_mask`` (True on padding) reading as zero."""
+        v = grid_tokens(v, key_padding_mask, num_prefix_tokens)
         kernel = _gated_kernel(self._kernels(v), self.kernel_sizes, self.gate, is_causal)
-        return self._conv(v, kernel, max(self.kernel_sizes), is_causal)
+        return with_prefix(self._conv(v, kernel, max(self.kernel_sizes), is_causal), num_prefix_tokens)
 
-    def forward_per_kernel(self, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward_per_kernel(
+            self, v: torch.Tensor, is_causal: bool = False, key_padding_mask: torch.Tensor | None = None,
+            num_prefix_tokens: int = 0,
+    ) -> torch.Tensor:
         """Gated output of each kernel size, stacked: ``(B, N, len(kernel_sizes), C)``."""
+        v = grid_tokens(v, key_padding_mask, num_prefix_tokens)
         kernels = zip(self._kernels(v), self.kernel_sizes)
         out = torch.stack([self._conv(v, k, size, is_causal) for k, size in kernels], dim=2)
-        return out if self.gate is None else out * self.gate.softmax(0)[:, None]
+        out = out if self.gate is None else out * self.gate.softmax(0)[:, None]
+        return with_prefix(out, num_prefix_tokens)
 
     def _conv(self, v: torch.Tensor, kernel: torch.Tensor, width: int, is_causal: bool) -> torch.Tensor:
         B, N, C = v.shape

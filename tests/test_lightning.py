@@ -12,6 +12,8 @@ import torch
 from muse_lightning import (
     FashionMNISTDataModule, ImageClassifier, SequenceClassifier, TextClassifier, WordNetGlossesDataModule,
 )
+from conftest import write_rotten_tomatoes
+
 from muse_lightning.cli import main
 from muse_lightning.compare import last_metrics
 from muse_lightning.text import MUSETextNet
@@ -186,6 +188,7 @@ def test_mismatched_class_counts_fail_early(tmp_path):
 
 @pytest.mark.parametrize(("muse", "attention", "num_classes"), [
     ("quickstart.yaml", "quickstart_attention.yaml", 10), ("text_quickstart.yaml", "text_quickstart_attention.yaml", 45),
+    ("reviews.yaml", "reviews_attention.yaml", 2),
 ])
 def test_attention_twin_configs_match_the_muse_quickstarts_within_two_percent_of_parameters(muse, attention, num_classes):
     import importlib
@@ -204,6 +207,18 @@ def test_attention_twin_configs_match_the_muse_quickstarts_within_two_percent_of
     assert all(m.conv is not None for m in with_conv.modules() if hasattr(m, "conv_proj_mode"))
 
 
+@pytest.mark.parametrize("config", ["reviews.yaml", "reviews_attention.yaml"])
+def test_reviews_configs_fit_then_test_on_a_corpus_file_and_learn_it(tmp_path, config):
+    path = write_rotten_tomatoes(tmp_path / "rt.csv.bz2", per_class=200)
+    root = tmp_path / "run"
+    args = ["--config", str(CONFIGS / config), "--data.init_args.path", str(path), "--data.init_args.vocab_size", "200",
+            "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(root)]
+    main(["fit", *args])
+    main(["test", *args, "--ckpt_path", str(root / "checkpoints" / "best.ckpt")])
+    assert last_metrics(root / "logs")["test/acc"] >= 0.9  # fresh and rotten snippets share no adjective
+    assert (root / "tokenizer.json").is_file()
+
+
 def test_text_files_recipe_fits_then_predicts_unlabelled_text_beside_its_texts(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     words = {"pos": ["good", "great", "lovely"], "neg": ["bad", "awful", "dull"]}
@@ -214,9 +229,9 @@ def test_text_files_recipe_fits_then_predicts_unlabelled_text_beside_its_texts(t
     args = ["--config", str(CONFIGS / "text_files.yaml"), "--data.train_file", "reviews.csv", "--trainer.max_epochs", "1"]
     main(["fit", *args])
     best = tmp_path / "runs" / "text_files" / "checkpoints" / "best.ckpt"
-    # The model's tables follow the data's tokenizer and max_length (BPE, 8000, 128 in the recipe): linked, not repeated.
+    # The model's tables follow the data's tokenizer and max_length (Unigram, 4000, 128 in the recipe): linked, not repeated.
     hparams = torch.load(best, weights_only=True)["hyper_parameters"]
-    assert (hparams["max_length"], hparams["vocab_size"], hparams["pad_id"]) == (128, 8000, 0)
+    assert (hparams["max_length"], hparams["vocab_size"], hparams["pad_id"]) == (128, 4000, 0)
     assert (tmp_path / "runs" / "text_files" / "tokenizer.json").is_file()
     with caplog.at_level("INFO"):
         main(["predict", *args, "--data.predict_file", "new.csv", "--ckpt_path", str(best)])

@@ -1,6 +1,9 @@
 """The Triton depthwise convolution, run on CPU by Triton's interpreter, against PyTorch's: forward and every
 gradient, on each layout, in float32 and bfloat16; and MUSE's convolution branch on it."""
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -22,20 +25,29 @@ LAYOUTS = {
 }
 
 
+# Tokens around the grid: none, or two prefix tokens (class / register) and padding marks scattered over the
+# prefix and the grid (a padded token is read as zero by the convolution and gets no gradient).
+MASKING = {"grid-only": (0, False), "prefix-padding": (2, True)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("masking", MASKING)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_triton_conv_and_its_gradients_match_pytorch(layout, dtype, device):
+def test_triton_conv_and_its_gradients_match_pytorch(layout, masking, dtype, device):
     B, H, W, C, KH, KW, ph, pw = LAYOUTS[layout]
+    prefix, padded = MASKING[masking]
     gen = torch.Generator().manual_seed(0)
+    T = prefix + H * W
     v, k, b = (torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_() for shape in
-               ((B, H * W, C), (C, KH, KW), (C,)))
-    grad = torch.randn(B, H * W, C, generator=gen).to(device, dtype)
-    out = triton_conv.depthwise_conv(v, k, b, H, ph, pw)
+               ((B, T, C), (C, KH, KW), (C,)))
+    padding = (torch.rand(B, T, generator=gen) < 0.3).to(device) if padded else None
+    grad = torch.randn(B, T, C, generator=gen).to(device, dtype)
+    out = triton_conv.depthwise_conv(v, k, b, H, ph, pw, prefix, padding)
     grads = torch.autograd.grad(out, (v, k, b), grad)
     # The reference in float32 from the same (rounded) inputs.
     v32, k32, b32 = (t.detach().float().requires_grad_() for t in (v, k, b))
-    ref = triton_conv.reference_depthwise_conv(v32, k32, b32, H, ph, pw)
+    ref = triton_conv.reference_depthwise_conv(v32, k32, b32, H, ph, pw, prefix, padding)
     ref_grads = torch.autograd.grad(ref, (v32, k32, b32), grad.float())
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -43,19 +55,25 @@ def test_triton_conv_and_its_gradients_match_pytorch(layout, dtype, device):
     for got, expected in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), expected, **(tol if dtype == torch.float32 else dict(
             atol=0.02 * expected.abs().max().item(), rtol=0.02)))
+    if prefix:
+        assert not out[:, :prefix].any() and not grads[0][:, :prefix].any()
+    if padded:
+        assert not grads[0][padding].any() and 0 < padding.sum() < padding.numel()
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_conv_compiles_fullgraph_forward_and_backward(device):
     B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
-    v = torch.randn(B, H * W, C, device=device, requires_grad=True)
+    v = torch.randn(B, 1 + H * W, C, device=device, requires_grad=True)
     k, b = torch.randn(C, KH, KW, device=device), torch.randn(C, device=device)
+    padding = torch.zeros(B, 1 + H * W, dtype=torch.bool, device=device)
+    padding[0, -4:] = True
     torch._dynamo.reset()
-    compiled = torch.compile(lambda v: triton_conv.depthwise_conv(v, k, b, H, ph, pw), fullgraph=True)
+    compiled = torch.compile(lambda v: triton_conv.depthwise_conv(v, k, b, H, ph, pw, 1, padding), fullgraph=True)
     out = compiled(v)
     (grad,) = torch.autograd.grad(out.square().sum(), v)
     v2 = v.detach().requires_grad_()
-    ref = triton_conv.reference_depthwise_conv(v2, k, b, H, ph, pw)
+    ref = triton_conv.reference_depthwise_conv(v2, k, b, H, ph, pw, 1, padding)
     (ref_grad,) = torch.autograd.grad(ref.square().sum(), v2)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grad, ref_grad, atol=1e-3, rtol=1e-4)
@@ -66,6 +84,11 @@ def test_triton_conv_rejects_bad_shapes():
         triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(3, 1, 3), torch.randn(4), 1, 0, 1)
     with pytest.raises(ValueError, match="grid_h=4 does not divide the 6 tokens"):
         triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(4, 3, 3), torch.randn(4), 4, 1, 1)
+    with pytest.raises(ValueError, match="prefix=6 must leave tokens to convolve of the 6"):
+        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(4, 1, 3), torch.randn(4), 1, 0, 1, 6)
+    with pytest.raises(ValueError, match=r"padding must be a bool \(B, N\) = \(1, 6\) tensor, got torch.float32"):
+        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(4, 1, 3), torch.randn(4), 1, 0, 1, 0,
+                                   torch.zeros(1, 6))
 
 
 @pytest.mark.parametrize(("options", "call"), [
@@ -73,7 +96,9 @@ def test_triton_conv_rejects_bad_shapes():
     (dict(conv_layout="1d"), dict(is_causal=True)),
     (dict(conv_layout="2d", num_prefix_tokens=1), dict(grid_size=(3, 4))),
     (dict(conv_layout="1d", conv_proj="per_kernel"), {}),
-], ids=["padding", "causal", "2d-prefix", "per-kernel"])
+    (dict(conv_layout="1d", num_prefix_tokens=2, conv_proj="per_kernel"),
+     dict(key_padding_mask=torch.tensor([[False] * 9 + [True] * 4, [True] + [False] * 12]))),
+], ids=["padding", "causal", "2d-prefix", "per-kernel", "per-kernel-prefix-padding"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_muse_attention_on_the_triton_backend_equals_the_pytorch_one(monkeypatch, options, call, device):
     torch.manual_seed(0)
@@ -97,3 +122,39 @@ def test_muse_attention_on_the_triton_backend_equals_the_pytorch_one(monkeypatch
     assert grads.keys() == ref_grads.keys() and any(".gate" in n for n in grads)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+# Compiles every kernel variant the op launches (forward, input gradient, kernel gradient; with and without
+# padding; bf16 and fp32) down to a Hopper cubin with Triton's real compiler, which needs no GPU: the
+# interpreter above runs the kernels' Python, this checks that the GPU compiler accepts them.
+_COMPILE_FOR_HOPPER = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from muse_lightning import triton_conv as tc
+
+    ints = {"H": "i32", "W": "i32", "C": "i32", "P": "i32"}
+    for dtype in ("bf16", "fp32"):
+        for flip in (False, True):
+            for has_pad in (False, True):
+                ptrs = {n: "*" + dtype for n in ("src_ptr", "kernel_ptr", "bias_ptr", "out_ptr")}
+                consts = dict(PAD_H=1, PAD_W=1, KH=3, KW=3, FLIP=flip, HAS_PAD=has_pad, BLOCK_W=tc._BLOCK_W,
+                              BLOCK_C=tc._BLOCK_C)
+                jobs = [(tc._taps, {**ptrs, "pad_ptr": "*u8", **ints}, consts)]
+                if not flip:
+                    consts = {k: v for k, v in consts.items() if k != "FLIP"}
+                    jobs.append((tc._kernel_grad, {"v_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "pad_ptr": "*u8",
+                                                   "dk_ptr": "*fp32", **ints}, consts))
+                for fn, signature, consts in jobs:
+                    signature = {**signature, **{k: "constexpr" for k in consts}}
+                    constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+                    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+                    assert kernel.asm["cubin"], fn
+    print("compiled")
+""")
+
+
+def test_triton_kernels_compile_for_a_hopper_gpu_without_one():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-3000:]
