@@ -124,6 +124,39 @@ def test_muse_attention_on_the_triton_backend_equals_the_pytorch_one(monkeypatch
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+
+@pytest.mark.parametrize("patch_drop_rate", [0.0, 0.5], ids=["all-patches", "patch-dropout"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_swapped_timm_vit_on_the_triton_backend_equals_the_pytorch_one(monkeypatch, patch_drop_rate, device):
+    """A class token and the 2-D grid handed to the op (all patches), or the scatter path (patch dropout)."""
+    import timm
+
+    from muse_lightning import swap_attention
+
+    torch.manual_seed(0)
+    model = swap_attention(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                                             num_classes=5, patch_drop_rate=patch_drop_rate)).to(device).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".muse." in name:
+                p.normal_(0, 0.2)  # a trained branch
+    x = torch.randn(2, 3, 32, 32, device=device)
+
+    def run():
+        model.zero_grad()
+        torch.manual_seed(1)  # the same patches dropped, the same dropout draws
+        out = model(x)
+        out.square().sum().backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if ".muse." in n}
+
+    ref, ref_grads = run()
+    monkeypatch.setattr(conv, "CONV_BACKEND", "triton")
+    out, grads = run()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
 # Compiles every kernel variant the op launches (forward, input gradient, kernel gradient; with and without
 # padding; bf16 and fp32) down to a Hopper cubin with Triton's real compiler, which needs no GPU: the
 # interpreter above runs the kernels' Python, this checks that the GPU compiler accepts them.
