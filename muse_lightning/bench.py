@@ -23,6 +23,7 @@ from jsonargparse import CLI
 from timm.layers import Attention
 from torch import nn
 
+from . import conv
 from .attention import MUSEAttention
 from .seed import SeedMUSEAttention
 
@@ -324,7 +325,10 @@ def main(
         batch = 4 if quick else (32 if device == "cpu" else 128)
         sizes = model_sizes or (["small", "base"] if device == "cuda" and not quick else ["small"])
         records += list(measure_models(modes, device, batch, 2 if quick else 12, rounds, warmup, sizes))
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}; ratio = ms / timm's "
+    for record in records:
+        record["conv_backend"] = conv.CONV_BACKEND  # MUSE_CONV_BACKEND: torch or triton
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"conv_backend={conv.CONV_BACKEND}; ratio = ms / timm's "
           "(Attention at mixer level, the ViT of the same size at model level), same shape, mode and pass")
     print(_table(records))
     if out:

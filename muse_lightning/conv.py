@@ -172,12 +172,17 @@ class MultiScaleDepthwiseConv(nn.Module):
             num_prefix_tokens: int = 0,
     ) -> torch.Tensor:
         """Gated output of each kernel size, stacked: ``(B, N, len(kernel_sizes), C)``."""
+        # PyTorch's path masks and slices the tokens once for all kernels; Triton's does it inside each.
+        fused = _use_triton(v)
+        x = v if fused else grid_tokens(v, key_padding_mask, num_prefix_tokens)
+        mask, prefix = (key_padding_mask, num_prefix_tokens) if fused else (None, 0)
         outs = [
-            self._conv(v, w, b, k, is_causal, grid_size, key_padding_mask, num_prefix_tokens)
+            self._conv(x, w, b, k, is_causal, grid_size, mask, prefix)
             for w, b, k in zip(self.weight, self.bias, self.kernel_sizes)
         ]
         out = torch.stack(outs, dim=2)
-        return out if self.gate is None else out * self.gate.softmax(0)[:, None]
+        out = out if self.gate is None else out * self.gate.softmax(0)[:, None]
+        return out if fused else with_prefix(out, num_prefix_tokens)
 
     def _conv(
             self,

@@ -163,7 +163,7 @@ def read_rotten_tomatoes(path: str | Path) -> tuple[list[str], np.ndarray]:
         for row in reader:
             if row["category"] in ROTTEN_TOMATOES_CLASSES:
                 labels_of.setdefault(" ".join(row["text"].split()), set()).add(row["category"])
-    kept = [(text, names.pop()) for text, names in labels_of.items() if text and len(names) == 1]
+    kept = [(text, *names) for text, names in labels_of.items() if text and len(names) == 1]
     if not kept:
         raise ValueError(f"{path}: no fresh or rotten snippets")
     index = {name: i for i, name in enumerate(ROTTEN_TOMATOES_CLASSES)}

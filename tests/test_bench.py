@@ -1,9 +1,11 @@
 """muse-bench runs on a tiny preset and writes valid JSON and a plot (no timing is asserted)."""
 import json
+import os
 import subprocess
 import sys
 
-REQUIRED = {"impl", "mode", "pass", "batch", "seq_len", "dim", "ms_median", "peak_mem_mb", "tokens_per_s", "ratio"}
+REQUIRED = {"impl", "mode", "pass", "batch", "seq_len", "dim", "ms_median", "peak_mem_mb", "tokens_per_s", "ratio",
+            "conv_backend"}
 
 
 def test_bench_tiny_preset_writes_json_table_and_plot(tmp_path):
@@ -13,6 +15,7 @@ def test_bench_tiny_preset_writes_json_table_and_plot(tmp_path):
     printed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     records = json.loads(out.read_text())
     assert all(REQUIRED <= set(r) for r in records)
+    assert {r["conv_backend"] for r in records} == {os.environ.get("MUSE_CONV_BACKEND", "torch")}
     impls = {r["impl"] for r in records}
     assert {"timm Attention", "plain attention (N x N)", "MUSE static 1-D", "MUSE static 1-D, shared proj",
             "MUSE dynamic 1-D", "MUSE static 2-D", "seed design, as shipped", "seed design, dropout 0"} <= impls
