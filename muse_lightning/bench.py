@@ -282,6 +282,7 @@ def main(
         device: Literal["auto", "cpu", "cuda"] = "auto",
         modes: list[Mode] | None = None,
         passes: list[Pass] | None = None,
+        mixers: bool = True,
         models: bool = True,
         model_sizes: list[Literal["small", "base"]] | None = None,
         seed_design: bool = False,
@@ -301,6 +302,7 @@ def main(
         modes: ``eager``, ``compiled`` (``torch.compile``), ``max-autotune``; default eager and
             compiled, plus max-autotune on CUDA.
         passes: ``fwd`` (no grad) and/or ``fwd+bwd``; default both.
+        mixers: Time the token mixers at the preset's shapes (false: model rows only).
         models: Also time training steps of the MUSE ViTs against timm's ViTs of the same size (``model_sizes``;
             not with the ``tiny`` preset).
         model_sizes: ``small`` (ViT-S/16) and / or ``base`` (ViT-B/16); default ViT-S, and ViT-B too on CUDA.
@@ -320,7 +322,7 @@ def main(
     rounds = rounds or (5 if quick else 10)
     table = presets(quick, device)
     shapes = table["vit"] + table["text"] if preset == "all" else table[preset]
-    records = list(measure_mixers(shapes, modes, passes, device, rounds, warmup, seed_design))
+    records = list(measure_mixers(shapes, modes, passes, device, rounds, warmup, seed_design)) if mixers else []
     if models and preset != "tiny":
         batch = 4 if quick else (32 if device == "cpu" else 128)
         sizes = model_sizes or (["small", "base"] if device == "cuda" and not quick else ["small"])
@@ -339,7 +341,7 @@ def main(
     return records
 
 
-_FLAGS = ("--quick", "--models", "--seed_design")
+_FLAGS = ("--quick", "--mixers", "--models", "--seed_design")
 
 
 def cli(argv: list[str] | None = None) -> None:

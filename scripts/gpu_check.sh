@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 16's GPU check in one lease (at most 9 minutes: each step has its own timeout, the most needed first), run from the repository root on the device
+# Issue 16's GPU check in one lease (at most 9 minutes: each step has its own timeout, the most needed first),
+# run from the repository root on the device
 # machine: the Triton convolution compiled for the GPU against PyTorch's (forward, every gradient, prefix and
 # padding, fp32 and bf16, compiled); the ViT-S/16 mixer ratio (configs/mixer_ratio.yaml, bf16, batch 128,
 # eager and compiled) with PyTorch's and with Triton's convolution; muse_vit_{small,base}_patch16_224 training
@@ -24,7 +25,7 @@ for backend in torch triton; do
         | tee "$out/mixer_ratio_$backend.txt"
 done
 # Whole-model training steps: muse_vit_{small,base}_patch16_224 against timm's vit_* (bf16, batch 128).
-timeout 130 python3 -m muse_lightning.bench --preset vit-s --models true --model_sizes "[small, base]" \
+timeout 130 python3 -m muse_lightning.bench --mixers false --models true --model_sizes "[small, base]" \
     --device cuda --modes "[eager, compiled]" --passes "[fwd+bwd]" --rounds 10 --out "$out/models.json" 2>&1 \
     | tail -20 | tee "$out/models.txt"
 # A short fit through Lightning with the throughput overlay: samples/s, FLOP/s and MFU in its metrics.csv.

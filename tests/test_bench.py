@@ -46,3 +46,11 @@ def test_model_rows_pair_each_muse_vit_with_timms_vit_of_its_size():
         ("timm vit_base_patch16_224", 768), ("muse_vit_base_patch16_224", 768),
     ]
     assert [r["ratio"] for r in records][::2] == [1.0, 1.0] and all(r["images_per_s"] > 0 for r in records)
+
+
+def test_model_rows_alone_skip_the_mixers():
+    from muse_lightning.bench import main
+
+    records = main(preset="vit-s", device="cpu", modes=["eager"], passes=["fwd+bwd"], mixers=False, models=True,
+                   model_sizes=["small"], quick=True, rounds=1, warmup=0)
+    assert [r["level"] for r in records] == ["model", "model"]
