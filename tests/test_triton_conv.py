@@ -15,6 +15,13 @@ triton_conv = pytest.importorskip("muse_lightning.triton_conv")  # triton ships 
 # TRITON_INTERPRET=0 on a GPU machine (scripts/gpu_check.sh) they are compiled and run on CUDA tensors.
 DEVICES = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else ["cuda"] * torch.cuda.is_available()
 
+
+@pytest.fixture(autouse=True)
+def _full_float32(monkeypatch):
+    """On a GPU the PyTorch references run in true float32, not TF32 (cuDNN's default for convolutions; matmuls
+    are float32 by default)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
 # (B, H, W, C, KH, KW, pad_h, pad_w): a sequence centred and causal, grids with 3 x 3 and 5 x 5 kernels; widths
 # and channels that are not multiples of the tiles (16 tokens, 64 channels).
 LAYOUTS = {
