@@ -8,8 +8,10 @@ pad_w)``, and the grid's border, the tokens marked in ``padding`` (bool ``(B, pr
 padding) and the prefix read as zero; the output's prefix rows are zero. So the padding mask, the prefix
 slice and pad and the bias add, each a pass over the tokens in PyTorch, happen inside the one kernel.
 It is a ``torch.library`` custom op with its own autograd (input, kernel and bias gradients by Triton
-kernels), so ``torch.compile(fullgraph=True)`` and DDP see one op. The tokens stay channels-last: each
-program loads contiguous channel vectors, no transposes.
+kernels; the kernel and bias gradients without atomics, so they reproduce bit for bit), so
+``torch.compile(fullgraph=True)`` and DDP see one op. The tokens stay channels-last: each program loads
+contiguous channel vectors, no transposes, and ``v`` is read through its batch and token strides (the value
+slice of a fused ``qkv`` projection needs no copy).
 
 The op runs where Triton does: CUDA tensors, or any tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` before this module is imported), which is how it is tested on CPU against
@@ -26,20 +28,25 @@ __all__ = ["depthwise_conv", "depthwise_conv_backward", "reference_depthwise_con
 
 _BLOCK_W = 16
 _BLOCK_C = 64
+# The kernel gradient's programs, about: a few waves on a 132-multiprocessor GPU (not yet tuned on one).
+_GRAD_PROGRAMS = 1024
 
 
 @triton.jit
 def _taps(
-        src_ptr, kernel_ptr, bias_ptr, pad_ptr, out_ptr, H, W, C, P,
+        src_ptr, kernel_ptr, bias_ptr, pad_ptr, out_ptr, H, W, C, P, src_sb, src_st,
         PAD_H: tl.constexpr, PAD_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr,
         HAS_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One ``(BLOCK_W, BLOCK_C)`` tile of grid row ``h`` of batch ``b``: ``sum_ij kernel[c, i, j] * src[b, h +
     s(i - PAD_H), w + s(j - PAD_W), c]`` on the grid after ``P`` prefix tokens. Forward (``s = +1``): padded
-    tokens read as zero, plus the bias. Input gradient (``FLIP``, ``s = -1``): padded tokens get zero."""
+    tokens read as zero, plus the bias. Input gradient (``FLIP``, ``s = -1``): padded tokens get zero. ``src`` may
+    be strided (batch and token strides ``src_sb``, ``src_st``: the value slice of a fused projection); ``out`` and
+    ``pad`` are contiguous."""
     row = tl.program_id(0)  # b * H + h
     h = row % H
-    base = (row // H) * (P + H * W) + P  # the grid's first token in batch b
+    b = (row // H).to(tl.int64)  # 64-bit offsets from here: tensors may exceed 2**31 elements
+    src_base, base = b * src_sb, b * (P + H * W)  # batch b's first token
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -51,13 +58,14 @@ def _taps(
             dw = (PAD_W - j) if FLIP else (j - PAD_W)
             ww = w + dw
             ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            token = base + hh * W + ww
+            token = P + hh * W + ww
             if HAS_PAD and not FLIP:
-                ok = ok & (tl.load(pad_ptr + token, mask=ok, other=1) == 0)
-            x = tl.load(src_ptr + token[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+                ok = ok & (tl.load(pad_ptr + base + token, mask=ok, other=1) == 0)
+            src = src_ptr + src_base + token[:, None] * src_st + c[None, :]
+            x = tl.load(src, mask=ok[:, None] & c_ok[None, :], other=0.0)
             k = tl.load(kernel_ptr + c * (KH * KW) + i * KW + j, mask=c_ok, other=0.0)
             acc += x.to(tl.float32) * k.to(tl.float32)[None, :]
-    token = base + h * W + w
+    token = base + P + h * W + w
     if not FLIP:
         acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_PAD and FLIP:
@@ -69,30 +77,43 @@ def _taps(
 
 @triton.jit
 def _kernel_grad(
-        v_ptr, grad_ptr, pad_ptr, dk_ptr, H, W, C, P,
+        v_ptr, grad_ptr, pad_ptr, part_ptr, R, H, W, C, P, v_sb, v_st, ROWS,
         PAD_H: tl.constexpr, PAD_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_PAD: tl.constexpr,
-        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        TAPS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The kernel gradient of one tile: ``dk[c, i, j] += sum_w grad[b, h, w, c] * v[b, h + i - PAD_H, w + j -
-    PAD_W, c]`` on the grid after ``P`` prefix tokens, padded tokens of ``v`` reading as zero (fp32 atomics)."""
-    row = tl.program_id(0)
-    h = row % H
-    base = (row // H) * (P + H * W) + P
+    """The kernel and bias gradients of ``ROWS`` grid rows (of the ``R = B * H``) in one ``(BLOCK_W, BLOCK_C)``
+    column tile, summed in registers and stored once: ``part[p, q, i * KW + j, c] = sum grad[b, h, w, c] * v[b,
+    h + i - PAD_H, w + j - PAD_W, c]`` (padded tokens of ``v`` reading as zero) and ``part[p, q, KH * KW, c] =
+    sum grad[b, h, w, c]``. No atomics: the partial sums are added in a fixed order, so gradients reproduce.
+    ``v`` may be strided as ``src`` in ``_taps``; ``grad`` is contiguous."""
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    g_mask = (w < W)[:, None] & c_ok[None, :]
-    g = tl.load(grad_ptr + (base + h * W + w)[:, None] * C + c[None, :], mask=g_mask, other=0.0).to(tl.float32)
-    for i in tl.static_range(KH):
-        hh = h + i - PAD_H
-        for j in tl.static_range(KW):
-            ww = w + j - PAD_W
-            ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            token = base + hh * W + ww
-            if HAS_PAD:
-                ok = ok & (tl.load(pad_ptr + token, mask=ok, other=1) == 0)
-            x = tl.load(v_ptr + token[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
-            tl.atomic_add(dk_ptr + c * (KH * KW) + i * KW + j, tl.sum(g * x.to(tl.float32), axis=0), mask=c_ok)
+    tap = tl.arange(0, TAPS)[:, None]
+    acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
+    for r in range(ROWS):
+        row = tl.program_id(0) * ROWS + r  # b * H + h
+        row_ok = row < R
+        h = row % H
+        b = (row // H).to(tl.int64)
+        v_base, base = b * v_sb, b * (P + H * W)
+        g_mask = (w < W)[:, None] & c_ok[None, :] & row_ok
+        g = tl.load(grad_ptr + (base + P + h * W + w)[:, None] * C + c[None, :], mask=g_mask, other=0.0)
+        g = g.to(tl.float32)
+        acc += tl.where(tap == KH * KW, tl.sum(g, axis=0)[None, :], 0.0)
+        for i in tl.static_range(KH):
+            hh = h + i - PAD_H
+            for j in tl.static_range(KW):
+                ww = w + j - PAD_W
+                ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & row_ok
+                token = P + hh * W + ww
+                if HAS_PAD:
+                    ok = ok & (tl.load(pad_ptr + base + token, mask=ok, other=1) == 0)
+                x = tl.load(v_ptr + v_base + token[:, None] * v_st + c[None, :], mask=ok[:, None] & c_ok[None, :],
+                            other=0.0)
+                acc += tl.where(tap == i * KW + j, tl.sum(g * x.to(tl.float32), axis=0)[None, :], 0.0)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(part_ptr + (tile * TAPS + tap) * C + c[None, :], acc, mask=c_ok[None, :])
 
 
 def _launch(v: torch.Tensor, H: int, prefix: int) -> tuple[int, int, int]:
@@ -116,6 +137,11 @@ def _check(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: in
                          f"{tuple(padding.shape)}")
 
 
+def _channels_unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where its channels are adjacent (a value slice of a fused projection is), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _pad_arg(padding: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
     """The padding mask as bytes for the kernels (``v``, never read, where there is none)."""
     return v if padding is None else padding.contiguous().view(torch.uint8)
@@ -129,12 +155,13 @@ def depthwise_conv(
     """Depthwise convolution of channels-last tokens ``v (B, prefix + N, C)`` on a ``grid_h``-row grid after
     ``prefix`` tokens, padded tokens unread (see the module)."""
     _check(v, kernel, bias, grid_h, prefix, padding)
-    v, kernel = v.contiguous(), kernel.contiguous()
-    out = torch.empty_like(v)
+    v, kernel = _channels_unit_stride(v), kernel.contiguous()
+    out = v.new_empty(v.shape)
     out[:, :prefix].zero_()
     T, C = v.shape[1:]
     _taps[_launch(v, grid_h, prefix)](
         v, kernel, bias.contiguous(), _pad_arg(padding, v), out, grid_h, (T - prefix) // grid_h, C, prefix,
+        v.stride(0), v.stride(1),
         PAD_H=pad_h, PAD_W=pad_w, KH=kernel.shape[1], KW=kernel.shape[2], FLIP=False, HAS_PAD=padding is not None,
         BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
     )
@@ -144,7 +171,7 @@ def depthwise_conv(
 @depthwise_conv.register_fake
 def _(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
       prefix: int = 0, padding: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.empty_like(v)
+    return v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
@@ -157,39 +184,44 @@ def _setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
 def depthwise_conv_backward(
         grad: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
         prefix: int = 0, padding: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input and kernel gradients of ``depthwise_conv`` (the kernel's in fp32)."""
-    grad, v, kernel = grad.contiguous(), v.contiguous(), kernel.contiguous()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input, kernel and bias gradients of ``depthwise_conv`` (the kernel's and the bias's in fp32)."""
+    grad, v, kernel = grad.contiguous(), _channels_unit_stride(v), kernel.contiguous()
     C, KH, KW = kernel.shape
     W = (v.shape[1] - prefix) // grid_h
     has_pad, pad = padding is not None, _pad_arg(padding, v)
-    grad_v = torch.empty_like(v)
+    grad_v = v.new_empty(v.shape)
     grad_v[:, :prefix].zero_()
     # The input gradient is the convolution of the output gradient with the flipped kernel.
     _taps[_launch(v, grid_h, prefix)](
-        grad, kernel, kernel, pad, grad_v, grid_h, W, C, prefix, PAD_H=pad_h, PAD_W=pad_w, KH=KH, KW=KW, FLIP=True,
-        HAS_PAD=has_pad, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
+        grad, kernel, kernel, pad, grad_v, grid_h, W, C, prefix, grad.stride(0), grad.stride(1), PAD_H=pad_h,
+        PAD_W=pad_w, KH=KH, KW=KW, FLIP=True, HAS_PAD=has_pad, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
     )
-    grad_kernel = torch.zeros(kernel.shape, device=kernel.device, dtype=torch.float32)
-    _kernel_grad[_launch(v, grid_h, prefix)](
-        v, grad, pad, grad_kernel, grid_h, W, C, prefix, PAD_H=pad_h, PAD_W=pad_w, KH=KH, KW=KW, HAS_PAD=has_pad,
-        BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
+    # The kernel and bias gradients: each program sums `rows` grid rows of one tile, about _GRAD_PROGRAMS in all.
+    rows_total, (_, n_w, n_c) = v.shape[0] * grid_h, _launch(v, grid_h, prefix)
+    rows = triton.cdiv(rows_total * n_w * n_c, _GRAD_PROGRAMS)
+    taps = triton.next_power_of_2(KH * KW + 1)
+    part = torch.empty(triton.cdiv(rows_total, rows), n_w, taps, C, device=v.device, dtype=torch.float32)
+    _kernel_grad[part.shape[0], n_w, n_c](
+        v, grad, pad, part, rows_total, grid_h, W, C, prefix, v.stride(0), v.stride(1), rows, PAD_H=pad_h,
+        PAD_W=pad_w, KH=KH, KW=KW, HAS_PAD=has_pad, TAPS=taps, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
     )
-    return grad_v, grad_kernel
+    sums = part.sum(dim=(0, 1))
+    return grad_v, sums[:KH * KW].t().reshape(C, KH, KW), sums[KH * KW].clone()  # outputs must not alias
 
 
 @depthwise_conv_backward.register_fake
 def _(grad: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
       prefix: int = 0, padding: torch.Tensor | None = None) -> tuple:
-    return torch.empty_like(v), torch.empty(kernel.shape, device=kernel.device, dtype=torch.float32)
+    f32 = {"device": kernel.device, "dtype": torch.float32}
+    return v.new_empty(v.shape), torch.empty(kernel.shape, **f32), torch.empty(kernel.shape[0], **f32)
 
 
 def _backward(ctx, grad: torch.Tensor) -> tuple:
     v, kernel, padding = ctx.saved_tensors
     grid_h, pad_h, pad_w, prefix, bias_dtype = ctx.layout
-    grad_v, grad_kernel = depthwise_conv_backward(grad, v, kernel, grid_h, pad_h, pad_w, prefix, padding)
-    grad_bias = grad[:, prefix:].sum(dim=(0, 1), dtype=torch.float32).to(bias_dtype)
-    return grad_v, grad_kernel.to(kernel.dtype), grad_bias, None, None, None, None, None
+    grad_v, grad_kernel, grad_bias = depthwise_conv_backward(grad, v, kernel, grid_h, pad_h, pad_w, prefix, padding)
+    return grad_v, grad_kernel.to(kernel.dtype), grad_bias.to(bias_dtype), None, None, None, None, None
 
 
 depthwise_conv.register_autograd(_backward, setup_context=_setup)

@@ -69,6 +69,54 @@ def test_triton_conv_and_its_gradients_match_pytorch(layout, masking, dtype, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["value-slice", "sequence-first"])
+def test_triton_conv_reads_strided_values_where_they_lie(layout, device):
+    # The value third of a fused (B, T, 3 C) projection (token stride 3 C), and (T, B, C) tokens seen batch-first
+    # (batch stride C): read through their strides, as a contiguous copy would be.
+    B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
+    T = 1 + H * W
+    gen = torch.Generator().manual_seed(0)
+    if layout == "value-slice":
+        base = torch.randn(B, T, 3 * C, generator=gen).to(device).requires_grad_()
+        v = base[..., 2 * C:]
+    else:
+        base = torch.randn(T, B, C, generator=gen).to(device).requires_grad_()
+        v = base.transpose(0, 1)
+    assert not v.is_contiguous() and v.stride(-1) == 1
+    k, b = (torch.randn(*shape, generator=gen).to(device).requires_grad_() for shape in ((C, KH, KW), (C,)))
+    padding = (torch.rand(B, T, generator=gen) < 0.3).to(device)
+    grad = torch.randn(B, T, C, generator=gen).to(device)
+    out = triton_conv.depthwise_conv(v, k, b, H, ph, pw, 1, padding)
+    ref = triton_conv.reference_depthwise_conv(v.contiguous(), k, b, H, ph, pw, 1, padding)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for got, expected in zip(torch.autograd.grad(out, (base, k, b), grad), torch.autograd.grad(ref, (base, k, b), grad)):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("programs", [1, 4, 10_000], ids=["one-chunk", "partial-last-chunk", "row-per-program"])
+def test_kernel_and_bias_gradients_are_exact_and_reproducible_however_rows_are_chunked(monkeypatch, programs,
+                                                                                         device):
+    # 2 x 5 = 10 grid rows in one column tile: 1 program sums all 10 rows, 4 programs 3 + 3 + 3 + 1 rows (a chunk
+    # that runs past the last row), 10,000 one row each.
+    monkeypatch.setattr(triton_conv, "_GRAD_PROGRAMS", programs)
+    B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
+    gen = torch.Generator().manual_seed(0)
+    v, k, b = (torch.randn(*shape, generator=gen).to(device).requires_grad_() for shape in
+               ((B, 2 + H * W, C), (C, KH, KW), (C,)))
+    padding = (torch.rand(B, 2 + H * W, generator=gen) < 0.3).to(device)
+    grad = torch.randn(B, 2 + H * W, C, generator=gen).to(device)
+
+    def grads(conv):
+        return torch.autograd.grad(conv(v, k, b, H, ph, pw, 2, padding), (k, b), grad)
+
+    got, again = grads(triton_conv.depthwise_conv), grads(triton_conv.depthwise_conv)
+    for g, expected, repeat in zip(got, grads(triton_conv.reference_depthwise_conv), again):
+        torch.testing.assert_close(g, expected, atol=1e-4, rtol=1e-4)
+        assert torch.equal(g, repeat)  # partial sums added in a fixed order: no atomics
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_triton_conv_compiles_fullgraph_forward_and_backward(device):
     B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
     v = torch.randn(B, 1 + H * W, C, device=device, requires_grad=True)
@@ -132,6 +180,44 @@ def test_muse_attention_on_the_triton_backend_equals_the_pytorch_one(monkeypatch
 
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_ddp_trains_muse_on_the_triton_backend_as_plain_training_on_pytorchs(monkeypatch, tmp_path, device):
+    """Every parameter gets its gradient through the op (DDP without find_unused_parameters fails on the second
+    step if one does not), and three DDP steps on Triton's convolution end where three plain ones on PyTorch's do."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    x = torch.randn(2, 13, 32, device=device)
+    padding = torch.tensor([[False] * 10 + [True] * 3, [False] * 13], device=device)
+    calls = []
+    op = triton_conv.depthwise_conv
+    monkeypatch.setattr(triton_conv, "depthwise_conv", lambda *args: calls.append(1) or op(*args))
+
+    def train(backend, wrap):
+        monkeypatch.setattr(conv, "CONV_BACKEND", backend)
+        torch.manual_seed(0)
+        mixer = MUSEAttention(32, num_heads=4, kernel_sizes=(1, 3, 5), num_prefix_tokens=1).to(device)
+        model = wrap(mixer)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x, key_padding_mask=padding).square().mean().backward()
+            opt.step()
+        return mixer.state_dict()
+
+    expected = train("torch", lambda m: m)
+    assert not calls
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"file://{tmp_path}/rendezvous",
+                            rank=0, world_size=1)
+    try:
+        got = train("triton", lambda m: DistributedDataParallel(m, find_unused_parameters=False))
+    finally:
+        dist.destroy_process_group()
+    assert len(calls) == 3
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("patch_drop_rate", [0.0, 0.5], ids=["all-patches", "patch-dropout"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_swapped_timm_vit_on_the_triton_backend_equals_the_pytorch_one(monkeypatch, patch_drop_rate, device):
@@ -180,11 +266,13 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
                 ptrs = {n: "*" + dtype for n in ("src_ptr", "kernel_ptr", "bias_ptr", "out_ptr")}
                 consts = dict(PAD_H=1, PAD_W=1, KH=3, KW=3, FLIP=flip, HAS_PAD=has_pad, BLOCK_W=tc._BLOCK_W,
                               BLOCK_C=tc._BLOCK_C)
-                jobs = [(tc._taps, {**ptrs, "pad_ptr": "*u8", **ints}, consts)]
+                jobs = [(tc._taps, {**ptrs, "pad_ptr": "*u8", **ints, "src_sb": "i32", "src_st": "i32"}, consts)]
                 if not flip:
                     consts = {k: v for k, v in consts.items() if k != "FLIP"}
                     jobs.append((tc._kernel_grad, {"v_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "pad_ptr": "*u8",
-                                                   "dk_ptr": "*fp32", **ints}, consts))
+                                                   "part_ptr": "*fp32", "R": "i32", **ints, "v_sb": "i32",
+                                                   "v_st": "i32", "ROWS": "i32"},
+                                 {**consts, "TAPS": 16}))
                 for fn, signature, consts in jobs:
                     signature = {**signature, **{k: "constexpr" for k in consts}}
                     constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
