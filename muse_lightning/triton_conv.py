@@ -207,7 +207,8 @@ def depthwise_conv_backward(
         PAD_W=pad_w, KH=KH, KW=KW, HAS_PAD=has_pad, TAPS=taps, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
     )
     sums = part.sum(dim=(0, 1))
-    return grad_v, sums[:KH * KW].t().reshape(C, KH, KW), sums[KH * KW].clone()  # outputs must not alias
+    # Contiguous, as the fake kernel says, and not aliasing each other.
+    return grad_v, sums[:KH * KW].t().contiguous().view(C, KH, KW), sums[KH * KW].clone()
 
 
 @depthwise_conv_backward.register_fake

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from torch._inductor.compile_fx import compile_fx
 
 from muse_lightning import MUSEAttention, conv
 
@@ -117,6 +118,20 @@ def test_kernel_and_bias_gradients_are_exact_and_reproducible_however_rows_are_c
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_ops_pass_torch_library_opcheck(layout, device):
+    """Schema, fake (meta) kernels with the real outputs' shapes and strides, autograd registration, and AOT
+    dispatch, for the op and its backward, on a value slice with a prefix token and padding."""
+    B, H, W, C, KH, KW, ph, pw = LAYOUTS[layout]
+    T = 1 + H * W
+    v = torch.randn(B, T, 3 * C, device=device)[..., 2 * C:].requires_grad_()
+    k, b = (torch.randn(*shape, device=device, requires_grad=True) for shape in ((C, KH, KW), (C,)))
+    padding = torch.rand(B, T, device=device) < 0.3
+    torch.library.opcheck(triton_conv.depthwise_conv, (v, k, b, H, ph, pw, 1, padding))
+    torch.library.opcheck(triton_conv.depthwise_conv_backward,
+                          (torch.randn(B, T, C, device=device), v.detach(), k.detach(), H, ph, pw, 1, padding))
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_triton_conv_compiles_fullgraph_forward_and_backward(device):
     B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
     v = torch.randn(B, 1 + H * W, C, device=device, requires_grad=True)
@@ -181,6 +196,30 @@ def test_muse_attention_on_the_triton_backend_equals_the_pytorch_one(monkeypatch
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compiled_muse_attention_on_the_triton_backend_matches_eager_pytorch(monkeypatch, device):
+    """fullgraph: the op (handed the value slice of the fused qkv projection, a prefix token and padding) is one
+    node of the graph, forward and backward."""
+    torch.manual_seed(0)
+    mixer = MUSEAttention(32, num_heads=4, kernel_sizes=(1, 3, 5), num_prefix_tokens=1).to(device)
+    x = torch.randn(2, 13, 32, device=device, requires_grad=True)
+    padding = torch.tensor([[False] * 10 + [True] * 3, [False] * 13], device=device)
+    expected = mixer(x, key_padding_mask=padding)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    monkeypatch.setattr(conv, "CONV_BACKEND", "triton")
+    torch._dynamo.reset()
+    ops = []
+
+    def inductor(graph, inputs):  # Inductor, after noting the graph's ops
+        ops.extend(str(node.target) for node in graph.graph.nodes)
+        return compile_fx(graph, inputs)
+
+    out = torch.compile(mixer, fullgraph=True, backend=inductor)(x, key_padding_mask=padding)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    assert "muse_lightning.depthwise_conv.default" in ops
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ddp_trains_muse_on_the_triton_backend_as_plain_training_on_pytorchs(monkeypatch, tmp_path, device):
     """Every parameter gets its gradient through the op (DDP without find_unused_parameters fails on the second
     step if one does not), and three DDP steps on Triton's convolution end where three plain ones on PyTorch's do."""
@@ -207,8 +246,7 @@ def test_ddp_trains_muse_on_the_triton_backend_as_plain_training_on_pytorchs(mon
 
     expected = train("torch", lambda m: m)
     assert not calls
-    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"file://{tmp_path}/rendezvous",
-                            rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)  # CUDA too
     try:
         got = train("triton", lambda m: DistributedDataParallel(m, find_unused_parameters=False))
     finally:
