@@ -77,9 +77,9 @@ def _taps(
 
 @triton.jit
 def _kernel_grad(
-        v_ptr, grad_ptr, pad_ptr, part_ptr, R, H, W, C, P, v_sb, v_st, ROWS,
+        v_ptr, grad_ptr, pad_ptr, part_ptr, R, H, W, C, P, v_sb, v_st,
         PAD_H: tl.constexpr, PAD_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_PAD: tl.constexpr,
-        TAPS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        ROWS: tl.constexpr, TAPS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The kernel and bias gradients of ``ROWS`` grid rows (of the ``R = B * H``) in one ``(BLOCK_W, BLOCK_C)``
     column tile, summed in registers and stored once: ``part[p, q, i * KW + j, c] = sum grad[b, h, w, c] * v[b,
@@ -197,14 +197,15 @@ def depthwise_conv_backward(
         grad, kernel, kernel, pad, grad_v, grid_h, W, C, prefix, grad.stride(0), grad.stride(1), PAD_H=pad_h,
         PAD_W=pad_w, KH=KH, KW=KW, FLIP=True, HAS_PAD=has_pad, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
     )
-    # The kernel and bias gradients: each program sums `rows` grid rows of one tile, about _GRAD_PROGRAMS in all.
+    # The kernel and bias gradients: each program sums `rows` grid rows of one tile, _GRAD_PROGRAMS programs or up
+    # to half as many in all (`rows` a power of two, so that few kernels are compiled however the shapes vary).
     rows_total, (_, n_w, n_c) = v.shape[0] * grid_h, _launch(v, grid_h, prefix)
-    rows = triton.cdiv(rows_total * n_w * n_c, _GRAD_PROGRAMS)
+    rows = triton.next_power_of_2(triton.cdiv(rows_total * n_w * n_c, _GRAD_PROGRAMS))
     taps = triton.next_power_of_2(KH * KW + 1)
     part = torch.empty(triton.cdiv(rows_total, rows), n_w, taps, C, device=v.device, dtype=torch.float32)
     _kernel_grad[part.shape[0], n_w, n_c](
-        v, grad, pad, part, rows_total, grid_h, W, C, prefix, v.stride(0), v.stride(1), rows, PAD_H=pad_h,
-        PAD_W=pad_w, KH=KH, KW=KW, HAS_PAD=has_pad, TAPS=taps, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
+        v, grad, pad, part, rows_total, grid_h, W, C, prefix, v.stride(0), v.stride(1), PAD_H=pad_h, PAD_W=pad_w,
+        KH=KH, KW=KW, HAS_PAD=has_pad, ROWS=rows, TAPS=taps, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
     )
     sums = part.sum(dim=(0, 1))
     # Contiguous, as the fake kernel says, and not aliasing each other.

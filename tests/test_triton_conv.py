@@ -98,8 +98,8 @@ def test_triton_conv_reads_strided_values_where_they_lie(layout, device):
 @pytest.mark.parametrize("programs", [1, 4, 10_000], ids=["one-chunk", "partial-last-chunk", "row-per-program"])
 def test_kernel_and_bias_gradients_are_exact_and_reproducible_however_rows_are_chunked(monkeypatch, programs,
                                                                                          device):
-    # 2 x 5 = 10 grid rows in one column tile: 1 program sums all 10 rows, 4 programs 3 + 3 + 3 + 1 rows (a chunk
-    # that runs past the last row), 10,000 one row each.
+    # 2 x 5 = 10 grid rows in one column tile, chunks of a power of two rows: 1 program sums all 10 (a chunk of 16),
+    # 4 programs become 3 of 4 + 4 + 2 rows (the last chunk runs past the last row), 10,000 programs 10 of 1 row.
     monkeypatch.setattr(triton_conv, "_GRAD_PROGRAMS", programs)
     B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
     gen = torch.Generator().manual_seed(0)
@@ -309,8 +309,8 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
                     consts = {k: v for k, v in consts.items() if k != "FLIP"}
                     jobs.append((tc._kernel_grad, {"v_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "pad_ptr": "*u8",
                                                    "part_ptr": "*fp32", "R": "i32", **ints, "v_sb": "i32",
-                                                   "v_st": "i32", "ROWS": "i32"},
-                                 {**consts, "TAPS": 16}))
+                                                   "v_st": "i32"},
+                                 {**consts, "ROWS": 4, "TAPS": 16}))
                 for fn, signature, consts in jobs:
                     signature = {**signature, **{k: "constexpr" for k in consts}}
                     constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
