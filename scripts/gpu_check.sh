@@ -6,8 +6,9 @@
 #   compiled, DDP); the ViT-S/16 mixer ratio (configs/mixer_ratio.yaml, bf16, batch 128, eager and compiled)
 #   with PyTorch's and with Triton's convolution; muse_vit_base_patch16_224 training steps against timm's
 #   vit_base_patch16_224; a short fit with the throughput overlay.
-#   Then, at once while the machine is warm, command "bash scripts/gpu_check.sh extra", timeout_s 180: the
-#   ViT-S training steps, and the Triton kernels' tile sizes against cuDNN (scripts/triton_tiles.py).
+#   Then, at once while the machine is warm, command "bash scripts/gpu_check.sh extra", timeout_s with what
+#   device time is left (at most 250 s are used): the ViT-B steps on Triton's convolution, the Triton kernels'
+#   tile sizes against cuDNN (scripts/triton_tiles.py), the ViT-S steps; a run cut short keeps its bundle.
 # Logs and records go to one bundle, $OUT/gpu_check.tgz or $OUT/gpu_check_extra.tgz (or under ./gpu_check/):
 # the device returns at most 8 files.
 # The image has torch, triton, timm, lightning, torchmetrics, rich and tensorboard; the pure-Python wheels it
@@ -34,9 +35,12 @@ step() {
     tar czf "$bundle" -C "$work" .
 }
 
-models() {  # models NAME SECONDS SIZE: training steps of muse_vit_SIZE_patch16_224 and timm's vit (bf16, batch 128)
-    step "$1" "$2" python3 -m muse_lightning.bench --mixers false --models true --model_sizes "[$3]" --device cuda \
-        --modes "[eager, compiled]" --passes "[fwd+bwd]" --rounds 10 --out "$work/$1.json"
+# models NAME SECONDS SIZE BACKEND: training steps of muse_vit_SIZE_patch16_224 (on the BACKEND convolution) and
+# timm's vit_SIZE_patch16_224, eager and compiled, bf16, batch 128.
+models() {
+    step "$1" "$2" env MUSE_CONV_BACKEND="$4" python3 -m muse_lightning.bench --mixers false --models true \
+        --model_sizes "[$3]" --device cuda --modes "[eager, compiled]" --passes "[fwd+bwd]" --rounds 10 \
+        --out "$work/$1.json"
 }
 
 if [ -d wheels ]; then python3 -m pip install -q --no-index --find-links wheels "jsonargparse[signatures,omegaconf]"; fi
@@ -50,12 +54,13 @@ timm.__version__, torch.cuda.get_device_name())"
             --config configs/mixer_ratio.yaml --seed_design false --device cuda --modes "[eager, compiled]" \
             --out "$work/mixer_ratio_$backend.json"
     done
-    models models_base 160 base
+    models models_base 160 base torch
     # A short fit through Lightning with the throughput overlay: samples/s, FLOP/s and MFU in its metrics.csv.
     step fit 70 python3 -m muse_lightning.cli fit --config configs/quickstart.yaml --config configs/gpu.yaml \
         --config configs/throughput.yaml --trainer.max_epochs 1 --trainer.default_root_dir "$work/fit"
 else
-    models models_small 100 small
+    models models_base_triton 110 base triton
     # The Triton kernels' tiles (BLOCK_W x BLOCK_C, kernel-gradient programs) against cuDNN, fwd+bwd, 1-D and 2-D.
-    step triton_tiles 60 python3 scripts/triton_tiles.py "$work/triton_tiles.json"
+    step triton_tiles 45 python3 scripts/triton_tiles.py "$work/triton_tiles.json"
+    models models_small 90 small torch
 fi
