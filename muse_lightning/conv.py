@@ -61,23 +61,31 @@ def _tap_padding(size: int, width: int, is_causal: bool) -> tuple[int, int]:
     return (extra, 0) if is_causal else (extra // 2, extra // 2)
 
 
+def _gate_weights(gate: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernel sizes' weights, ``softmax(gate)`` (``None`` for a single kernel size, which has no gate)."""
+    return None if gate is None else gate.softmax(0)
+
+
 def _gated_kernel(
         kernels: Sequence[torch.Tensor],
         sizes: Sequence[int],
-        gate: torch.Tensor | None,
+        weights: torch.Tensor | None,
         is_causal: bool,
         spatial_dims: int = 1,
 ) -> torch.Tensor:
-    """Collapse kernels ``(..., k_i)`` (or ``(..., k_i, k_i)``) weighted by ``softmax(gate)`` into one
-    kernel of the largest size."""
-    if gate is None:
+    """Collapse kernels ``(..., k_i)`` (or ``(..., k_i, k_i)``) weighted by the gate's ``weights`` into one
+    kernel of the largest size: the smaller ones zero-padded and stacked, then one vector-matrix product (a few
+    kernel launches, not a multiply and an add per size)."""
+    if weights is None:
         return kernels[0]
-    weights = gate.softmax(0)
     width = max(sizes)
-    return sum(
-        weights[i] * F.pad(k, _tap_padding(size, width, is_causal) * spatial_dims)
-        for i, (k, size) in enumerate(zip(kernels, sizes))
-    )
+    padded = [
+        k if size == width else F.pad(k, _tap_padding(size, width, is_causal) * spatial_dims)
+        for k, size in zip(kernels, sizes)
+    ]
+    stacked = torch.stack(padded)
+    dtype = torch.promote_types(weights.dtype, stacked.dtype)  # as a product would (bf16 kernels under autocast)
+    return torch.tensordot(weights.to(dtype), stacked.to(dtype), dims=1)
 
 
 def _token_padding(width: int, is_causal: bool) -> tuple[int, int]:
@@ -158,8 +166,9 @@ class MultiScaleDepthwiseConv(nn.Module):
         """Convolve the tokens of ``v`` ``(B, N, C)`` after its ``num_prefix_tokens`` (whose outputs are zero),
         tokens marked in ``key_padding_mask`` (``(B, N)``, True on padding) reading as zero; the 2-D layout
         needs ``grid_size = (H, W)`` of the tokens after the prefix."""
-        kernel = _gated_kernel(list(self.weight), self.kernel_sizes, self.gate, is_causal, self.spatial_dims)
-        bias = self.bias[0] if self.gate is None else self.gate.softmax(0) @ self.bias
+        weights = _gate_weights(self.gate)
+        kernel = _gated_kernel(list(self.weight), self.kernel_sizes, weights, is_causal, self.spatial_dims)
+        bias = self.bias[0] if weights is None else weights @ self.bias
         return self._conv(v, kernel, bias, max(self.kernel_sizes), is_causal, grid_size, key_padding_mask,
                           num_prefix_tokens)
 
@@ -287,7 +296,7 @@ class MultiScaleDynamicConv(nn.Module):
         """Convolve the tokens of ``v`` ``(B, N, C)`` after its ``num_prefix_tokens`` (whose outputs are zero)
         along N, tokens marked in ``key_padding_mask`` (True on padding) reading as zero."""
         v = grid_tokens(v, key_padding_mask, num_prefix_tokens)
-        kernel = _gated_kernel(self._kernels(v), self.kernel_sizes, self.gate, is_causal)
+        kernel = _gated_kernel(self._kernels(v), self.kernel_sizes, _gate_weights(self.gate), is_causal)
         return with_prefix(self._conv(v, kernel, max(self.kernel_sizes), is_causal), num_prefix_tokens)
 
     def forward_per_kernel(
