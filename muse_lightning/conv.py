@@ -190,7 +190,8 @@ class MultiScaleDepthwiseConv(nn.Module):
             for w, b, k in zip(self.weight, self.bias, self.kernel_sizes)
         ]
         out = torch.stack(outs, dim=2)
-        out = out if self.gate is None else out * self.gate.softmax(0)[:, None]
+        weights = _gate_weights(self.gate)
+        out = out if weights is None else out * weights[:, None]
         return out if fused else with_prefix(out, num_prefix_tokens)
 
     def _conv(
@@ -307,7 +308,8 @@ class MultiScaleDynamicConv(nn.Module):
         v = grid_tokens(v, key_padding_mask, num_prefix_tokens)
         kernels = zip(self._kernels(v), self.kernel_sizes)
         out = torch.stack([self._conv(v, k, size, is_causal) for k, size in kernels], dim=2)
-        out = out if self.gate is None else out * self.gate.softmax(0)[:, None]
+        weights = _gate_weights(self.gate)
+        out = out if weights is None else out * weights[:, None]
         return with_prefix(out, num_prefix_tokens)
 
     def _conv(self, v: torch.Tensor, kernel: torch.Tensor, width: int, is_causal: bool) -> torch.Tensor:
