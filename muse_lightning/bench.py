@@ -9,6 +9,7 @@ statistics on GPU, the profiler's allocation events on CPU.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -158,12 +159,17 @@ def measure_mixers(
         rounds: int,
         warmup: int,
         with_seed: bool = False,
+        impls: list[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Records of every mixer x shape x mode x pass; ``ratio`` is against timm's ``Attention``."""
+    """Records of every mixer (or those named in ``impls``, timm's ``Attention`` always) x shape x mode x pass;
+    ``ratio`` is against timm's ``Attention``."""
     dtype = "bf16" if device == "cuda" else "fp32"
     for shape in shapes:
         torch.manual_seed(0)
-        factories = _mixers(shape, with_seed)
+        factories = {
+            name: make for name, make in _mixers(shape, with_seed).items()
+            if impls is None or name == BASELINE or name in impls
+        }
         modules = {name: make().to(device) for name, make in factories.items()}
         x = torch.randn(shape.batch, shape.seq_len, shape.dim, device=device, requires_grad=True)
         for mode in modes:
@@ -236,16 +242,14 @@ def measure_models(
                 }
 
 
-def _table(records: list[dict[str, Any]]) -> str:
-    lines = [f"{'level':<6} {'shape':<15} {'impl':<29} {'mode':<12} {'pass':<10} {'ms':>9} {'tok/s':>10} "
-             f"{'img/s':>7} {'peak MiB':>9} {'ratio':>6}"]
-    for r in records:
-        img = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
-        lines.append(
-            f"{r['level']:<6} {r['shape']:<15} {r['impl']:<29} {r['mode']:<12} {r['pass']:<10} {r['ms_median']:>9.2f} "
-            f"{r['tokens_per_s']:>10.0f} {img:>7} {r['peak_mem_mb']:>9.1f} {r['ratio']:>6.2f}"
-        )
-    return "\n".join(lines)
+_HEADER = (f"{'level':<6} {'shape':<15} {'impl':<29} {'mode':<12} {'pass':<10} {'ms':>9} {'tok/s':>10} {'img/s':>7} "
+           f"{'peak MiB':>9} {'ratio':>6}")
+
+
+def _row(r: dict[str, Any]) -> str:
+    img = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
+    return (f"{r['level']:<6} {r['shape']:<15} {r['impl']:<29} {r['mode']:<12} {r['pass']:<10} {r['ms_median']:>9.2f} "
+            f"{r['tokens_per_s']:>10.0f} {img:>7} {r['peak_mem_mb']:>9.1f} {r['ratio']:>6.2f}")
 
 
 def _plot(records: list[dict[str, Any]], path: str) -> None:
@@ -286,6 +290,7 @@ def main(
         models: bool = True,
         model_sizes: list[Literal["small", "base"]] | None = None,
         seed_design: bool = False,
+        impls: list[str] | None = None,
         rounds: int | None = None,
         warmup: int = 2,
         out: str | None = None,
@@ -308,6 +313,8 @@ def main(
         model_sizes: ``small`` (ViT-S/16) and / or ``base`` (ViT-B/16); default ViT-S, and ViT-B too on CUDA.
         seed_design: Also time the seed's design (``muse_lightning.seed``), as shipped (attention
             dropout 0.1, active in the fwd+bwd pass) and with dropout 0.
+        impls: Time only these mixers (names as in the table's ``impl`` column; timm's ``Attention``, the
+            baseline, always); default all.
         rounds: Timed rounds per measurement (default 10, 5 with ``quick``); the median is reported.
         warmup: Untimed rounds first (compilation happens here).
         out: Write the records to this JSON file.
@@ -322,20 +329,30 @@ def main(
     rounds = rounds or (5 if quick else 10)
     table = presets(quick, device)
     shapes = table["vit"] + table["text"] if preset == "all" else table[preset]
-    records = list(measure_mixers(shapes, modes, passes, device, rounds, warmup, seed_design)) if mixers else []
+    known = _mixers(Shape("grid", 1, 197, 8, 2), seed_design)
+    unknown = sorted(set(impls or ()) - set(known))
+    if unknown:
+        raise ValueError(f"impls names no mixer {unknown}; choose from {list(known)}")
+    groups = []
+    if mixers:
+        groups.append(measure_mixers(shapes, modes, passes, device, rounds, warmup, seed_design, impls))
     if models and preset != "tiny":
         batch = 4 if quick else (32 if device == "cpu" else 128)
         sizes = model_sizes or (["small", "base"] if device == "cuda" and not quick else ["small"])
-        records += list(measure_models(modes, device, batch, 2 if quick else 12, rounds, warmup, sizes))
-    for record in records:
-        record["conv_backend"] = conv.CONV_BACKEND  # MUSE_CONV_BACKEND: torch or triton
+        groups.append(measure_models(modes, device, batch, 2 if quick else 12, rounds, warmup, sizes))
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"conv_backend={conv.CONV_BACKEND}; ratio = ms / timm's "
           "(Attention at mixer level, the ViT of the same size at model level), same shape, mode and pass")
-    print(_table(records))
-    if out:
-        with open(out, "w") as f:
-            json.dump(records, f, indent=1)
+    print(_HEADER, flush=True)
+    records: list[dict[str, Any]] = []
+    # Each row printed and the JSON rewritten as it is measured: a run stopped at a time limit keeps what it has.
+    for record in itertools.chain(*groups):
+        record["conv_backend"] = conv.CONV_BACKEND  # MUSE_CONV_BACKEND: torch or triton
+        records.append(record)
+        print(_row(record), flush=True)
+        if out:
+            with open(out, "w") as f:
+                json.dump(records, f, indent=1)
     if plot:
         _plot(records, plot)
     return records

@@ -48,11 +48,13 @@ if [ "$stage" = main ]; then
     step versions 20 python3 -c "import torch, triton, timm; print(torch.__version__, triton.__version__, \
 timm.__version__, torch.cuda.get_device_name())"
     step triton_tests 120 python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=60 tests/test_triton_conv.py
-    # The ViT-S/16 mixer ratio (bf16, batch 128, forward+backward), eager and compiled, on each convolution backend.
+    # The ViT-S/16 mixer ratio (bf16, batch 128, forward+backward), eager and compiled, on each convolution backend:
+    # every mixer on PyTorch's, the static MUSE mixers (the ones the backend changes) and the baseline on Triton's.
     for backend in torch triton; do
+        impls=$([ $backend = torch ] || echo '["MUSE static 1-D", "MUSE static 1-D, shared proj", "MUSE static 2-D"]')
         step "mixer_ratio_$backend" 110 env MUSE_CONV_BACKEND=$backend python3 -m muse_lightning.bench \
             --config configs/mixer_ratio.yaml --seed_design false --device cuda --modes "[eager, compiled]" \
-            --out "$work/mixer_ratio_$backend.json"
+            ${impls:+--impls "$impls"} --out "$work/mixer_ratio_$backend.json"
     done
     models models_base 160 base torch
     # A short fit through Lightning with the throughput overlay: samples/s, FLOP/s and MFU in its metrics.csv.

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REQUIRED = {"impl", "mode", "pass", "batch", "seq_len", "dim", "ms_median", "peak_mem_mb", "tokens_per_s", "ratio",
             "conv_backend"}
 
@@ -54,3 +56,39 @@ def test_model_rows_alone_skip_the_mixers():
     records = main(preset="vit-s", device="cpu", modes=["eager"], passes=["fwd+bwd"], mixers=False, models=True,
                    model_sizes=["small"], quick=True, rounds=1, warmup=0)
     assert [r["level"] for r in records] == ["model", "model"]
+
+
+def test_bench_impls_times_only_the_named_mixers_and_the_baseline(tmp_path):
+    from muse_lightning.bench import main
+
+    records = main(preset="tiny", device="cpu", modes=["eager"], passes=["fwd"], models=False, rounds=1, warmup=0,
+                   impls=["MUSE static 2-D"], out=str(tmp_path / "bench.json"))
+    assert {r["impl"] for r in records} == {"timm Attention", "MUSE static 2-D"}
+    assert json.loads((tmp_path / "bench.json").read_text()) == records
+
+
+def test_bench_impls_names_the_choices_for_an_unknown_mixer():
+    from muse_lightning.bench import main
+
+    with pytest.raises(ValueError, match=r"impls names no mixer \['MUSE 3-D'\]; choose from .*'MUSE static 1-D'"):
+        main(preset="tiny", device="cpu", impls=["MUSE 3-D"])
+
+
+def test_bench_run_stopped_partway_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """The JSON is rewritten as each row is measured: a run killed at its time limit (here: compiling fails)
+    still holds its eager rows."""
+    from muse_lightning import bench
+
+    def eager_only(module, mode):
+        if mode != "eager":
+            raise RuntimeError("stopped")
+        return module
+
+    monkeypatch.setattr(bench, "_prepare", eager_only)
+    out = tmp_path / "bench.json"
+    with pytest.raises(RuntimeError, match="stopped"):
+        bench.main(preset="tiny", device="cpu", modes=["eager", "compiled"], passes=["fwd"], models=False, rounds=1,
+                   warmup=0, out=str(out))
+    records = json.loads(out.read_text())
+    assert {r["mode"] for r in records} == {"eager"}
+    assert {"timm Attention", "MUSE static 1-D"} <= {r["impl"] for r in records}
