@@ -230,7 +230,9 @@ class MultiScaleDepthwiseConv(nn.Module):
         # Causal: pad width - 1 on both sides and keep the first N outputs (each reads t - width + 1 .. t).
         pad = width - 1 if is_causal else width // 2
         out = F.conv2d(x, kernel.view(C, 1, 1, width), bias, padding=(0, pad), groups=C)
-        return with_prefix(out.permute(0, 2, 3, 1)[:, 0, :N], num_prefix_tokens)
+        # A view back to (B, N, C) (indexing the unit row would copy the whole gradient in the backward).
+        out = out.permute(0, 2, 3, 1).flatten(1, 2)
+        return with_prefix(out[:, :N] if is_causal else out, num_prefix_tokens)
 
 
 class MultiScaleDynamicConv(nn.Module):

@@ -7,8 +7,9 @@
 #   with PyTorch's and with Triton's convolution; muse_vit_base_patch16_224 training steps against timm's
 #   vit_base_patch16_224; a short fit with the throughput overlay.
 #   Then, at once while the machine is warm, command "bash scripts/gpu_check.sh extra", timeout_s with what
-#   device time is left (at most 250 s are used): the ViT-B steps on Triton's convolution, the Triton kernels'
-#   tile sizes against cuDNN (scripts/triton_tiles.py), the ViT-S steps; a run cut short keeps its bundle.
+#   device time is left (at most 300 s are used, the most wanted first): a profile of the mixers on each backend
+#   (scripts/mixer_profile.py), the ViT-B steps on Triton's convolution, the Triton kernels' tile sizes against
+#   cuDNN (scripts/triton_tiles.py), the ViT-S steps; a run cut short keeps its bundle.
 # Logs and records go to one bundle, $OUT/gpu_check.tgz or $OUT/gpu_check_extra.tgz (or under ./gpu_check/):
 # the device returns at most 8 files.
 # The image has torch, triton, timm, lightning, torchmetrics, rich and tensorboard; the pure-Python wheels it
@@ -61,6 +62,8 @@ timm.__version__, torch.cuda.get_device_name())"
     step fit 70 python3 -m muse_lightning.cli fit --config configs/quickstart.yaml --config configs/gpu.yaml \
         --config configs/throughput.yaml --trainer.max_epochs 1 --trainer.default_root_dir "$work/fit"
 else
+    # Where each mixer's GPU time goes (kernels per step, ops by device time), on each convolution backend.
+    step mixer_profile 50 bash -c "python3 scripts/mixer_profile.py && MUSE_CONV_BACKEND=triton python3 scripts/mixer_profile.py"
     models models_base_triton 110 base triton
     # The Triton kernels' tiles (BLOCK_W x BLOCK_C, kernel-gradient programs) against cuDNN, fwd+bwd, 1-D and 2-D.
     step triton_tiles 45 python3 scripts/triton_tiles.py "$work/triton_tiles.json"
