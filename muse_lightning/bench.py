@@ -6,6 +6,7 @@ largest amount of tensor memory a step allocates beyond its inputs and weights: 
 statistics on GPU, the profiler's allocation events on CPU.
 
     muse-bench --quick --out bench.json --plot bench.png
+    muse-bench --markdown "[bench.json]"     # its records as markdown tables
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,9 +28,10 @@ from torch import nn
 
 from . import conv
 from .attention import MUSEAttention
+from .compare import cpu_name
 from .seed import SeedMUSEAttention
 
-__all__ = ["Shape", "main", "measure_mixers", "measure_models"]
+__all__ = ["Shape", "main", "markdown_table", "measure_mixers", "measure_models"]
 
 Mode = Literal["eager", "compiled", "max-autotune"]
 Pass = Literal["fwd", "fwd+bwd"]
@@ -252,6 +255,32 @@ def _row(r: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:>10.0f} {img:>7} {r['peak_mem_mb']:>9.1f} {r['ratio']:>6.2f}")
 
 
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """Markdown tables of ``muse-bench`` records (as ``--out`` writes them): one per workload (level, shape, pass,
+    batch, dtype, machine), a row per implementation and ``MUSE_CONV_BACKEND`` of its run, and for each mode the
+    median ms, the peak MiB and the ratio to the baseline of the same run."""
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    groups: dict[tuple, dict[tuple[str, str], dict[str, dict[str, Any]]]] = {}
+    for r in records:
+        machine = r.get("gpu") or (f"{r['threads']} threads of {r['cpu']}" if "cpu" in r else r["device"])
+        workload = (r["shape"], r["pass"], r["batch"], r["dtype"], machine)
+        impl = (r["impl"], r.get("conv_backend", "torch"))  # records from before the Triton backend: PyTorch's
+        groups.setdefault(workload, {}).setdefault(impl, {})[r["mode"]] = r
+    tables = []
+    for (shape, kind, batch, dtype, machine), rows in groups.items():
+        lines = [f"*{shape}, {kind}, batch {batch}, {dtype}, {machine}*", "",
+                 "| impl | conv backend | " + " | ".join(f"{m} ms | {m} peak MiB | {m} ratio" for m in modes) + " |",
+                 "| --- | --- |" + " ---: |" * (3 * len(modes))]
+        for (impl, backend), by_mode in rows.items():
+            cells = [
+                f"{by_mode[m]['ms_median']:.2f} | {by_mode[m]['peak_mem_mb']:.0f} | {by_mode[m]['ratio']:.2f}"
+                if m in by_mode else " |  | " for m in modes
+            ]
+            lines.append(f"| {impl} | {backend} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def _plot(records: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 
@@ -295,6 +324,7 @@ def main(
         warmup: int = 2,
         out: str | None = None,
         plot: str | None = None,
+        markdown: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark token mixers (and, with ``models``, whole ViT training steps); print a table.
 
@@ -319,7 +349,13 @@ def main(
         warmup: Untimed rounds first (compilation happens here).
         out: Write the records to this JSON file.
         plot: Write time and memory against sequence length to this PNG.
+        markdown: Measure nothing: print the markdown tables (``markdown_table``) of these JSON files'
+            records (as ``out`` writes them), the README's tables.
     """
+    if markdown:
+        records = [r for path in markdown for r in json.loads(Path(path).read_text())]
+        print(markdown_table(records))
+        return records
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -346,8 +382,11 @@ def main(
     print(_HEADER, flush=True)
     records: list[dict[str, Any]] = []
     # Each row printed and the JSON rewritten as it is measured: a run stopped at a time limit keeps what it has.
+    machine = {"threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__}
+    if device == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name()
     for record in itertools.chain(*groups):
-        record["conv_backend"] = conv.CONV_BACKEND  # MUSE_CONV_BACKEND: torch or triton
+        record.update(machine, conv_backend=conv.CONV_BACKEND)  # MUSE_CONV_BACKEND: torch or triton
         records.append(record)
         print(_row(record), flush=True)
         if out:

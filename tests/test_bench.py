@@ -7,7 +7,7 @@ import sys
 import pytest
 
 REQUIRED = {"impl", "mode", "pass", "batch", "seq_len", "dim", "ms_median", "peak_mem_mb", "tokens_per_s", "ratio",
-            "conv_backend"}
+            "conv_backend", "threads", "cpu", "torch"}
 
 
 def test_bench_tiny_preset_writes_json_table_and_plot(tmp_path):
@@ -27,6 +27,33 @@ def test_bench_tiny_preset_writes_json_table_and_plot(tmp_path):
         if r["impl"] == "timm Attention":
             assert r["ratio"] == 1.0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tables = subprocess.run([sys.executable, "-m", "muse_lightning.bench", "--markdown", f"[{out}]"], check=True,
+                            capture_output=True, text=True).stdout
+    from muse_lightning.bench import markdown_table
+
+    assert tables.strip() == markdown_table(records)
+
+
+def test_markdown_table_has_a_row_per_impl_and_the_modes_side_by_side():
+    from muse_lightning.bench import markdown_table
+
+    def record(impl, mode, ms, shape="tiny N=16"):
+        return {"level": "mixer", "impl": impl, "mode": mode, "pass": "fwd+bwd", "shape": shape, "batch": 2,
+                "dtype": "fp32", "device": "cpu", "threads": 2, "cpu": "Xeon", "ms_median": ms, "peak_mem_mb": 1.0,
+                "ratio": ms / 2.0, "conv_backend": "torch"}
+
+    records = [record("timm Attention", "eager", 2.0), record("MUSE static 1-D", "eager", 3.0),
+               record("timm Attention", "compiled", 2.0), record("MUSE static 1-D", "compiled", 2.5),
+               record("timm Attention", "eager", 2.0, shape="tiny N=32")]
+    first, second = markdown_table(records).split("\n\n*")
+    assert first.splitlines() == [
+        "*tiny N=16, fwd+bwd, batch 2, fp32, 2 threads of Xeon*", "",
+        "| impl | conv backend | eager ms | eager peak MiB | eager ratio | compiled ms | compiled peak MiB | compiled ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| timm Attention | torch | 2.00 | 1 | 1.00 | 2.00 | 1 | 1.00 |",
+        "| MUSE static 1-D | torch | 3.00 | 1 | 1.50 | 2.50 | 1 | 1.25 |",
+    ]
+    assert second.startswith("tiny N=32") and second.splitlines()[-1].endswith("| 1.00 |  |  |  |")
 
 
 def test_bench_peak_memory_sees_the_attention_matrix():

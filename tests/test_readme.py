@@ -1,13 +1,16 @@
-"""The README: its Python examples run as written; its Results tables are the recorded runs' tables."""
+"""The README: its Python examples run as written; its Results and Speed tables are the recorded runs' tables."""
+import json
 import re
 import textwrap
 from pathlib import Path
 
+from muse_lightning.bench import markdown_table
 from muse_lightning.compare import table, tuning_table
 
 README = Path(__file__).parents[1] / "README.md"
 RESULTS = Path(__file__).parents[1] / "results" / "compare"
 SWEEP = Path(__file__).parents[1] / "results" / "tune"
+DOCS = Path(__file__).parents[1] / "docs"
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
@@ -33,3 +36,11 @@ def test_readme_results_table_is_the_recorded_runs_table():
 def test_readme_tuning_table_is_the_recorded_sweep_table():
     stale = "README's tuning table is stale: paste `muse-compare --results results/tune --table_only true`"
     assert tuning_table(SWEEP) in README.read_text(), stale
+
+
+def test_readme_mixer_ratio_tables_are_the_recorded_benchmarks_tables():
+    records = sorted(DOCS.glob("mixer_ratio_*.json"))
+    assert len(records) >= 2
+    for path in records:
+        stale = f"README's table of {path.name} is stale: paste `muse-bench --markdown \"[docs/{path.name}]\"`"
+        assert markdown_table(json.loads(path.read_text())) in README.read_text(), stale
