@@ -2,6 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from muse_lightning import MultiScaleDepthwiseConv, MultiScaleDynamicConv
 
@@ -54,3 +56,29 @@ def test_dynamic_kernel_depends_on_the_input():
 def test_single_kernel_size_has_no_gate():
     assert MultiScaleDepthwiseConv(8, (3,)).gate is None
     assert MultiScaleDynamicConv(8, 2, (3,)).gate is None
+
+
+class _TokenSizedOps(TorchDispatchMode):
+    """Names of the ATen ops run under it (not views) that make a tensor of at least ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in tree_leaves(out)):
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("layout", ["1d", "2d"])
+def test_static_convolution_reads_and_returns_the_tokens_as_views(layout):
+    """Forward and backward: the tokens and their gradient reach PyTorch's convolution and come back as views
+    of the (B, N, C) tensors, so nothing but the convolution passes over them (each pass a kernel over the whole
+    tensor on a GPU; indexing the 1-D output's unit row used to copy the gradient in the backward)."""
+    conv = _randomised(MultiScaleDepthwiseConv(12, (1, 3), layout))
+    v = torch.randn(2, 16, 12, requires_grad=True)
+    with _TokenSizedOps(v.numel()) as mode:
+        conv(v, grid_size=(4, 4) if layout == "2d" else None).sum().backward()
+    assert mode.ops == ["convolution", "convolution_backward"]
