@@ -102,7 +102,10 @@ def grid_tokens(v: torch.Tensor, key_padding_mask: torch.Tensor | None, num_pref
 
 def with_prefix(out: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     """``out`` ``(B, N, ...)`` after ``num_prefix_tokens`` zero rows (the prefix tokens get attention only)."""
-    return F.pad(out, (0, 0) * (out.dim() - 2) + (num_prefix_tokens, 0)) if num_prefix_tokens else out
+    if not num_prefix_tokens:
+        return out
+    # Concatenated, not padded: the backward of a pad copies the gradient, that of a concatenation is a view.
+    return torch.cat([out.new_zeros(out.shape[:1] + (num_prefix_tokens,) + out.shape[2:]), out], dim=1)
 
 
 def _use_triton(v: torch.Tensor) -> bool:

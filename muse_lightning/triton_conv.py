@@ -26,9 +26,11 @@ import triton.language as tl
 
 __all__ = ["depthwise_conv", "depthwise_conv_backward", "reference_depthwise_conv"]
 
-_BLOCK_W = 16
-_BLOCK_C = 64
-# The kernel gradient's programs, about: a few waves on a 132-multiprocessor GPU (not yet tuned on one).
+# Tiles (tokens of a grid row, channels, warps) of the forward and input-gradient kernel (``_taps``) and of the
+# kernel-gradient kernel, and the number of programs the latter aims at (a few waves on a 132-multiprocessor
+# GPU; the rows each sums follow). Not yet tuned on a GPU: scripts/triton_tiles.py times each kernel's on one.
+_TAPS_TILE = (16, 64, 4)
+_GRAD_TILE = (16, 64, 4)
 _GRAD_PROGRAMS = 1024
 
 
@@ -118,9 +120,10 @@ def _kernel_grad(
     tl.store(part_ptr + (tile * TAPS + tap) * C + c[None, :], acc, mask=c_ok[None, :])
 
 
-def _launch(v: torch.Tensor, H: int, prefix: int) -> tuple[int, int, int]:
+def _launch(v: torch.Tensor, H: int, prefix: int, tile: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The program grid: (grid rows, column tiles, channel tiles)."""
     B, T, C = v.shape
-    return B * H, triton.cdiv((T - prefix) // H, _BLOCK_W), triton.cdiv(C, _BLOCK_C)
+    return B * H, triton.cdiv((T - prefix) // H, tile[0]), triton.cdiv(C, tile[1])
 
 
 def _check(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, prefix: int,
@@ -161,11 +164,12 @@ def depthwise_conv(
     out = v.new_empty(v.shape)
     out[:, :prefix].zero_()
     T, C = v.shape[1:]
-    _taps[_launch(v, grid_h, prefix)](
+    block_w, block_c, warps = _TAPS_TILE
+    _taps[_launch(v, grid_h, prefix, _TAPS_TILE)](
         v, kernel, bias.contiguous(), _pad_arg(padding, v), out, grid_h, (T - prefix) // grid_h, C, prefix,
         v.stride(0), v.stride(1),
         PAD_H=pad_h, PAD_W=pad_w, KH=kernel.shape[1], KW=kernel.shape[2], FLIP=False, HAS_PAD=padding is not None,
-        BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
+        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
     return out
 
@@ -195,19 +199,21 @@ def depthwise_conv_backward(
     grad_v = v.new_empty(v.shape)
     grad_v[:, :prefix].zero_()
     # The input gradient is the convolution of the output gradient with the flipped kernel.
-    _taps[_launch(v, grid_h, prefix)](
+    block_w, block_c, warps = _TAPS_TILE
+    _taps[_launch(v, grid_h, prefix, _TAPS_TILE)](
         grad, kernel, kernel, pad, grad_v, grid_h, W, C, prefix, grad.stride(0), grad.stride(1), PAD_H=pad_h,
-        PAD_W=pad_w, KH=KH, KW=KW, FLIP=True, HAS_PAD=has_pad, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
+        PAD_W=pad_w, KH=KH, KW=KW, FLIP=True, HAS_PAD=has_pad, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
     # The kernel and bias gradients: each program sums `rows` grid rows of one tile, _GRAD_PROGRAMS programs or up
     # to half as many in all (`rows` a power of two, so that few kernels are compiled however the shapes vary).
-    rows_total, (_, n_w, n_c) = v.shape[0] * grid_h, _launch(v, grid_h, prefix)
+    rows_total, (_, n_w, n_c) = v.shape[0] * grid_h, _launch(v, grid_h, prefix, _GRAD_TILE)
     rows = triton.next_power_of_2(triton.cdiv(rows_total * n_w * n_c, _GRAD_PROGRAMS))
     taps = triton.next_power_of_2(KH * KW + 1)
     part = torch.empty(triton.cdiv(rows_total, rows), n_w, taps, C, device=v.device, dtype=torch.float32)
     _kernel_grad[part.shape[0], n_w, n_c](
         v, grad, pad, part, rows_total, grid_h, W, C, prefix, v.stride(0), v.stride(1), PAD_H=pad_h, PAD_W=pad_w,
-        KH=KH, KW=KW, HAS_PAD=has_pad, ROWS=rows, TAPS=taps, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C,
+        KH=KH, KW=KW, HAS_PAD=has_pad, ROWS=rows, TAPS=taps, BLOCK_W=_GRAD_TILE[0], BLOCK_C=_GRAD_TILE[1],
+        num_warps=_GRAD_TILE[2],
     )
     sums = part.sum(dim=(0, 1))
     # Contiguous, as the fake kernel says, and not aliasing each other.

@@ -8,8 +8,9 @@
 #   vit_base_patch16_224; a short fit with the throughput overlay.
 #   Then, at once while the machine is warm, command "bash scripts/gpu_check.sh extra", timeout_s with what
 #   device time is left (at most 300 s are used, the most wanted first): a profile of the mixers on each backend
-#   (scripts/mixer_profile.py), the ViT-B steps on Triton's convolution, the Triton kernels' tile sizes against
-#   cuDNN (scripts/triton_tiles.py), the ViT-S steps; a run cut short keeps its bundle.
+#   (scripts/mixer_profile.py), the Triton kernels' tile sizes against cuDNN, forward and backward apart
+#   (scripts/triton_tiles.py), the ViT-B steps on Triton's convolution, the ViT-S steps; a run cut short keeps its
+#   bundle.
 # Logs and records go to one bundle, $OUT/gpu_check.tgz or $OUT/gpu_check_extra.tgz (or under ./gpu_check/):
 # the device returns at most 8 files. Back here, the records as the README's tables:
 #   tar xzf gpu_check.tgz -C /tmp/gpu && muse-bench --markdown "[/tmp/gpu/mixer_ratio_torch.json, ...]"
@@ -65,8 +66,9 @@ timm.__version__, torch.cuda.get_device_name())"
 else
     # Where each mixer's GPU time goes (kernels per step, ops by device time), on each convolution backend.
     step mixer_profile 50 bash -c "python3 scripts/mixer_profile.py && MUSE_CONV_BACKEND=triton python3 scripts/mixer_profile.py"
+    # The Triton kernels' tiles (tokens x channels x warps; the kernel gradient's with its programs) against cuDNN,
+    # forward and backward apart, 1-D then 2-D (what it has measured when cut is in its JSON).
+    step triton_tiles 60 python3 scripts/triton_tiles.py "$work/triton_tiles.json"
     models models_base_triton 110 base triton
-    # The Triton kernels' tiles (BLOCK_W x BLOCK_C, kernel-gradient programs) against cuDNN, fwd+bwd, 1-D and 2-D.
-    step triton_tiles 45 python3 scripts/triton_tiles.py "$work/triton_tiles.json"
-    models models_small 90 small torch
+    models models_small 80 small torch
 fi

@@ -1,38 +1,41 @@
-"""Tile sizes of the Triton convolution against PyTorch's, at the ViT-S/16 mixer shape.
+"""Tile sizes of the Triton convolution's kernels against PyTorch's convolution, at the ViT-S/16 mixer shape.
 
-Forward + backward (input, kernel and bias gradients) of ``muse_lightning.triton_conv.depthwise_conv`` on the
-value slice of a fused ``(B, 197, 3 x 384)`` projection in bf16 (a class token, then 196 tokens: the default
-1-D kernel of 5 taps and the 2-D layout's 5 x 5), for each (BLOCK_W, BLOCK_C, kernel-gradient programs), and
-PyTorch's convolution (``reference_depthwise_conv``: cuDNN on a GPU) on the same values; the median of
-``torch.utils.benchmark`` rounds. Prints a row as each is measured and rewrites the JSON after each, so a run
-stopped at its time limit keeps what it measured. Part of ``scripts/gpu_check.sh``; on CPU (Triton's
-interpreter, a small batch) it checks that the script runs:
+The forward and the backward (input, kernel and bias gradients: ``depthwise_conv_backward``) of
+``muse_lightning.triton_conv`` timed apart, on the value slice of a fused ``(B, 197, 3 x 384)`` projection in
+bf16 (a class token, then 196 tokens: the default 1-D kernel of 5 taps, then the 2-D layout's 5 x 5), against
+the same pass of PyTorch's convolution (``reference_depthwise_conv``: cuDNN on a GPU) on the same values. First
+the module's tiles, then each kernel-gradient tile (tokens, channels, warps, programs; the backward with the
+module's forward tile), then each forward / input-gradient tile (tokens, channels, warps; both passes, the
+backward with the module's kernel-gradient tile). The kernel gradient sums over tokens: where a tile has as
+many channels as threads (32 per warp) each thread holds whole columns and the sums need no shared memory or
+barriers (ptxas: 24 barrier sites in the module's 16 x 64 tile on 4 warps, none in 16 x 128 on 4 or 16 x 64 on
+2). The median of ``torch.utils.benchmark`` rounds. Prints a row as each is measured and rewrites the JSON
+after each, so a run stopped at its time limit keeps what it measured. Part of ``scripts/gpu_check.sh``; on
+CPU (Triton's interpreter, a small batch) it checks that the script runs:
 
     python scripts/triton_tiles.py OUT.json [BATCH]     # BATCH: 128 (default)
 """
 import json
 import sys
+from collections.abc import Callable
 
 import torch
 from torch.utils.benchmark import Timer
 
 from muse_lightning import triton_conv
 
-# (BLOCK_W, BLOCK_C, kernel-gradient programs); the first is the module's default.
-TILES = [(16, 64, 1024), (16, 64, 256), (16, 64, 4096), (8, 128, 1024), (32, 32, 1024), (32, 64, 1024),
-         (16, 128, 1024)]
+# (BLOCK_W, BLOCK_C, warps, programs) of the kernel gradient, (BLOCK_W, BLOCK_C, warps) of the forward and input
+# gradient; the module's own are timed first.
+GRAD_TILES = [(16, 64, 4, 256), (16, 64, 4, 4096), (16, 64, 2, 1024), (8, 64, 2, 1024), (16, 128, 4, 1024),
+              (8, 128, 4, 1024), (16, 128, 4, 4096), (8, 128, 4, 4096)]
+TAPS_TILES = [(8, 64, 2), (16, 64, 2), (8, 128, 4), (32, 64, 4), (16, 128, 4), (32, 32, 4), (16, 64, 8)]
 # name: (grid rows, kernel (KH, KW), padding (pad_h, pad_w))
 LAYOUTS = {"1-D, 5 taps": (1, (1, 5), (0, 2)), "2-D, 5 x 5": (14, (5, 5), (2, 2))}
 
 
-def median_ms(conv, v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, pads: tuple[int, int],
-              grad: torch.Tensor) -> float:
-    def step() -> None:
-        out = conv(v, kernel, bias, grid_h, *pads, 1)
-        torch.autograd.grad(out, (v, kernel, bias), grad)
-
-    step()  # compiles the kernels of this tile
-    return Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=0.3).median * 1e3
+def median_ms(fn: Callable[[], object]) -> float:
+    fn()  # compiles the kernels of this tile
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e3
 
 
 def main(out_path: str, batch: int) -> None:
@@ -42,26 +45,53 @@ def main(out_path: str, batch: int) -> None:
     qkv = torch.randn(batch, tokens, 3 * dim, generator=gen).to(device, torch.bfloat16)
     v = qkv[..., 2 * dim:].requires_grad_()  # a view: read through its strides
     grad = torch.randn(batch, tokens, dim, generator=gen).to(device, torch.bfloat16)
+    default = {"taps": triton_conv._TAPS_TILE, "grad": (*triton_conv._GRAD_TILE, triton_conv._GRAD_PROGRAMS)}
     rows = []
 
-    def record(layout: str, impl: str, tile: tuple[int, int, int] | None, ms: float, base: float) -> None:
-        print(f"{layout:<14}{impl:<34}{ms:>11.3f}{ms / base:>9.2f}", flush=True)
-        rows.append({"layout": layout, "impl": impl, "tile": tile, "ms": ms, "ratio": ms / base, "batch": batch,
-                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})
+    def record(layout: str, pass_: str, impl: str, tiles: dict | None, ms: float, base: float) -> None:
+        print(f"{layout:<13}{pass_:<10}{impl:<40}{ms:>10.3f} {ms / base:>8.2f}", flush=True)
+        rows.append({"layout": layout, "pass": pass_, "impl": impl, "tiles": tiles, "ms": ms, "ratio": ms / base,
+                     "batch": batch, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})
         with open(out_path, "w") as f:
             json.dump(rows, f, indent=1)
 
-    print(f"device={device} batch={batch} bf16, forward+backward; ratio = ms / PyTorch's convolution", flush=True)
-    print(f"{'layout':<14}{'impl':<34}{'ms':>11}{'ratio':>9}", flush=True)
+    def use(tiles: dict) -> None:
+        triton_conv._TAPS_TILE = tiles["taps"]
+        triton_conv._GRAD_TILE, triton_conv._GRAD_PROGRAMS = tiles["grad"][:3], tiles["grad"][3]
+
+    print(f"device={device} batch={batch} bf16; ratio = ms / PyTorch's convolution's same pass", flush=True)
+    print("Triton F / G: F = forward and input-gradient tile (tokens x channels x warps), G = kernel-gradient tile "
+          "(tokens x channels x warps x programs)", flush=True)
+    print(f"{'layout':<13}{'pass':<10}{'impl':<40}{'ms':>10} {'ratio':>8}", flush=True)
     for name, (grid_h, (kh, kw), pads) in LAYOUTS.items():
         kernel = torch.randn(dim, kh, kw, generator=gen).to(device, torch.bfloat16).requires_grad_()
         bias = torch.zeros(dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-        base = median_ms(triton_conv.reference_depthwise_conv, v, kernel, bias, grid_h, pads, grad)
-        record(name, "PyTorch convolution", None, base, base)
-        for tile in TILES:
-            triton_conv._BLOCK_W, triton_conv._BLOCK_C, triton_conv._GRAD_PROGRAMS = tile
-            ms = median_ms(triton_conv.depthwise_conv, v, kernel, bias, grid_h, pads, grad)
-            record(name, f"Triton {tile[0]} x {tile[1]}, {tile[2]} programs", tile, ms, base)
+        args = (v, kernel, bias, grid_h, *pads, 1)
+        with torch.no_grad():
+            base_fwd = median_ms(lambda: triton_conv.reference_depthwise_conv(*args))
+        out = triton_conv.reference_depthwise_conv(*args)
+        base_bwd = median_ms(lambda: torch.autograd.grad(out, (v, kernel, bias), grad, retain_graph=True))
+        record(name, "forward", "PyTorch convolution", None, base_fwd, base_fwd)
+        record(name, "backward", "PyTorch convolution", None, base_bwd, base_bwd)
+
+        def triton_pass(tiles: dict, passes: tuple[str, ...]) -> None:
+            use(tiles)
+            label = f"Triton {'x'.join(map(str, tiles['taps']))} / {'x'.join(map(str, tiles['grad']))}"
+            if "forward" in passes:
+                with torch.no_grad():
+                    ms = median_ms(lambda: triton_conv.depthwise_conv(*args))
+                record(name, "forward", label, tiles, ms, base_fwd)
+            ms = median_ms(lambda: triton_conv.depthwise_conv_backward(grad, v.detach(), kernel.detach(), grid_h,
+                                                                     *pads, 1))
+            record(name, "backward", label, tiles, ms, base_bwd)
+
+        triton_pass(default, ("forward", "backward"))
+        for tile in GRAD_TILES:
+            triton_pass({**default, "grad": tile}, ("backward",))
+        for tile in TAPS_TILES:
+            triton_pass({**default, "taps": tile}, ("forward", "backward"))
+        use(default)
+
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "triton_tiles.json", int(sys.argv[2]) if len(sys.argv) > 2 else 128)

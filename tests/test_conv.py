@@ -72,13 +72,18 @@ class _TokenSizedOps(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("prefix", [0, 1], ids=["no-prefix", "class-token"])
 @pytest.mark.parametrize("layout", ["1d", "2d"])
-def test_static_convolution_reads_and_returns_the_tokens_as_views(layout):
-    """Forward and backward: the tokens and their gradient reach PyTorch's convolution and come back as views
-    of the (B, N, C) tensors, so nothing but the convolution passes over them (each pass a kernel over the whole
-    tensor on a GPU; indexing the 1-D output's unit row used to copy the gradient in the backward)."""
+def test_static_convolution_copies_the_tokens_only_around_prefix_tokens(layout, prefix):
+    """Forward and backward, the ops that make a tensor the size of the tokens: without prefix tokens only the
+    convolution's own (the tokens and their gradient reach it and come back as views: indexing the 1-D output's
+    unit row used to copy the gradient), with them one copy each way (the output after its zero prefix rows, a
+    concatenation whose backward is a view, where a pad's copied the gradient once more; the gradient of the
+    tokens after the prefix into the whole sequence's). On a GPU each is a pass over the whole tensor."""
     conv = _randomised(MultiScaleDepthwiseConv(12, (1, 3), layout))
-    v = torch.randn(2, 16, 12, requires_grad=True)
-    with _TokenSizedOps(v.numel()) as mode:
-        conv(v, grid_size=(4, 4) if layout == "2d" else None).sum().backward()
-    assert mode.ops == ["convolution", "convolution_backward"]
+    v = torch.randn(2, prefix + 16, 12, requires_grad=True)
+    with _TokenSizedOps(2 * 16 * 12) as mode:
+        conv(v, grid_size=(4, 4) if layout == "2d" else None, num_prefix_tokens=prefix).sum().backward()
+    expected = ["convolution", "cat", "convolution_backward", "slice_backward"] if prefix else \
+        ["convolution", "convolution_backward"]
+    assert mode.ops == expected

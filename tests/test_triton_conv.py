@@ -319,20 +319,21 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
             for flip in (False, True):
                 for has_pad in (False, True):
                     ptrs = {n: "*" + dtype for n in ("src_ptr", "kernel_ptr", "bias_ptr", "out_ptr")}
-                    consts = dict(PAD_H=kh // 2, PAD_W=kw // 2, KH=kh, KW=kw, FLIP=flip, HAS_PAD=has_pad,
-                                  BLOCK_W=tc._BLOCK_W, BLOCK_C=tc._BLOCK_C)
-                    jobs = [("input gradient" if flip else "forward", tc._taps,
-                             {**ptrs, "pad_ptr": "*u8", **ints, "src_sb": "i32", "src_st": "i32"}, consts)]
+                    consts = dict(PAD_H=kh // 2, PAD_W=kw // 2, KH=kh, KW=kw, HAS_PAD=has_pad)
+                    jobs = [("input gradient" if flip else "forward", tc._taps, tc._TAPS_TILE,
+                             {**ptrs, "pad_ptr": "*u8", **ints, "src_sb": "i32", "src_st": "i32"},
+                             {**consts, "FLIP": flip})]
                     if not flip:
-                        consts = {k: v for k, v in consts.items() if k != "FLIP"}
-                        jobs.append(("kernel gradient", tc._kernel_grad,
+                        jobs.append(("kernel gradient", tc._kernel_grad, tc._GRAD_TILE,
                                      {"v_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "pad_ptr": "*u8",
                                       "part_ptr": "*fp32", "R": "i32", **ints, "v_sb": "i32", "v_st": "i32"},
                                      {**consts, "ROWS": 16, "TAPS": triton.next_power_of_2(kh * kw + 1)}))
-                    for name, fn, signature, consts in jobs:
+                    for name, fn, (block_w, block_c, warps), signature, consts in jobs:
+                        consts = {**consts, "BLOCK_W": block_w, "BLOCK_C": block_c}
                         signature = {**signature, **{k: "constexpr" for k in consts}}
                         constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-                        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+                        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                                options={"num_warps": warps})
                         assert kernel.asm["cubin"], fn
                         registers, spilled = resources(kernel.asm["ptx"])
                         label = f"{name} {kh}x{kw} {dtype}{' padding' * has_pad}"
