@@ -28,7 +28,7 @@ from torch import nn
 
 from . import conv
 from .attention import MUSEAttention
-from .compare import cpu_name
+from .machine import machine_record
 from .seed import SeedMUSEAttention
 
 __all__ = ["Shape", "main", "markdown_table", "measure_mixers", "measure_models"]
@@ -382,9 +382,7 @@ def main(
     print(_HEADER, flush=True)
     records: list[dict[str, Any]] = []
     # Each row printed and the JSON rewritten as it is measured: a run stopped at a time limit keeps what it has.
-    machine = {"threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__}
-    if device == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name()
+    machine = machine_record(device)
     for record in itertools.chain(*groups):
         record.update(machine, conv_backend=conv.CONV_BACKEND)  # MUSE_CONV_BACKEND: torch or triton
         records.append(record)

@@ -25,7 +25,6 @@ import copy
 import csv
 import importlib
 import json
-import platform
 import statistics
 import sys
 import time
@@ -38,9 +37,10 @@ import yaml
 from jsonargparse import CLI
 
 from .cli import main as cli_main
+from .machine import machine_record
 from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
 
-__all__ = ["BASELINES", "FULL_DATA", "VARIANTS", "cpu_name", "last_metrics", "main", "resolve_data", "run", "table",
+__all__ = ["BASELINES", "FULL_DATA", "VARIANTS", "last_metrics", "main", "resolve_data", "run", "table",
            "tuning_table"]
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -116,14 +116,6 @@ def _record_path(results: Path, task: str, data: str, variant: str, seed: int, l
     slug = "".join(c if c.isalnum() else "-" for c in variant).strip("-")
     swept = "" if lr is None else f"__lr{lr:g}"
     return results / f"{task}__{data}__{slug}{swept}__seed{seed}.json"
-
-
-def cpu_name() -> str:
-    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def last_metrics(log_root: Path) -> dict[str, float]:
@@ -223,7 +215,7 @@ def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, 
     record = {
         "task": task, "data": data, "variant": variant, "seed": seed, "config": config, "overlay": overlay,
         "overrides": overrides, **metrics, **({} if lr is None else {"lr": lr}),
-        "threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__,
+        **machine_record(),
     }
     record_path.write_text(json.dumps(record, indent=1))
     return record

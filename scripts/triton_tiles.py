@@ -18,6 +18,7 @@ CPU (Triton's interpreter, a small batch) it checks that the script runs:
 import json
 import sys
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.utils.benchmark import Timer
@@ -38,6 +39,40 @@ def median_ms(fn: Callable[[], object]) -> float:
     return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e3
 
 
+def use(tiles: dict) -> None:
+    """Make ``tiles`` (``{"taps": forward tile, "grad": kernel-gradient tile and programs}``) the module's."""
+    triton_conv._TAPS_TILE = tiles["taps"]
+    triton_conv._GRAD_TILE, triton_conv._GRAD_PROGRAMS = tiles["grad"][:3], tiles["grad"][3]
+
+
+def sweep(layout: str, grid_h: int, kernel_size: tuple[int, int], pads: tuple[int, int], v: torch.Tensor,
+          grad: torch.Tensor, gen: torch.Generator, record: Callable[..., None]) -> None:
+    """Time PyTorch's passes, then Triton's with the module's tiles and with each tile of the sweep."""
+    kernel = torch.randn(v.shape[-1], *kernel_size, generator=gen).to(v.device, v.dtype).requires_grad_()
+    bias = torch.zeros(v.shape[-1], device=v.device, dtype=v.dtype, requires_grad=True)
+    args = (v, kernel, bias, grid_h, *pads, 1)
+    reference = partial(triton_conv.reference_depthwise_conv, *args)
+    with torch.no_grad():
+        base = {"forward": median_ms(reference)}
+    base["backward"] = median_ms(partial(torch.autograd.grad, reference(), (v, kernel, bias), grad, retain_graph=True))
+    for pass_, ms in base.items():
+        record(layout, pass_, "PyTorch convolution", None, ms, ms)
+    passes = {
+        "forward": partial(triton_conv.depthwise_conv, *args),
+        "backward": partial(triton_conv.depthwise_conv_backward, grad, v.detach(), kernel.detach(), grid_h, *pads, 1),
+    }
+    default = {"taps": triton_conv._TAPS_TILE, "grad": (*triton_conv._GRAD_TILE, triton_conv._GRAD_PROGRAMS)}
+    runs = [(default, ("forward", "backward"))] + [({**default, "grad": t}, ("backward",)) for t in GRAD_TILES] + \
+        [({**default, "taps": t}, ("forward", "backward")) for t in TAPS_TILES]
+    for tiles, timed in runs:
+        use(tiles)
+        label = f"Triton {'x'.join(map(str, tiles['taps']))} / {'x'.join(map(str, tiles['grad']))}"
+        for pass_ in timed:
+            with torch.no_grad():
+                record(layout, pass_, label, tiles, median_ms(passes[pass_]), base[pass_])
+    use(default)
+
+
 def main(out_path: str, batch: int) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dim, tokens = 384, 197
@@ -45,7 +80,6 @@ def main(out_path: str, batch: int) -> None:
     qkv = torch.randn(batch, tokens, 3 * dim, generator=gen).to(device, torch.bfloat16)
     v = qkv[..., 2 * dim:].requires_grad_()  # a view: read through its strides
     grad = torch.randn(batch, tokens, dim, generator=gen).to(device, torch.bfloat16)
-    default = {"taps": triton_conv._TAPS_TILE, "grad": (*triton_conv._GRAD_TILE, triton_conv._GRAD_PROGRAMS)}
     rows = []
 
     def record(layout: str, pass_: str, impl: str, tiles: dict | None, ms: float, base: float) -> None:
@@ -55,42 +89,12 @@ def main(out_path: str, batch: int) -> None:
         with open(out_path, "w") as f:
             json.dump(rows, f, indent=1)
 
-    def use(tiles: dict) -> None:
-        triton_conv._TAPS_TILE = tiles["taps"]
-        triton_conv._GRAD_TILE, triton_conv._GRAD_PROGRAMS = tiles["grad"][:3], tiles["grad"][3]
-
     print(f"device={device} batch={batch} bf16; ratio = ms / PyTorch's convolution's same pass", flush=True)
     print("Triton F / G: F = forward and input-gradient tile (tokens x channels x warps), G = kernel-gradient tile "
           "(tokens x channels x warps x programs)", flush=True)
     print(f"{'layout':<13}{'pass':<10}{'impl':<40}{'ms':>10} {'ratio':>8}", flush=True)
-    for name, (grid_h, (kh, kw), pads) in LAYOUTS.items():
-        kernel = torch.randn(dim, kh, kw, generator=gen).to(device, torch.bfloat16).requires_grad_()
-        bias = torch.zeros(dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-        args = (v, kernel, bias, grid_h, *pads, 1)
-        with torch.no_grad():
-            base_fwd = median_ms(lambda: triton_conv.reference_depthwise_conv(*args))
-        out = triton_conv.reference_depthwise_conv(*args)
-        base_bwd = median_ms(lambda: torch.autograd.grad(out, (v, kernel, bias), grad, retain_graph=True))
-        record(name, "forward", "PyTorch convolution", None, base_fwd, base_fwd)
-        record(name, "backward", "PyTorch convolution", None, base_bwd, base_bwd)
-
-        def triton_pass(tiles: dict, passes: tuple[str, ...]) -> None:
-            use(tiles)
-            label = f"Triton {'x'.join(map(str, tiles['taps']))} / {'x'.join(map(str, tiles['grad']))}"
-            if "forward" in passes:
-                with torch.no_grad():
-                    ms = median_ms(lambda: triton_conv.depthwise_conv(*args))
-                record(name, "forward", label, tiles, ms, base_fwd)
-            ms = median_ms(lambda: triton_conv.depthwise_conv_backward(grad, v.detach(), kernel.detach(), grid_h,
-                                                                     *pads, 1))
-            record(name, "backward", label, tiles, ms, base_bwd)
-
-        triton_pass(default, ("forward", "backward"))
-        for tile in GRAD_TILES:
-            triton_pass({**default, "grad": tile}, ("backward",))
-        for tile in TAPS_TILES:
-            triton_pass({**default, "taps": tile}, ("forward", "backward"))
-        use(default)
+    for layout, (grid_h, kernel_size, pads) in LAYOUTS.items():
+        sweep(layout, grid_h, kernel_size, pads, v, grad, gen, record)
 
 
 if __name__ == "__main__":

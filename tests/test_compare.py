@@ -6,7 +6,7 @@ import timm
 import yaml
 from conftest import write_fashion_mnist, write_rotten_tomatoes
 
-from muse_lightning import compare, datamodules
+from muse_lightning import compare, datamodules, machine
 from muse_lightning.cli import main as cli_main
 from muse_lightning.compare import VARIANTS, main, resolve_data, table
 from muse_lightning.datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
@@ -23,7 +23,7 @@ def test_compare_records_runs_skips_recorded_ones_and_tabulates(tmp_path, capsys
     muse = json.loads(records[1].read_text())
     attention = json.loads(records[0].read_text())
     assert 0.0 <= muse["test_acc"] <= 1.0 and muse["config"] == "quickstart.yaml" and muse["data"] == "embedded"
-    assert muse["overlay"] is None and muse["cpu"] == compare.cpu_name() != ""
+    assert muse["overlay"] is None and muse["cpu"] == machine.cpu_name() != ""
     assert abs(attention["params"] / muse["params"] - 1) < 0.02
     stamps = [p.stat().st_mtime for p in records]
     main(task="vision", data="embedded", variants=["muse", "attention"], seeds=[0], results=str(results), extra=TINY)
