@@ -37,8 +37,8 @@ import yaml
 from jsonargparse import CLI
 
 from .cli import main as cli_main
-from .machine import machine_record
 from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
+from .machine import machine_record
 
 __all__ = ["BASELINES", "FULL_DATA", "VARIANTS", "last_metrics", "main", "resolve_data", "run", "table",
            "tuning_table"]
