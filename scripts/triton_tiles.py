@@ -6,10 +6,9 @@ bf16 (a class token, then 196 tokens: the default 1-D kernel of 5 taps, then the
 the same pass of PyTorch's convolution (``reference_depthwise_conv``: cuDNN on a GPU) on the same values. First
 the module's tiles, then each kernel-gradient tile (tokens, channels, warps, programs; the backward with the
 module's forward tile), then each forward / input-gradient tile (tokens, channels, warps; both passes, the
-backward with the module's kernel-gradient tile). The kernel gradient sums over tokens: where a tile has as
-many channels as threads (32 per warp) each thread holds whole columns and the sums need no shared memory or
-barriers (ptxas: 24 barrier sites in the module's 16 x 64 tile on 4 warps, none in 16 x 128 on 4 or 16 x 64 on
-2). The median of ``torch.utils.benchmark`` rounds. Prints a row as each is measured and rewrites the JSON
+backward with the module's kernel-gradient tile). The kernel gradient sums over each tile's tokens, across
+threads through shared memory, where the forward has no sums; so its best tile need not be the forward's. The
+median of ``torch.utils.benchmark`` rounds. Prints a row as each is measured and rewrites the JSON
 after each, so a run stopped at its time limit keeps what it measured. Part of ``scripts/gpu_check.sh``; on
 CPU (Triton's interpreter, a small batch) it checks that the script runs:
 
@@ -26,7 +25,7 @@ from torch.utils.benchmark import Timer
 from muse_lightning import triton_conv
 
 # (BLOCK_W, BLOCK_C, warps, programs) of the kernel gradient, (BLOCK_W, BLOCK_C, warps) of the forward and input
-# gradient; the module's own are timed first.
+# gradient (none that spills registers at 5 x 5); the module's own are timed first.
 GRAD_TILES = [(16, 64, 4, 256), (16, 64, 4, 4096), (16, 64, 2, 1024), (8, 64, 2, 1024), (16, 128, 4, 1024),
               (8, 128, 4, 1024), (16, 128, 4, 4096), (8, 128, 4, 4096)]
 TAPS_TILES = [(8, 64, 2), (16, 64, 2), (8, 128, 4), (32, 64, 4), (16, 128, 4), (32, 32, 4), (16, 64, 8)]
