@@ -218,9 +218,12 @@ class MultiScaleDepthwiseConv(nn.Module):
         if _use_triton(v):  # masking, the prefix and the bias inside the one kernel
             from .triton_conv import depthwise_conv
             if self.layout == "2d":
-                return depthwise_conv(v, kernel, bias, grid_size[0], width // 2, width // 2, num_prefix_tokens,
-                                      key_padding_mask)
-            return depthwise_conv(v, kernel.view(C, 1, width), bias, 1, 0, width - 1 if is_causal else width // 2,
+                grid_h, pad_h, pad_w = grid_size[0], width // 2, width // 2
+            else:
+                grid_h, pad_h, pad_w, kernel = 1, 0, width - 1 if is_causal else width // 2, kernel.view(C, 1, width)
+            # The kernel channels-last, (KH, KW, C) as the tokens: a copy of C x KH x KW values (its gradient's
+            # transpose is a view).
+            return depthwise_conv(v, kernel.permute(1, 2, 0).contiguous(), bias, grid_h, pad_h, pad_w,
                                   num_prefix_tokens, key_padding_mask)
         v = grid_tokens(v, key_padding_mask, num_prefix_tokens)
         if self.layout == "2d":

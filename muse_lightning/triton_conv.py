@@ -2,8 +2,9 @@
 
 ``depthwise_conv(v, kernel, bias, grid_h, pad_h, pad_w, prefix, padding)`` convolves the tokens of
 ``v (B, prefix + N, C)`` after its ``prefix`` tokens (class / register tokens), which sit on a row-major
-``grid_h x (N / grid_h)`` grid (``grid_h = 1``: a sequence), with one ``(C, KH, KW)`` kernel (the gated
-kernels already collapsed) and adds ``bias``: output ``(h, w)`` reads tokens ``(h + i - pad_h, w + j -
+``grid_h x (N / grid_h)`` grid (``grid_h = 1``: a sequence), with one kernel (the gated kernels already
+collapsed), channels-last as the tokens: ``(KH, KW, C)``, so each tap's channels load as one vector; and adds
+``bias``: output ``(h, w)`` reads tokens ``(h + i - pad_h, w + j -
 pad_w)``, and the grid's border, the tokens marked in ``padding`` (bool ``(B, prefix + N)``, True on
 padding) and the prefix read as zero; the output's prefix rows are zero. So the padding mask, the prefix
 slice and pad and the bias add, each a pass over the tokens in PyTorch, happen inside the one kernel.
@@ -26,21 +27,24 @@ import triton.language as tl
 
 __all__ = ["depthwise_conv", "depthwise_conv_backward", "reference_depthwise_conv"]
 
-# Tiles (tokens of a grid row, channels, warps) of the forward and input-gradient kernel (``_taps``) and of the
-# kernel-gradient kernel, and the number of programs the latter aims at (a few waves on a 132-multiprocessor
-# GPU; the rows each sums follow). Not yet tuned on a GPU: scripts/triton_tiles.py times each kernel's on one.
+# The tile of the forward and input-gradient kernel (``_taps``: tokens of a grid row, channels, warps), that of the
+# kernel-gradient kernel (tap x token lanes, channels, warps: all the taps of ``lanes // taps`` tokens, see
+# ``_grad_block``) and the number of programs the latter aims at (a few waves on a 132-multiprocessor GPU; the
+# rows each sums follow). Not yet tuned on a GPU: scripts/triton_tiles.py times each kernel's on one.
 _TAPS_TILE = (16, 64, 4)
-_GRAD_TILE = (16, 64, 4)
+_GRAD_TILE = (64, 64, 4)
 _GRAD_PROGRAMS = 1024
+# The most taps of a kernel row that ``_taps`` unrolls (a longer row runs in chunks of this many, the last masked).
+_ROW_TAPS = 16
 
 
 @triton.jit
 def _taps(
         src_ptr, kernel_ptr, bias_ptr, pad_ptr, out_ptr, H, W, C, P, src_sb, src_st,
         PAD_H: tl.constexpr, PAD_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr,
-        HAS_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_PAD: tl.constexpr, ROW_TAPS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One ``(BLOCK_W, BLOCK_C)`` tile of grid row ``h`` of batch ``b``: ``sum_ij kernel[c, i, j] * src[b, h +
+    """One ``(BLOCK_W, BLOCK_C)`` tile of grid row ``h`` of batch ``b``: ``sum_ij kernel[i, j, c] * src[b, h +
     s(i - PAD_H), w + s(j - PAD_W), c]`` on the grid after ``P`` prefix tokens. Forward (``s = +1``): padded
     tokens read as zero, plus the bias. Input gradient (``FLIP``, ``s = -1``): padded tokens get zero. ``src`` may
     be strided (batch and token strides ``src_sb``, ``src_st``: the value slice of a fused projection); ``out`` and
@@ -53,22 +57,28 @@ def _taps(
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    # Kernel rows in a loop, each row's taps unrolled: registers grow with KW, not KH * KW (unrolled, a 9 x 9
-    # kernel spilled 2.5 KB per thread on Hopper; tests/test_triton_conv.py keeps every kernel in registers).
+    # Kernel rows in a loop, and a row's taps ROW_TAPS at a time, those unrolled: registers grow with ROW_TAPS, not
+    # KH * KW (unrolled, a 9 x 9 kernel spilled 2.5 KB per thread on Hopper; tests/test_triton_conv.py keeps every
+    # kernel in registers).
     for i in range(KH):
         dh = (PAD_H - i) if FLIP else (i - PAD_H)
         hh = h + dh
-        for j in tl.static_range(KW):
-            dw = (PAD_W - j) if FLIP else (j - PAD_W)
-            ww = w + dw
-            ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            token = P + hh * W + ww
-            if HAS_PAD and not FLIP:
-                ok = ok & (tl.load(pad_ptr + base + token, mask=ok, other=1) == 0)
-            src = src_ptr + src_base + token[:, None] * src_st + c[None, :]
-            x = tl.load(src, mask=ok[:, None] & c_ok[None, :], other=0.0)
-            k = tl.load(kernel_ptr + c * (KH * KW) + i * KW + j, mask=c_ok, other=0.0)
-            acc += x.to(tl.float32) * k.to(tl.float32)[None, :]
+        for j0 in range(0, KW, ROW_TAPS):
+            for jj in tl.static_range(ROW_TAPS):
+                j = j0 + jj
+                dw = (PAD_W - j) if FLIP else (j - PAD_W)
+                ww = w + dw
+                ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                tap_ok = c_ok
+                if KW % ROW_TAPS:  # the last ROW_TAPS run past the row's end
+                    ok, tap_ok = ok & (j < KW), tap_ok & (j < KW)
+                token = P + hh * W + ww
+                if HAS_PAD and not FLIP:
+                    ok = ok & (tl.load(pad_ptr + base + token, mask=ok, other=1) == 0)
+                src = src_ptr + src_base + token[:, None] * src_st + c[None, :]
+                x = tl.load(src, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                k = tl.load(kernel_ptr + (i * KW + j) * C + c, mask=tap_ok, other=0.0)
+                acc += x.to(tl.float32) * k.to(tl.float32)[None, :]
     token = base + P + h * W + w
     if not FLIP:
         acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -86,51 +96,66 @@ def _kernel_grad(
         ROWS: tl.constexpr, TAPS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The kernel and bias gradients of ``ROWS`` grid rows (of the ``R = B * H``) in one ``(BLOCK_W, BLOCK_C)``
-    column tile, summed in registers and stored once: ``part[p, q, i * KW + j, c] = sum grad[b, h, w, c] * v[b,
-    h + i - PAD_H, w + j - PAD_W, c]`` (padded tokens of ``v`` reading as zero) and ``part[p, q, KH * KW, c] =
-    sum grad[b, h, w, c]``. No atomics: the partial sums are added in a fixed order, so gradients reproduce.
-    ``v`` may be strided as ``src`` in ``_taps``; ``grad`` is contiguous."""
+    column tile: ``part[p, q, i * KW + j, c] = sum grad[b, h, w, c] * v[b, h + i - PAD_H, w + j - PAD_W, c]``
+    (padded tokens of ``v`` reading as zero) and ``part[p, q, KH * KW, c] = sum grad[b, h, w, c]``. All taps at
+    once: each row's products fill a ``(TAPS, BLOCK_W, BLOCK_C)`` accumulator elementwise (tap ``KH * KW``, the
+    bias, multiplies by one; the taps up to the power of two ``TAPS`` read nothing), and its tokens are summed,
+    across threads, once per program, not at every row. No atomics: the partial sums are added in a fixed order,
+    so gradients reproduce. ``v`` may be strided as ``src`` in ``_taps``; ``grad`` is contiguous."""
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    tap = tl.arange(0, TAPS)[:, None]
-    acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
+    tap = tl.arange(0, TAPS)
+    dh = tap // KW - PAD_H
+    ww = w[None, :] + (tap % KW - PAD_W)[:, None]  # (TAPS, BLOCK_W): the tokens each tap reads, on every row
+    tap_ok = (tap < KH * KW)[:, None] & (ww >= 0) & (ww < W)
+    token = dh[:, None] * W + ww  # from the row's first token
+    x_tile = token[:, :, None] * v_st + c[None, None, :]
+    bias_tap = tl.where((tap == KH * KW)[:, None, None], 1.0, 0.0).to(v_ptr.dtype.element_ty)
+    # The output gradient loaded straight into the taps' layout (the same row for every tap): no layout change.
+    g_tile = tl.broadcast_to((w[:, None] * C + c[None, :])[None, :, :], (TAPS, BLOCK_W, BLOCK_C))
+    g_mask = ((w < W)[:, None] & c_ok[None, :])[None, :, :]
+    first = tl.program_id(0) * ROWS  # b * H + h
+    b, h = first // H, first % H  # stepped along the rows below, no division there
+    acc = tl.zeros((TAPS, BLOCK_W, BLOCK_C), dtype=tl.float32)
     for r in range(ROWS):
-        row = tl.program_id(0) * ROWS + r  # b * H + h
-        row_ok = row < R
-        h = row % H
-        b = (row // H).to(tl.int64)
-        v_base, base = b * v_sb, b * (P + H * W)
-        g_mask = (w < W)[:, None] & c_ok[None, :] & row_ok
-        g = tl.load(grad_ptr + (base + P + h * W + w)[:, None] * C + c[None, :], mask=g_mask, other=0.0)
-        g = g.to(tl.float32)
-        acc += tl.where(tap == KH * KW, tl.sum(g, axis=0)[None, :], 0.0)
-        for i in range(KH):  # a loop, as in _taps
-            hh = h + i - PAD_H
-            for j in tl.static_range(KW):
-                ww = w + j - PAD_W
-                ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & row_ok
-                token = P + hh * W + ww
-                if HAS_PAD:
-                    ok = ok & (tl.load(pad_ptr + base + token, mask=ok, other=1) == 0)
-                x = tl.load(v_ptr + v_base + token[:, None] * v_st + c[None, :], mask=ok[:, None] & c_ok[None, :],
-                            other=0.0)
-                acc += tl.where(tap == i * KW + j, tl.sum(g * x.to(tl.float32), axis=0)[None, :], 0.0)
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    tl.store(part_ptr + (tile * TAPS + tap) * C + c[None, :], acc, mask=c_ok[None, :])
+        row_ok = first + r < R
+        b64 = b.to(tl.int64)  # 64-bit offsets: tensors may exceed 2**31 elements
+        row = b64 * (P + H * W) + P + h * W  # the row's first token
+        g = tl.load(grad_ptr + row * C + g_tile, mask=g_mask & row_ok, other=0.0)
+        hh = h + dh
+        ok = tap_ok & ((hh >= 0) & (hh < H))[:, None] & row_ok
+        if HAS_PAD:
+            ok = ok & (tl.load(pad_ptr + row + token, mask=ok, other=1) == 0)
+        x = tl.load(v_ptr + b64 * v_sb + (P + h * W) * v_st + x_tile, mask=ok[:, :, None] & c_ok[None, None, :],
+                    other=bias_tap)
+        acc += g.to(tl.float32) * x.to(tl.float32)
+        h += 1
+        if h == H:
+            h = 0
+            b += 1
+    part = part_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * (KH * KW + 1) * C
+    tl.store(part + tap[:, None] * C + c[None, :], tl.sum(acc, axis=1), mask=(tap <= KH * KW)[:, None] & c_ok[None, :])
 
 
-def _launch(v: torch.Tensor, H: int, prefix: int, tile: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The program grid: (grid rows, column tiles, channel tiles)."""
+def _grad_block(KH: int, KW: int) -> tuple[int, int]:
+    """``(TAPS, BLOCK_W)`` of ``_kernel_grad``: the taps and bias padded to a power of two, and the tokens that
+    make up the tile's ``_GRAD_TILE[0]`` tap-token lanes (at least one)."""
+    taps = triton.next_power_of_2(KH * KW + 1)
+    return taps, max(1, _GRAD_TILE[0] // taps)
+
+
+def _launch(v: torch.Tensor, H: int, prefix: int, tile: tuple[int, ...]) -> tuple[int, int, int]:
+    """The program grid of a ``(tokens, channels, ...)`` tile: (grid rows, column tiles, channel tiles)."""
     B, T, C = v.shape
     return B * H, triton.cdiv((T - prefix) // H, tile[0]), triton.cdiv(C, tile[1])
 
 
 def _check(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, prefix: int,
            padding: torch.Tensor | None) -> None:
-    if v.dim() != 3 or kernel.dim() != 3 or kernel.shape[0] != v.shape[-1] or bias.shape != (v.shape[-1],):
+    if v.dim() != 3 or kernel.dim() != 3 or kernel.shape[-1] != v.shape[-1] or bias.shape != (v.shape[-1],):
         raise ValueError(
-            f"depthwise_conv takes v (B, N, C), kernel (C, KH, KW) and bias (C,), got {tuple(v.shape)}, "
+            f"depthwise_conv takes v (B, N, C), kernel (KH, KW, C) and bias (C,), got {tuple(v.shape)}, "
             f"{tuple(kernel.shape)} and {tuple(bias.shape)}"
         )
     if not 0 <= prefix < v.shape[1]:
@@ -157,8 +182,8 @@ def depthwise_conv(
         v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
         prefix: int = 0, padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Depthwise convolution of channels-last tokens ``v (B, prefix + N, C)`` on a ``grid_h``-row grid after
-    ``prefix`` tokens, padded tokens unread (see the module)."""
+    """Depthwise convolution of channels-last tokens ``v (B, prefix + N, C)`` with a ``kernel (KH, KW, C)`` on a
+    ``grid_h``-row grid after ``prefix`` tokens, padded tokens unread (see the module)."""
     _check(v, kernel, bias, grid_h, prefix, padding)
     v, kernel = _channels_unit_stride(v), kernel.contiguous()
     out = v.new_empty(v.shape)
@@ -168,8 +193,8 @@ def depthwise_conv(
     _taps[_launch(v, grid_h, prefix, _TAPS_TILE)](
         v, kernel, bias.contiguous(), _pad_arg(padding, v), out, grid_h, (T - prefix) // grid_h, C, prefix,
         v.stride(0), v.stride(1),
-        PAD_H=pad_h, PAD_W=pad_w, KH=kernel.shape[1], KW=kernel.shape[2], FLIP=False, HAS_PAD=padding is not None,
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
+        PAD_H=pad_h, PAD_W=pad_w, KH=kernel.shape[0], KW=kernel.shape[1], FLIP=False, HAS_PAD=padding is not None,
+        ROW_TAPS=min(kernel.shape[1], _ROW_TAPS), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
     return out
 
@@ -193,7 +218,7 @@ def depthwise_conv_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The input, kernel and bias gradients of ``depthwise_conv`` (the kernel's and the bias's in fp32)."""
     grad, v, kernel = grad.contiguous(), _channels_unit_stride(v), kernel.contiguous()
-    C, KH, KW = kernel.shape
+    KH, KW, C = kernel.shape
     W = (v.shape[1] - prefix) // grid_h
     has_pad, pad = padding is not None, _pad_arg(padding, v)
     grad_v = v.new_empty(v.shape)
@@ -202,29 +227,30 @@ def depthwise_conv_backward(
     block_w, block_c, warps = _TAPS_TILE
     _taps[_launch(v, grid_h, prefix, _TAPS_TILE)](
         grad, kernel, kernel, pad, grad_v, grid_h, W, C, prefix, grad.stride(0), grad.stride(1), PAD_H=pad_h,
-        PAD_W=pad_w, KH=KH, KW=KW, FLIP=True, HAS_PAD=has_pad, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
+        PAD_W=pad_w, KH=KH, KW=KW, FLIP=True, HAS_PAD=has_pad, ROW_TAPS=min(KW, _ROW_TAPS), BLOCK_W=block_w,
+        BLOCK_C=block_c, num_warps=warps,
     )
     # The kernel and bias gradients: each program sums `rows` grid rows of one tile, _GRAD_PROGRAMS programs or up
     # to half as many in all (`rows` a power of two, so that few kernels are compiled however the shapes vary).
-    rows_total, (_, n_w, n_c) = v.shape[0] * grid_h, _launch(v, grid_h, prefix, _GRAD_TILE)
+    taps, block_w = _grad_block(KH, KW)
+    rows_total, (_, n_w, n_c) = v.shape[0] * grid_h, _launch(v, grid_h, prefix, (block_w, _GRAD_TILE[1]))
     rows = triton.next_power_of_2(triton.cdiv(rows_total * n_w * n_c, _GRAD_PROGRAMS))
-    taps = triton.next_power_of_2(KH * KW + 1)
-    part = torch.empty(triton.cdiv(rows_total, rows), n_w, taps, C, device=v.device, dtype=torch.float32)
+    part = torch.empty(triton.cdiv(rows_total, rows), n_w, KH * KW + 1, C, device=v.device, dtype=torch.float32)
     _kernel_grad[part.shape[0], n_w, n_c](
         v, grad, pad, part, rows_total, grid_h, W, C, prefix, v.stride(0), v.stride(1), PAD_H=pad_h, PAD_W=pad_w,
-        KH=KH, KW=KW, HAS_PAD=has_pad, ROWS=rows, TAPS=taps, BLOCK_W=_GRAD_TILE[0], BLOCK_C=_GRAD_TILE[1],
+        KH=KH, KW=KW, HAS_PAD=has_pad, ROWS=rows, TAPS=taps, BLOCK_W=block_w, BLOCK_C=_GRAD_TILE[1],
         num_warps=_GRAD_TILE[2],
     )
     sums = part.sum(dim=(0, 1))
-    # Contiguous, as the fake kernel says, and not aliasing each other.
-    return grad_v, sums[:KH * KW].t().contiguous().view(C, KH, KW), sums[KH * KW].clone()
+    # Contiguous, as the fake kernel says, and not aliasing each other: taps-major as the kernel, so no transpose.
+    return grad_v, sums[:KH * KW].view(KH, KW, C), sums[KH * KW].clone()
 
 
 @depthwise_conv_backward.register_fake
 def _(grad: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor, grid_h: int, pad_h: int, pad_w: int,
       prefix: int = 0, padding: torch.Tensor | None = None) -> tuple:
     f32 = {"device": kernel.device, "dtype": torch.float32}
-    return v.new_empty(v.shape), torch.empty(kernel.shape, **f32), torch.empty(kernel.shape[0], **f32)
+    return v.new_empty(v.shape), torch.empty(kernel.shape, **f32), torch.empty(kernel.shape[-1], **f32)
 
 
 def _backward(ctx, grad: torch.Tensor) -> tuple:
@@ -245,8 +271,8 @@ def reference_depthwise_conv(
     if padding is not None:
         v = v.masked_fill(padding[..., None], 0.0)
     B, T, C = v.shape
-    KH, KW = kernel.shape[1:]
+    KH, KW = kernel.shape[:2]
     x = v[:, prefix:].reshape(B, grid_h, (T - prefix) // grid_h, C).permute(0, 3, 1, 2)
     x = torch.nn.functional.pad(x, (pad_w, KW - 1 - pad_w, pad_h, KH - 1 - pad_h))
-    out = torch.nn.functional.conv2d(x, kernel.unsqueeze(1), bias, groups=C)
+    out = torch.nn.functional.conv2d(x, kernel.permute(2, 0, 1).unsqueeze(1), bias, groups=C)
     return torch.nn.functional.pad(out.permute(0, 2, 3, 1).reshape(B, T - prefix, C), (0, 0, prefix, 0))

@@ -4,10 +4,10 @@ The forward and the backward (input, kernel and bias gradients: ``depthwise_conv
 ``muse_lightning.triton_conv`` timed apart, on the value slice of a fused ``(B, 197, 3 x 384)`` projection in
 bf16 (a class token, then 196 tokens: the default 1-D kernel of 5 taps, then the 2-D layout's 5 x 5), against
 the same pass of PyTorch's convolution (``reference_depthwise_conv``: cuDNN on a GPU) on the same values. First
-the module's tiles, then each kernel-gradient tile (tokens, channels, warps, programs; the backward with the
-module's forward tile), then each forward / input-gradient tile (tokens, channels, warps; both passes, the
-backward with the module's kernel-gradient tile). The kernel gradient sums over each tile's tokens, across
-threads through shared memory, where the forward has no sums; so its best tile need not be the forward's. The
+the module's tiles, then each kernel-gradient tile (tap x token lanes, channels, warps, programs; the backward
+with the module's forward tile), then each forward / input-gradient tile (tokens, channels, warps; both passes,
+the backward with the module's kernel-gradient tile). The kernel gradient's tile holds all the taps of a few
+tokens, the forward's a row of tokens; so the two need not share a best tile. The
 median of ``torch.utils.benchmark`` rounds. Prints a row as each is measured and rewrites the JSON
 after each, so a run stopped at its time limit keeps what it measured. Part of ``scripts/gpu_check.sh``; on
 CPU (Triton's interpreter, a small batch) it checks that the script runs:
@@ -24,10 +24,10 @@ from torch.utils.benchmark import Timer
 
 from muse_lightning import triton_conv
 
-# (BLOCK_W, BLOCK_C, warps, programs) of the kernel gradient, (BLOCK_W, BLOCK_C, warps) of the forward and input
-# gradient (none that spills registers at 5 x 5); the module's own are timed first.
-GRAD_TILES = [(16, 64, 4, 256), (16, 64, 4, 4096), (16, 64, 2, 1024), (8, 64, 2, 1024), (16, 128, 4, 1024),
-              (8, 128, 4, 1024), (16, 128, 4, 4096), (8, 128, 4, 4096)]
+# (tap x token lanes, BLOCK_C, warps, programs) of the kernel gradient, (BLOCK_W, BLOCK_C, warps) of the forward
+# and input gradient (none that spills registers at 5 x 5); the module's own are timed first.
+GRAD_TILES = [(64, 64, 4, 256), (64, 64, 4, 4096), (32, 64, 4, 1024), (128, 64, 4, 1024), (64, 128, 4, 1024),
+              (64, 64, 2, 1024), (32, 64, 2, 1024), (128, 128, 8, 1024)]
 TAPS_TILES = [(8, 64, 2), (16, 64, 2), (8, 128, 4), (32, 64, 4), (16, 128, 4), (32, 32, 4), (16, 64, 8)]
 # name: (grid rows, kernel (KH, KW), padding (pad_h, pad_w))
 LAYOUTS = {"1-D, 5 taps": (1, (1, 5), (0, 2)), "2-D, 5 x 5": (14, (5, 5), (2, 2))}
@@ -47,7 +47,7 @@ def use(tiles: dict) -> None:
 def sweep(layout: str, grid_h: int, kernel_size: tuple[int, int], pads: tuple[int, int], v: torch.Tensor,
           grad: torch.Tensor, gen: torch.Generator, record: Callable[..., None]) -> None:
     """Time PyTorch's passes, then Triton's with the module's tiles and with each tile of the sweep."""
-    kernel = torch.randn(v.shape[-1], *kernel_size, generator=gen).to(v.device, v.dtype).requires_grad_()
+    kernel = torch.randn(*kernel_size, v.shape[-1], generator=gen).to(v.device, v.dtype).requires_grad_()
     bias = torch.zeros(v.shape[-1], device=v.device, dtype=v.dtype, requires_grad=True)
     args = (v, kernel, bias, grid_h, *pads, 1)
     reference = partial(triton_conv.reference_depthwise_conv, *args)
@@ -90,7 +90,7 @@ def main(out_path: str, batch: int) -> None:
 
     print(f"device={device} batch={batch} bf16; ratio = ms / PyTorch's convolution's same pass", flush=True)
     print("Triton F / G: F = forward and input-gradient tile (tokens x channels x warps), G = kernel-gradient tile "
-          "(tokens x channels x warps x programs)", flush=True)
+          "(tap-token lanes x channels x warps x programs)", flush=True)
     print(f"{'layout':<13}{'pass':<10}{'impl':<40}{'ms':>10} {'ratio':>8}", flush=True)
     for layout, (grid_h, kernel_size, pads) in LAYOUTS.items():
         sweep(layout, grid_h, kernel_size, pads, v, grad, gen, record)

@@ -48,7 +48,7 @@ def test_triton_conv_and_its_gradients_match_pytorch(layout, masking, dtype, dev
     gen = torch.Generator().manual_seed(0)
     T = prefix + H * W
     v, k, b = (torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_() for shape in
-               ((B, T, C), (C, KH, KW), (C,)))
+               ((B, T, C), (KH, KW, C), (C,)))
     padding = (torch.rand(B, T, generator=gen) < 0.3).to(device) if padded else None
     grad = torch.randn(B, T, C, generator=gen).to(device, dtype)
     out = triton_conv.depthwise_conv(v, k, b, H, ph, pw, prefix, padding)
@@ -70,6 +70,25 @@ def test_triton_conv_and_its_gradients_match_pytorch(layout, masking, dtype, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["1d", "2d-5x5"])
+def test_kernel_rows_longer_than_the_unrolled_taps_run_in_chunks(monkeypatch, layout, device):
+    # Rows of 5 taps, 2 unrolled at a time: chunks of 2 + 2 + 2, the last tap past the row's end masked.
+    monkeypatch.setattr(triton_conv, "_ROW_TAPS", 2)
+    B, H, W, C, KH, KW, ph, pw = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(0)
+    T = 2 + H * W
+    v, k, b = (torch.randn(*shape, generator=gen).to(device).requires_grad_() for shape in
+               ((B, T, C), (KH, KW, C), (C,)))
+    padding = (torch.rand(B, T, generator=gen) < 0.3).to(device)
+    grad = torch.randn(B, T, C, generator=gen).to(device)
+    out = triton_conv.depthwise_conv(v, k, b, H, ph, pw, 2, padding)
+    ref = triton_conv.reference_depthwise_conv(v, k, b, H, ph, pw, 2, padding)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for got, expected in zip(torch.autograd.grad(out, (v, k, b), grad), torch.autograd.grad(ref, (v, k, b), grad)):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["value-slice", "sequence-first"])
 def test_triton_conv_reads_strided_values_where_they_lie(layout, device):
     # The value third of a fused (B, T, 3 C) projection (token stride 3 C), and (T, B, C) tokens seen batch-first
@@ -84,7 +103,7 @@ def test_triton_conv_reads_strided_values_where_they_lie(layout, device):
         base = torch.randn(T, B, C, generator=gen).to(device).requires_grad_()
         v = base.transpose(0, 1)
     assert not v.is_contiguous() and v.stride(-1) == 1
-    k, b = (torch.randn(*shape, generator=gen).to(device).requires_grad_() for shape in ((C, KH, KW), (C,)))
+    k, b = (torch.randn(*shape, generator=gen).to(device).requires_grad_() for shape in ((KH, KW, C), (C,)))
     padding = (torch.rand(B, T, generator=gen) < 0.3).to(device)
     grad = torch.randn(B, T, C, generator=gen).to(device)
     out = triton_conv.depthwise_conv(v, k, b, H, ph, pw, 1, padding)
@@ -104,7 +123,7 @@ def test_kernel_and_bias_gradients_are_exact_and_reproducible_however_rows_are_c
     B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
     gen = torch.Generator().manual_seed(0)
     v, k, b = (torch.randn(*shape, generator=gen).to(device).requires_grad_() for shape in
-               ((B, 2 + H * W, C), (C, KH, KW), (C,)))
+               ((B, 2 + H * W, C), (KH, KW, C), (C,)))
     padding = (torch.rand(B, 2 + H * W, generator=gen) < 0.3).to(device)
     grad = torch.randn(B, 2 + H * W, C, generator=gen).to(device)
 
@@ -125,7 +144,7 @@ def test_triton_ops_pass_torch_library_opcheck(layout, device):
     B, H, W, C, KH, KW, ph, pw = LAYOUTS[layout]
     T = 1 + H * W
     v = torch.randn(B, T, 3 * C, device=device)[..., 2 * C:].requires_grad_()
-    k, b = (torch.randn(*shape, device=device, requires_grad=True) for shape in ((C, KH, KW), (C,)))
+    k, b = (torch.randn(*shape, device=device, requires_grad=True) for shape in ((KH, KW, C), (C,)))
     padding = torch.rand(B, T, device=device) < 0.3
     torch.library.opcheck(triton_conv.depthwise_conv, (v, k, b, H, ph, pw, 1, padding))
     torch.library.opcheck(triton_conv.depthwise_conv_backward,
@@ -135,7 +154,7 @@ def test_triton_ops_pass_torch_library_opcheck(layout, device):
 def test_triton_conv_compiles_fullgraph_forward_and_backward(device):
     B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
     v = torch.randn(B, 1 + H * W, C, device=device, requires_grad=True)
-    k, b = torch.randn(C, KH, KW, device=device), torch.randn(C, device=device)
+    k, b = torch.randn(KH, KW, C, device=device), torch.randn(C, device=device)
     padding = torch.zeros(B, 1 + H * W, dtype=torch.bool, device=device)
     padding[0, -4:] = True
     torch._dynamo.reset()
@@ -150,14 +169,14 @@ def test_triton_conv_compiles_fullgraph_forward_and_backward(device):
 
 
 def test_triton_conv_rejects_bad_shapes():
-    with pytest.raises(ValueError, match=r"kernel \(C, KH, KW\)"):
-        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(3, 1, 3), torch.randn(4), 1, 0, 1)
+    with pytest.raises(ValueError, match=r"kernel \(KH, KW, C\)"):  # (C, KH, KW), PyTorch's layout
+        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(4, 1, 3), torch.randn(4), 1, 0, 1)
     with pytest.raises(ValueError, match="grid_h=4 does not divide the 6 tokens"):
-        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(4, 3, 3), torch.randn(4), 4, 1, 1)
+        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(3, 3, 4), torch.randn(4), 4, 1, 1)
     with pytest.raises(ValueError, match="prefix=6 must leave tokens to convolve of the 6"):
-        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(4, 1, 3), torch.randn(4), 1, 0, 1, 6)
+        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(1, 3, 4), torch.randn(4), 1, 0, 1, 6)
     with pytest.raises(ValueError, match=r"padding must be a bool \(B, N\) = \(1, 6\) tensor, got torch.float32"):
-        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(4, 1, 3), torch.randn(4), 1, 0, 1, 0,
+        triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(1, 3, 4), torch.randn(4), 1, 0, 1, 0,
                                    torch.zeros(1, 6))
 
 
@@ -295,7 +314,9 @@ def test_a_swapped_timm_vit_on_the_triton_backend_equals_the_pytorch_one(monkeyp
 # registers' worth) to local memory, by ptxas's count, compiled as a launch with 16-divisible widths and strides
 # (a ViT's) specialises them and as one without: with their kernel rows unrolled the 9 x 9 forward and
 # input-gradient kernels spilled 2,084 to 2,576 bytes unspecialised and 104 to 372 specialised; now Triton 3.8
-# spills at most 16 bytes, 3.6 at most 8. Prints each kernel's registers (pytest -s).
+# spills at most 8 bytes, 3.6 none. Specialised, every load but the padding mask's bytes must be a vector
+# load (with the kernel in PyTorch's (C, KH, KW) layout each tap's weights loaded one channel at a time).
+# Prints each kernel's registers (pytest -s).
 _COMPILE_FOR_HOPPER = textwrap.dedent("""
     import re, subprocess, tempfile
     from itertools import product
@@ -319,7 +340,7 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
                "src_sb", "src_st", "v_sb", "v_st")
     # (KH, KW, dtypes): every dtype and padding case at 3 x 3, the largest kernels in bf16.
     sizes = [(3, 3, ("bf16", "fp32")), (1, 31, ("bf16",)), (9, 9, ("bf16",))]
-    spills = []
+    spills, scalar_loads = [], []
     for kh, kw, dtypes in sizes:
         for dtype in dtypes:
             for flip in (False, True):
@@ -328,12 +349,13 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
                     consts = dict(PAD_H=kh // 2, PAD_W=kw // 2, KH=kh, KW=kw, HAS_PAD=has_pad)
                     jobs = [("input gradient" if flip else "forward", tc._taps, tc._TAPS_TILE,
                              {**ptrs, "pad_ptr": "*u8", **ints, "src_sb": "i32", "src_st": "i32"},
-                             {**consts, "FLIP": flip})]
+                             {**consts, "FLIP": flip, "ROW_TAPS": min(kw, tc._ROW_TAPS)})]
                     if not flip:
-                        jobs.append(("kernel gradient", tc._kernel_grad, tc._GRAD_TILE,
+                        taps, block_w = tc._grad_block(kh, kw)
+                        jobs.append(("kernel gradient", tc._kernel_grad, (block_w, *tc._GRAD_TILE[1:]),
                                      {"v_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "pad_ptr": "*u8",
                                       "part_ptr": "*fp32", "R": "i32", **ints, "v_sb": "i32", "v_st": "i32"},
-                                     {**consts, "ROWS": 16, "TAPS": triton.next_power_of_2(kh * kw + 1)}))
+                                     {**consts, "ROWS": 16, "TAPS": taps}))
                     for (name, fn, (block_w, block_c, warps), signature, consts), aligned in product(jobs, (False, True)):
                         consts = {**consts, "BLOCK_W": block_w, "BLOCK_C": block_c}
                         signature = {**signature, **{k: "constexpr" for k in consts}}
@@ -348,12 +370,18 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
                         print(f"{label}: {registers} registers, {spilled} bytes spilled", flush=True)
                         if spilled > 32:
                             spills.append(f"{label}: {spilled} bytes")
+                        # Aligned, every load of tokens, gradients, kernel taps and bias is a vector load; only
+                        # the padding mask's bytes load one by one.
+                        scalar = re.findall(r"ld\\.global\\.(?!v\\d|b8|u8)[\\w.]+", kernel.asm["ptx"])
+                        if aligned and scalar:
+                            scalar_loads.append(f"{label}: {len(scalar)} x {scalar[0]}")
     assert not spills, spills
+    assert not scalar_loads, scalar_loads
     print("compiled")
 """)
 
 
-def test_triton_kernels_compile_for_a_hopper_gpu_and_fit_in_its_registers():
+def test_triton_kernels_compile_for_a_hopper_gpu_fit_in_its_registers_and_load_vectors():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=600)
     print(done.stdout)
