@@ -151,6 +151,19 @@ def _launch(v: torch.Tensor, H: int, prefix: int, tile: tuple[int, ...]) -> tupl
     return B * H, triton.cdiv((T - prefix) // H, tile[0]), triton.cdiv(C, tile[1])
 
 
+def _run_taps(src: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, pad: torch.Tensor, out: torch.Tensor,
+              grid_h: int, pad_h: int, pad_w: int, prefix: int, flip: bool, has_pad: bool) -> None:
+    """Launch ``_taps`` over ``src (B, prefix + N, C)`` into ``out`` with the module's tile (``bias`` is not read
+    with ``flip``)."""
+    (T, C), (KH, KW) = src.shape[1:], kernel.shape[:2]
+    block_w, block_c, warps = _TAPS_TILE
+    _taps[_launch(src, grid_h, prefix, _TAPS_TILE)](
+        src, kernel, bias, pad, out, grid_h, (T - prefix) // grid_h, C, prefix, src.stride(0), src.stride(1),
+        PAD_H=pad_h, PAD_W=pad_w, KH=KH, KW=KW, FLIP=flip, HAS_PAD=has_pad, ROW_TAPS=min(KW, _ROW_TAPS),
+        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
+    )
+
+
 def _check(v: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, grid_h: int, prefix: int,
            padding: torch.Tensor | None) -> None:
     if v.dim() != 3 or kernel.dim() != 3 or kernel.shape[-1] != v.shape[-1] or bias.shape != (v.shape[-1],):
@@ -188,14 +201,8 @@ def depthwise_conv(
     v, kernel = _channels_unit_stride(v), kernel.contiguous()
     out = v.new_empty(v.shape)
     out[:, :prefix].zero_()
-    T, C = v.shape[1:]
-    block_w, block_c, warps = _TAPS_TILE
-    _taps[_launch(v, grid_h, prefix, _TAPS_TILE)](
-        v, kernel, bias.contiguous(), _pad_arg(padding, v), out, grid_h, (T - prefix) // grid_h, C, prefix,
-        v.stride(0), v.stride(1),
-        PAD_H=pad_h, PAD_W=pad_w, KH=kernel.shape[0], KW=kernel.shape[1], FLIP=False, HAS_PAD=padding is not None,
-        ROW_TAPS=min(kernel.shape[1], _ROW_TAPS), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
-    )
+    _run_taps(v, kernel, bias.contiguous(), _pad_arg(padding, v), out, grid_h, pad_h, pad_w, prefix, flip=False,
+              has_pad=padding is not None)
     return out
 
 
@@ -224,12 +231,7 @@ def depthwise_conv_backward(
     grad_v = v.new_empty(v.shape)
     grad_v[:, :prefix].zero_()
     # The input gradient is the convolution of the output gradient with the flipped kernel.
-    block_w, block_c, warps = _TAPS_TILE
-    _taps[_launch(v, grid_h, prefix, _TAPS_TILE)](
-        grad, kernel, kernel, pad, grad_v, grid_h, W, C, prefix, grad.stride(0), grad.stride(1), PAD_H=pad_h,
-        PAD_W=pad_w, KH=KH, KW=KW, FLIP=True, HAS_PAD=has_pad, ROW_TAPS=min(KW, _ROW_TAPS), BLOCK_W=block_w,
-        BLOCK_C=block_c, num_warps=warps,
-    )
+    _run_taps(grad, kernel, kernel, pad, grad_v, grid_h, pad_h, pad_w, prefix, flip=True, has_pad=has_pad)
     # The kernel and bias gradients: each program sums `rows` grid rows of one tile, _GRAD_PROGRAMS programs or up
     # to half as many in all (`rows` a power of two, so that few kernels are compiled however the shapes vary).
     taps, block_w = _grad_block(KH, KW)
