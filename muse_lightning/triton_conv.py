@@ -30,7 +30,7 @@ __all__ = ["depthwise_conv", "depthwise_conv_backward", "reference_depthwise_con
 # The tile of the forward and input-gradient kernel (``_taps``: tokens of a grid row, channels, warps), that of the
 # kernel-gradient kernel (tap x token lanes, channels, warps: all the taps of ``lanes // taps`` tokens, see
 # ``_grad_block``) and the number of programs the latter aims at (a few waves on a 132-multiprocessor GPU; the
-# rows each sums follow). Not yet tuned on a GPU: scripts/triton_tiles.py times each kernel's on one.
+# token tiles each sums follow). Not yet tuned on a GPU: scripts/triton_tiles.py times each kernel's on one.
 _TAPS_TILE = (16, 64, 4)
 _GRAD_TILE = (64, 64, 4)
 _GRAD_PROGRAMS = 1024
@@ -48,14 +48,20 @@ def _taps(
     s(i - PAD_H), w + s(j - PAD_W), c]`` on the grid after ``P`` prefix tokens. Forward (``s = +1``): padded
     tokens read as zero, plus the bias. Input gradient (``FLIP``, ``s = -1``): padded tokens get zero. ``src`` may
     be strided (batch and token strides ``src_sb``, ``src_st``: the value slice of a fused projection); ``out`` and
-    ``pad`` are contiguous."""
-    row = tl.program_id(0)  # b * H + h
-    h = row % H
-    b = (row // H).to(tl.int64)  # 64-bit offsets from here: tensors may exceed 2**31 elements
-    src_base, base = b * src_sb, b * (P + H * W)  # batch b's first token
-    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ``pad`` are contiguous. The first program axis runs over the grid rows' column tiles, row after row (CUDA
+    allows 2**31 - 1 programs on it, 65,535 on the others: a sequence of a million tokens has 62,500 tiles)."""
+    n_w = tl.cdiv(W, BLOCK_W)
+    row = tl.program_id(0) // n_w  # b * H + h
+    h, w0 = row % H, (tl.program_id(0) % n_w) * BLOCK_W
+    lane = tl.arange(0, BLOCK_W)
+    w = w0 + lane
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    # 64-bit offsets of the tile's first token (tensors may exceed 2**31 elements); the taps' are relative to it.
+    b = (row // H).to(tl.int64)
+    start = P + h * W + w0
+    tile_src = src_ptr + (b * src_sb + start.to(tl.int64) * src_st)
+    tile_pad = pad_ptr + (b * (P + H * W) + start)
     acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     # Kernel rows in a loop, and a row's taps ROW_TAPS at a time, those unrolled: registers grow with ROW_TAPS, not
     # KH * KW (unrolled, a 9 x 9 kernel spilled 2.5 KB per thread on Hopper; tests/test_triton_conv.py keeps every
@@ -72,20 +78,18 @@ def _taps(
                 tap_ok = c_ok
                 if KW % ROW_TAPS:  # the last ROW_TAPS run past the row's end
                     ok, tap_ok = ok & (j < KW), tap_ok & (j < KW)
-                token = P + hh * W + ww
+                rel = dh * W + dw + lane
                 if HAS_PAD and not FLIP:
-                    ok = ok & (tl.load(pad_ptr + base + token, mask=ok, other=1) == 0)
-                src = src_ptr + src_base + token[:, None] * src_st + c[None, :]
-                x = tl.load(src, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                    ok = ok & (tl.load(tile_pad + rel, mask=ok, other=1) == 0)
+                x = tl.load(tile_src + rel[:, None] * src_st + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
                 k = tl.load(kernel_ptr + (i * KW + j) * C + c, mask=tap_ok, other=0.0)
                 acc += x.to(tl.float32) * k.to(tl.float32)[None, :]
-    token = base + P + h * W + w
     if not FLIP:
         acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_PAD and FLIP:
-        padded = tl.load(pad_ptr + token, mask=w < W, other=1) != 0
+        padded = tl.load(tile_pad + lane, mask=w < W, other=1) != 0
         acc = tl.where(padded[:, None], 0.0, acc)
-    out = out_ptr + token[:, None] * C + c[None, :]
+    out = out_ptr + (b * (P + H * W) + start) * C + (lane[:, None] * C + c[None, :])
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(w < W)[:, None] & c_ok[None, :])
 
 
@@ -93,48 +97,55 @@ def _taps(
 def _kernel_grad(
         v_ptr, grad_ptr, pad_ptr, part_ptr, R, H, W, C, P, v_sb, v_st,
         PAD_H: tl.constexpr, PAD_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_PAD: tl.constexpr,
-        ROWS: tl.constexpr, TAPS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        ITEMS: tl.constexpr, TAPS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The kernel and bias gradients of ``ROWS`` grid rows (of the ``R = B * H``) in one ``(BLOCK_W, BLOCK_C)``
-    column tile: ``part[p, q, i * KW + j, c] = sum grad[b, h, w, c] * v[b, h + i - PAD_H, w + j - PAD_W, c]``
-    (padded tokens of ``v`` reading as zero) and ``part[p, q, KH * KW, c] = sum grad[b, h, w, c]``. All taps at
-    once: each row's products fill a ``(TAPS, BLOCK_W, BLOCK_C)`` accumulator elementwise (tap ``KH * KW``, the
-    bias, multiplies by one; the taps up to the power of two ``TAPS`` read nothing), and its tokens are summed,
-    across threads, once per program, not at every row. No atomics: the partial sums are added in a fixed order,
-    so gradients reproduce. ``v`` may be strided as ``src`` in ``_taps``; ``grad`` is contiguous."""
-    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """The kernel and bias gradients of ``ITEMS`` consecutive token tiles, in one ``BLOCK_C`` channel tile: the tiles
+    are the ``BLOCK_W`` tokens of each grid row (of the ``R = B * H``) one after another, row after row, so that a
+    long sequence is split among programs as a tall grid is. ``part[p, i * KW + j, c] = sum grad[b, h, w, c] *
+    v[b, h + i - PAD_H, w + j - PAD_W, c]`` (padded tokens of ``v`` reading as zero) and ``part[p, KH * KW, c] = sum
+    grad[b, h, w, c]`` over program ``p``'s tiles. All taps at once: each tile's products fill a ``(TAPS, BLOCK_W,
+    BLOCK_C)`` accumulator elementwise (tap ``KH * KW``, the bias, multiplies by one; the taps up to the power of
+    two ``TAPS`` read nothing), and its tokens are summed, across threads, once per program, not at every tile. No
+    atomics: the partial sums are added in a fixed order, so gradients reproduce. ``v`` may be strided as ``src`` in
+    ``_taps``; ``grad`` is contiguous."""
+    n_w = tl.cdiv(W, BLOCK_W)
+    lane = tl.arange(0, BLOCK_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     tap = tl.arange(0, TAPS)
-    dh = tap // KW - PAD_H
-    ww = w[None, :] + (tap % KW - PAD_W)[:, None]  # (TAPS, BLOCK_W): the tokens each tap reads, on every row
-    tap_ok = (tap < KH * KW)[:, None] & (ww >= 0) & (ww < W)
-    token = dh[:, None] * W + ww  # from the row's first token
-    x_tile = token[:, :, None] * v_st + c[None, None, :]
+    dh, dw = tap // KW - PAD_H, tap % KW - PAD_W
+    rel = dh[:, None] * W + dw[:, None] + lane[None, :]  # (TAPS, BLOCK_W): the tokens each tap reads, from the tile's first
+    x_tile = rel[:, :, None] * v_st + c[None, None, :]
     bias_tap = tl.where((tap == KH * KW)[:, None, None], 1.0, 0.0).to(v_ptr.dtype.element_ty)
-    # The output gradient loaded straight into the taps' layout (the same row for every tap): no layout change.
-    g_tile = tl.broadcast_to((w[:, None] * C + c[None, :])[None, :, :], (TAPS, BLOCK_W, BLOCK_C))
-    g_mask = ((w < W)[:, None] & c_ok[None, :])[None, :, :]
-    first = tl.program_id(0) * ROWS  # b * H + h
-    b, h = first // H, first % H  # stepped along the rows below, no division there
+    # The output gradient loaded straight into the taps' layout (the same tokens for every tap): no layout change.
+    g_tile = tl.broadcast_to((lane[:, None] * C + c[None, :])[None, :, :], (TAPS, BLOCK_W, BLOCK_C))
+    first = tl.program_id(0) * ITEMS
+    row, w0 = first // n_w, (first % n_w) * BLOCK_W  # stepped along the tiles below, no division there
+    b, h = row // H, row % H
     acc = tl.zeros((TAPS, BLOCK_W, BLOCK_C), dtype=tl.float32)
-    for r in range(ROWS):
-        row_ok = first + r < R
-        b64 = b.to(tl.int64)  # 64-bit offsets: tensors may exceed 2**31 elements
-        row = b64 * (P + H * W) + P + h * W  # the row's first token
-        g = tl.load(grad_ptr + row * C + g_tile, mask=g_mask & row_ok, other=0.0)
+    for _ in range(ITEMS):
+        tile_ok = row < R
+        ww = w0 + dw[:, None] + lane[None, :]
         hh = h + dh
-        ok = tap_ok & ((hh >= 0) & (hh < H))[:, None] & row_ok
+        ok = (tap < KH * KW)[:, None] & (ww >= 0) & (ww < W) & ((hh >= 0) & (hh < H))[:, None] & tile_ok
+        # 64-bit offsets of the tile's first token: tensors may exceed 2**31 elements.
+        start = b.to(tl.int64) * (P + H * W) + P + h * W + w0
+        g_ok = ((w0 + lane < W)[:, None] & c_ok[None, :])[None, :, :] & tile_ok
+        g = tl.load(grad_ptr + start * C + g_tile, mask=g_ok, other=0.0)
         if HAS_PAD:
-            ok = ok & (tl.load(pad_ptr + row + token, mask=ok, other=1) == 0)
-        x = tl.load(v_ptr + b64 * v_sb + (P + h * W) * v_st + x_tile, mask=ok[:, :, None] & c_ok[None, None, :],
-                    other=bias_tap)
+            ok = ok & (tl.load(pad_ptr + start + rel, mask=ok, other=1) == 0)
+        x = tl.load(v_ptr + (b.to(tl.int64) * v_sb + (P + h * W + w0).to(tl.int64) * v_st) + x_tile,
+                    mask=ok[:, :, None] & c_ok[None, None, :], other=bias_tap)
         acc += g.to(tl.float32) * x.to(tl.float32)
-        h += 1
-        if h == H:
-            h = 0
-            b += 1
-    part = part_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * (KH * KW + 1) * C
+        w0 += BLOCK_W
+        if w0 >= W:
+            w0 = 0
+            row += 1
+            h += 1
+            if h == H:
+                h = 0
+                b += 1
+    part = part_ptr + tl.program_id(0).to(tl.int64) * (KH * KW + 1) * C
     tl.store(part + tap[:, None] * C + c[None, :], tl.sum(acc, axis=1), mask=(tap <= KH * KW)[:, None] & c_ok[None, :])
 
 
@@ -145,19 +156,28 @@ def _grad_block(KH: int, KW: int) -> tuple[int, int]:
     return taps, max(1, _GRAD_TILE[0] // taps)
 
 
-def _launch(v: torch.Tensor, H: int, prefix: int, tile: tuple[int, ...]) -> tuple[int, int, int]:
-    """The program grid of a ``(tokens, channels, ...)`` tile: (grid rows, column tiles, channel tiles)."""
-    B, T, C = v.shape
-    return B * H, triton.cdiv((T - prefix) // H, tile[0]), triton.cdiv(C, tile[1])
+def _taps_grid(B: int, H: int, W: int, C: int) -> tuple[int, int]:
+    """The program grid of ``_taps`` over ``B`` grids of ``H x W`` tokens: (rows x column tiles, channel tiles)."""
+    return B * H * triton.cdiv(W, _TAPS_TILE[0]), triton.cdiv(C, _TAPS_TILE[1])
+
+
+def _grad_grid(B: int, H: int, W: int, C: int, KH: int, KW: int) -> tuple[tuple[int, int], int]:
+    """The program grid of ``_kernel_grad`` (programs along the token tiles, channel tiles) and the token tiles
+    (``ITEMS``) each program sums: ``_GRAD_PROGRAMS`` programs or up to half as many in all (``ITEMS`` a power of
+    two, so that few kernels are compiled however the shapes vary), whatever the grid's shape."""
+    tiles = B * H * triton.cdiv(W, _grad_block(KH, KW)[1])
+    channel_tiles = triton.cdiv(C, _GRAD_TILE[1])
+    items = triton.next_power_of_2(triton.cdiv(tiles * channel_tiles, _GRAD_PROGRAMS))
+    return (triton.cdiv(tiles, items), channel_tiles), items
 
 
 def _run_taps(src: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, pad: torch.Tensor, out: torch.Tensor,
               grid_h: int, pad_h: int, pad_w: int, prefix: int, flip: bool, has_pad: bool) -> None:
     """Launch ``_taps`` over ``src (B, prefix + N, C)`` into ``out`` with the module's tile (``bias`` is not read
     with ``flip``)."""
-    (T, C), (KH, KW) = src.shape[1:], kernel.shape[:2]
+    (B, T, C), (KH, KW) = src.shape, kernel.shape[:2]
     block_w, block_c, warps = _TAPS_TILE
-    _taps[_launch(src, grid_h, prefix, _TAPS_TILE)](
+    _taps[_taps_grid(B, grid_h, (T - prefix) // grid_h, C)](
         src, kernel, bias, pad, out, grid_h, (T - prefix) // grid_h, C, prefix, src.stride(0), src.stride(1),
         PAD_H=pad_h, PAD_W=pad_w, KH=KH, KW=KW, FLIP=flip, HAS_PAD=has_pad, ROW_TAPS=min(KW, _ROW_TAPS),
         BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
@@ -232,18 +252,16 @@ def depthwise_conv_backward(
     grad_v[:, :prefix].zero_()
     # The input gradient is the convolution of the output gradient with the flipped kernel.
     _run_taps(grad, kernel, kernel, pad, grad_v, grid_h, pad_h, pad_w, prefix, flip=True, has_pad=has_pad)
-    # The kernel and bias gradients: each program sums `rows` grid rows of one tile, _GRAD_PROGRAMS programs or up
-    # to half as many in all (`rows` a power of two, so that few kernels are compiled however the shapes vary).
+    # The kernel and bias gradients: partial sums over each program's token tiles, then added in a fixed order.
     taps, block_w = _grad_block(KH, KW)
-    rows_total, (_, n_w, n_c) = v.shape[0] * grid_h, _launch(v, grid_h, prefix, (block_w, _GRAD_TILE[1]))
-    rows = triton.next_power_of_2(triton.cdiv(rows_total * n_w * n_c, _GRAD_PROGRAMS))
-    part = torch.empty(triton.cdiv(rows_total, rows), n_w, KH * KW + 1, C, device=v.device, dtype=torch.float32)
-    _kernel_grad[part.shape[0], n_w, n_c](
-        v, grad, pad, part, rows_total, grid_h, W, C, prefix, v.stride(0), v.stride(1), PAD_H=pad_h, PAD_W=pad_w,
-        KH=KH, KW=KW, HAS_PAD=has_pad, ROWS=rows, TAPS=taps, BLOCK_W=block_w, BLOCK_C=_GRAD_TILE[1],
+    grid, items = _grad_grid(v.shape[0], grid_h, W, C, KH, KW)
+    part = torch.empty(grid[0], KH * KW + 1, C, device=v.device, dtype=torch.float32)
+    _kernel_grad[grid](
+        v, grad, pad, part, v.shape[0] * grid_h, grid_h, W, C, prefix, v.stride(0), v.stride(1), PAD_H=pad_h,
+        PAD_W=pad_w, KH=KH, KW=KW, HAS_PAD=has_pad, ITEMS=items, TAPS=taps, BLOCK_W=block_w, BLOCK_C=_GRAD_TILE[1],
         num_warps=_GRAD_TILE[2],
     )
-    sums = part.sum(dim=(0, 1))
+    sums = part.sum(dim=0)
     # Contiguous, as the fake kernel says, and not aliasing each other: taps-major as the kernel, so no transpose.
     return grad_v, sums[:KH * KW].view(KH, KW, C), sums[KH * KW].clone()
 

@@ -114,13 +114,17 @@ def test_triton_conv_reads_strided_values_where_they_lie(layout, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("programs", [1, 4, 10_000], ids=["one-chunk", "partial-last-chunk", "row-per-program"])
-def test_kernel_and_bias_gradients_are_exact_and_reproducible_however_rows_are_chunked(monkeypatch, programs,
-                                                                                         device):
-    # 2 x 5 = 10 grid rows in one column tile, chunks of a power of two rows: 1 program sums all 10 (a chunk of 16),
-    # 4 programs become 3 of 4 + 4 + 2 rows (the last chunk runs past the last row), 10,000 programs 10 of 1 row.
+@pytest.mark.parametrize("programs", [1, 4, 10_000], ids=["one-chunk", "partial-last-chunk", "tile-per-program"])
+@pytest.mark.parametrize("layout", ["1d", "2d-3x3"])
+def test_kernel_and_bias_gradients_are_exact_and_reproducible_however_tiles_are_chunked(monkeypatch, programs, layout,
+                                                                                          device):
+    # The token tiles, row after row: 2 sequences of 3 tiles (8 tokens; 2 channel tiles), or 2 x 5 grid rows of 2
+    # tiles (4 tokens), in chunks of a power of two tiles. 1 program sums them all; 4 programs become chunks of 4
+    # tiles in 1-D (4 + 2: the first crosses from the first sequence to the second, the last runs past the last
+    # tile) and of 8 in 2-D (8 + 8 + 4: the second crosses from the first grid to the second); 10,000 programs
+    # take a tile each.
     monkeypatch.setattr(triton_conv, "_GRAD_PROGRAMS", programs)
-    B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
+    B, H, W, C, KH, KW, ph, pw = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(0)
     v, k, b = (torch.randn(*shape, generator=gen).to(device).requires_grad_() for shape in
                ((B, 2 + H * W, C), (KH, KW, C), (C,)))
@@ -134,6 +138,20 @@ def test_kernel_and_bias_gradients_are_exact_and_reproducible_however_rows_are_c
     for g, expected, repeat in zip(got, grads(triton_conv.reference_depthwise_conv), again):
         torch.testing.assert_close(g, expected, atol=1e-4, rtol=1e-4)
         assert torch.equal(g, repeat)  # partial sums added in a fixed order: no atomics
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 ** 21, 384, 1, 63), (65_536, 1, 16, 64, 1, 5), (512, 224, 224, 96, 7, 7)],
+                         ids=["2M-token-sequence", "65536-short-sequences", "512-grids-224x224"])
+def test_kernel_launches_fit_cuda_grid_limits_and_the_partial_sums_stay_small(shape):
+    # CUDA launches at most 2**31 - 1 programs on the first grid axis and 65,535 on the others; the kernel
+    # gradient's partial sums are a fixed number of programs' worth, however long the sequence (on a GPU, not
+    # the interpreter, an axis over its limit is a launch error).
+    B, H, W, C, KH, KW = shape
+    (tiles, channel_tiles), (grad_programs, grad_channel_tiles) = triton_conv._taps_grid(B, H, W, C), \
+        triton_conv._grad_grid(B, H, W, C, KH, KW)[0]
+    assert tiles < 2 ** 31 and grad_programs < 2 ** 31 and max(channel_tiles, grad_channel_tiles) <= 65_535
+    assert tiles * triton_conv._TAPS_TILE[0] >= B * H * W and channel_tiles * triton_conv._TAPS_TILE[1] >= C
+    assert grad_programs <= -(-triton_conv._GRAD_PROGRAMS // grad_channel_tiles)  # ceil(_GRAD_PROGRAMS / tiles)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -355,7 +373,7 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
                         jobs.append(("kernel gradient", tc._kernel_grad, (block_w, *tc._GRAD_TILE[1:]),
                                      {"v_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "pad_ptr": "*u8",
                                       "part_ptr": "*fp32", "R": "i32", **ints, "v_sb": "i32", "v_st": "i32"},
-                                     {**consts, "ROWS": 16, "TAPS": taps}))
+                                     {**consts, "ITEMS": 16, "TAPS": taps}))
                     for (name, fn, (block_w, block_c, warps), signature, consts), aligned in product(jobs, (False, True)):
                         consts = {**consts, "BLOCK_W": block_w, "BLOCK_C": block_c}
                         signature = {**signature, **{k: "constexpr" for k in consts}}
