@@ -21,6 +21,8 @@ PyTorch's convolution. ``MultiScaleDepthwiseConv`` uses it only when ``MUSE_CONV
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -205,6 +207,12 @@ def _channels_unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """``t``'s CUDA device made the current one for the launches: Triton launches on the current device, not on the
+    tensors' (a model on ``cuda:1`` in a process whose current device is ``cuda:0``)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _pad_arg(padding: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
     """The padding mask as bytes for the kernels (``v``, never read, where there is none)."""
     return v if padding is None else padding.contiguous().view(torch.uint8)
@@ -221,8 +229,9 @@ def depthwise_conv(
     v, kernel = _channels_unit_stride(v), kernel.contiguous()
     out = v.new_empty(v.shape)
     out[:, :prefix].zero_()
-    _run_taps(v, kernel, bias.contiguous(), _pad_arg(padding, v), out, grid_h, pad_h, pad_w, prefix, flip=False,
-              has_pad=padding is not None)
+    with _on_device(v):
+        _run_taps(v, kernel, bias.contiguous(), _pad_arg(padding, v), out, grid_h, pad_h, pad_w, prefix, flip=False,
+                  has_pad=padding is not None)
     return out
 
 
@@ -250,17 +259,18 @@ def depthwise_conv_backward(
     has_pad, pad = padding is not None, _pad_arg(padding, v)
     grad_v = v.new_empty(v.shape)
     grad_v[:, :prefix].zero_()
-    # The input gradient is the convolution of the output gradient with the flipped kernel.
-    _run_taps(grad, kernel, kernel, pad, grad_v, grid_h, pad_h, pad_w, prefix, flip=True, has_pad=has_pad)
-    # The kernel and bias gradients: partial sums over each program's token tiles, then added in a fixed order.
     taps, block_w = _grad_block(KH, KW)
     grid, items = _grad_grid(v.shape[0], grid_h, W, C, KH, KW)
     part = torch.empty(grid[0], KH * KW + 1, C, device=v.device, dtype=torch.float32)
-    _kernel_grad[grid](
-        v, grad, pad, part, v.shape[0] * grid_h, grid_h, W, C, prefix, v.stride(0), v.stride(1), PAD_H=pad_h,
-        PAD_W=pad_w, KH=KH, KW=KW, HAS_PAD=has_pad, ITEMS=items, TAPS=taps, BLOCK_W=block_w, BLOCK_C=_GRAD_TILE[1],
-        num_warps=_GRAD_TILE[2],
-    )
+    with _on_device(v):
+        # The input gradient is the convolution of the output gradient with the flipped kernel.
+        _run_taps(grad, kernel, kernel, pad, grad_v, grid_h, pad_h, pad_w, prefix, flip=True, has_pad=has_pad)
+        # The kernel and bias gradients: partial sums over each program's token tiles, then added in a fixed order.
+        _kernel_grad[grid](
+            v, grad, pad, part, v.shape[0] * grid_h, grid_h, W, C, prefix, v.stride(0), v.stride(1), PAD_H=pad_h,
+            PAD_W=pad_w, KH=KH, KW=KW, HAS_PAD=has_pad, ITEMS=items, TAPS=taps, BLOCK_W=block_w, BLOCK_C=_GRAD_TILE[1],
+            num_warps=_GRAD_TILE[2],
+        )
     sums = part.sum(dim=0)
     # Contiguous, as the fake kernel says, and not aliasing each other: taps-major as the kernel, so no transpose.
     return grad_v, sums[:KH * KW].view(KH, KW, C), sums[KH * KW].clone()
