@@ -169,7 +169,7 @@ def _grad_grid(B: int, H: int, W: int, C: int, KH: int, KW: int) -> tuple[tuple[
     two, so that few kernels are compiled however the shapes vary), whatever the grid's shape."""
     tiles = B * H * triton.cdiv(W, _grad_block(KH, KW)[1])
     channel_tiles = triton.cdiv(C, _GRAD_TILE[1])
-    items = triton.next_power_of_2(triton.cdiv(tiles * channel_tiles, _GRAD_PROGRAMS))
+    items = triton.next_power_of_2(max(1, triton.cdiv(tiles * channel_tiles, _GRAD_PROGRAMS)))  # 1 if no tokens
     return (triton.cdiv(tiles, items), channel_tiles), items
 
 

@@ -1,5 +1,5 @@
 """The Triton depthwise convolution, run on CPU by Triton's interpreter, against PyTorch's: forward and every
-gradient, on each layout, in float32 and bfloat16; and MUSE's convolution branch on it."""
+gradient, on each layout, in float32, bfloat16 and float16; and MUSE's convolution branch on it."""
 import os
 import subprocess
 import sys
@@ -39,7 +39,7 @@ MASKING = {"grid-only": (0, False), "prefix-padding": (2, True)}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("masking", MASKING)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_triton_conv_and_its_gradients_match_pytorch(layout, masking, dtype, device):
@@ -152,6 +152,18 @@ def test_kernel_launches_fit_cuda_grid_limits_and_the_partial_sums_stay_small(sh
     assert tiles < 2 ** 31 and grad_programs < 2 ** 31 and max(channel_tiles, grad_channel_tiles) <= 65_535
     assert tiles * triton_conv._TAPS_TILE[0] >= B * H * W and channel_tiles * triton_conv._TAPS_TILE[1] >= C
     assert grad_programs <= -(-triton_conv._GRAD_PROGRAMS // grad_channel_tiles)  # ceil(_GRAD_PROGRAMS / tiles)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["1d", "2d-5x5"])
+def test_an_empty_batch_convolves_to_nothing_with_zero_kernel_and_bias_gradients(layout, device):
+    # As PyTorch's convolution does with a batch of 0 (no programs launched, partial sums of no tiles).
+    _, H, W, C, KH, KW, ph, pw = LAYOUTS[layout]
+    v, k, b = (torch.randn(*shape, device=device).requires_grad_() for shape in ((0, 1 + H * W, C), (KH, KW, C), (C,)))
+    out = triton_conv.depthwise_conv(v, k, b, H, ph, pw, 1, torch.zeros(0, 1 + H * W, dtype=torch.bool, device=device))
+    grads = torch.autograd.grad(out.sum(), (v, k, b))
+    assert out.shape == v.shape and grads[0].shape == v.shape
+    assert not grads[1].any() and not grads[2].any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
