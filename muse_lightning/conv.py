@@ -40,6 +40,12 @@ DEFAULT_KERNEL_SIZES: dict[str, tuple[int, ...]] = {"static": (1, 3, 5), "dynami
 CONV_BACKEND = os.environ.get("MUSE_CONV_BACKEND", "torch")
 if CONV_BACKEND not in ("torch", "triton"):
     raise ValueError(f"MUSE_CONV_BACKEND must be 'torch' or 'triton', got {CONV_BACKEND!r}")
+if CONV_BACKEND == "triton":
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        raise ImportError("MUSE_CONV_BACKEND=triton needs triton (PyPI's torch wheels for Linux ship it), or leave "
+                          "MUSE_CONV_BACKEND unset for PyTorch's convolution") from error
 
 
 def check_kernel_sizes(kernel_sizes: Sequence[int]) -> tuple[int, ...]:

@@ -1,4 +1,8 @@
 """Bad arguments raise a ValueError/TypeError that names the argument, before torch sees them."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -98,3 +102,14 @@ def test_token_ids_outside_the_vocabulary_are_named(bad_id):
     ids = torch.tensor([[5, 6, bad_id, 7]])
     with pytest.raises(ValueError, match=rf"token ids outside the vocabulary \[0, 257\): e.g. \[{bad_id}\]"):
         MUSETextNet(3, max_length=8, dim=16, depth=1, num_heads=2)(ids)
+
+
+@pytest.mark.parametrize(("backend", "setup", "error"), [
+    ("cudnn", "pass", "ValueError: MUSE_CONV_BACKEND must be 'torch' or 'triton', got 'cudnn'"),
+    ("triton", "sys.modules['triton'] = None", "ImportError: MUSE_CONV_BACKEND=triton needs triton"),
+], ids=["unknown-backend", "triton-not-installed"])
+def test_a_convolution_backend_that_cannot_run_is_named_at_import(backend, setup, error):
+    env = {**os.environ, "MUSE_CONV_BACKEND": backend}
+    done = subprocess.run([sys.executable, "-c", f"import sys; {setup}; import muse_lightning"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and error in done.stderr, done.stderr[-2000:]
