@@ -51,7 +51,7 @@ def _taps(
     tokens read as zero, plus the bias. Input gradient (``FLIP``, ``s = -1``): padded tokens get zero. ``src`` may
     be strided (batch and token strides ``src_sb``, ``src_st``: the value slice of a fused projection); ``out`` and
     ``pad`` are contiguous. The first program axis runs over the grid rows' column tiles, row after row (CUDA
-    allows 2**31 - 1 programs on it, 65,535 on the others: a sequence of a million tokens has 62,500 tiles)."""
+    allows 2**31 - 1 programs on it, 65,535 on the others: a sequence of 2**21 tokens has 131,072 tiles)."""
     n_w = tl.cdiv(W, BLOCK_W)
     row = tl.program_id(0) // n_w  # b * H + h
     h, w0 = row % H, (tl.program_id(0) % n_w) * BLOCK_W
@@ -116,7 +116,8 @@ def _kernel_grad(
     c_ok = c < C
     tap = tl.arange(0, TAPS)
     dh, dw = tap // KW - PAD_H, tap % KW - PAD_W
-    rel = dh[:, None] * W + dw[:, None] + lane[None, :]  # (TAPS, BLOCK_W): the tokens each tap reads, from the tile's first
+    # (TAPS, BLOCK_W): the tokens each tap reads, counted from the tile's first.
+    rel = dh[:, None] * W + dw[:, None] + lane[None, :]
     x_tile = rel[:, :, None] * v_st + c[None, None, :]
     bias_tap = tl.where((tap == KH * KW)[:, None, None], 1.0, 0.0).to(v_ptr.dtype.element_ty)
     # The output gradient loaded straight into the taps' layout (the same tokens for every tap): no layout change.
