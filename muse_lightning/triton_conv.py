@@ -61,9 +61,10 @@ def _taps(
     c_ok = c < C
     # 64-bit offsets of the tile's first token (tensors may exceed 2**31 elements); the taps' are relative to it.
     b = (row // H).to(tl.int64)
-    start = P + h * W + w0
+    start = P + h * W + w0  # in batch b's tokens
+    first_token = b * (P + H * W) + start  # in out's and pad's tokens
     tile_src = src_ptr + (b * src_sb + start.to(tl.int64) * src_st)
-    tile_pad = pad_ptr + (b * (P + H * W) + start)
+    tile_pad = pad_ptr + first_token
     acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     # Kernel rows in a loop, and a row's taps ROW_TAPS at a time, those unrolled: registers grow with ROW_TAPS, not
     # KH * KW (unrolled, a 9 x 9 kernel spilled 2.5 KB per thread on Hopper; tests/test_triton_conv.py keeps every
@@ -91,7 +92,7 @@ def _taps(
     if HAS_PAD and FLIP:
         padded = tl.load(tile_pad + lane, mask=w < W, other=1) != 0
         acc = tl.where(padded[:, None], 0.0, acc)
-    out = out_ptr + (b * (P + H * W) + start) * C + (lane[:, None] * C + c[None, :])
+    out = out_ptr + first_token * C + (lane[:, None] * C + c[None, :])
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(w < W)[:, None] & c_ok[None, :])
 
 
@@ -131,13 +132,14 @@ def _kernel_grad(
         ww = w0 + dw[:, None] + lane[None, :]
         hh = h + dh
         ok = (tap < KH * KW)[:, None] & (ww >= 0) & (ww < W) & ((hh >= 0) & (hh < H))[:, None] & tile_ok
-        # 64-bit offsets of the tile's first token: tensors may exceed 2**31 elements.
-        start = b.to(tl.int64) * (P + H * W) + P + h * W + w0
+        # 64-bit offsets of the tile's first token (tensors may exceed 2**31 elements): in batch b's tokens, in grad's.
+        b64, in_batch = b.to(tl.int64), P + h * W + w0
+        start = b64 * (P + H * W) + in_batch
         g_ok = ((w0 + lane < W)[:, None] & c_ok[None, :])[None, :, :] & tile_ok
         g = tl.load(grad_ptr + start * C + g_tile, mask=g_ok, other=0.0)
         if HAS_PAD:
             ok = ok & (tl.load(pad_ptr + start + rel, mask=ok, other=1) == 0)
-        x = tl.load(v_ptr + (b.to(tl.int64) * v_sb + (P + h * W + w0).to(tl.int64) * v_st) + x_tile,
+        x = tl.load(v_ptr + (b64 * v_sb + in_batch.to(tl.int64) * v_st) + x_tile,
                     mask=ok[:, :, None] & c_ok[None, None, :], other=bias_tap)
         acc += g.to(tl.float32) * x.to(tl.float32)
         w0 += BLOCK_W
@@ -179,9 +181,10 @@ def _run_taps(src: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, pad: 
     """Launch ``_taps`` over ``src (B, prefix + N, C)`` into ``out`` with the module's tile (``bias`` is not read
     with ``flip``)."""
     (B, T, C), (KH, KW) = src.shape, kernel.shape[:2]
+    W = (T - prefix) // grid_h
     block_w, block_c, warps = _TAPS_TILE
-    _taps[_taps_grid(B, grid_h, (T - prefix) // grid_h, C)](
-        src, kernel, bias, pad, out, grid_h, (T - prefix) // grid_h, C, prefix, src.stride(0), src.stride(1),
+    _taps[_taps_grid(B, grid_h, W, C)](
+        src, kernel, bias, pad, out, grid_h, W, C, prefix, src.stride(0), src.stride(1),
         PAD_H=pad_h, PAD_W=pad_w, KH=KH, KW=KW, FLIP=flip, HAS_PAD=has_pad, ROW_TAPS=min(KW, _ROW_TAPS),
         BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
