@@ -111,5 +111,5 @@ def test_token_ids_outside_the_vocabulary_are_named(bad_id):
 def test_a_convolution_backend_that_cannot_run_is_named_at_import(backend, setup, error):
     env = {**os.environ, "MUSE_CONV_BACKEND": backend}
     done = subprocess.run([sys.executable, "-c", f"import sys; {setup}; import muse_lightning"], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0 and error in done.stderr, done.stderr[-2000:]
