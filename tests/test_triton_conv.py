@@ -151,7 +151,7 @@ def test_kernel_launches_fit_cuda_grid_limits_and_the_partial_sums_stay_small(sh
         triton_conv._grad_grid(B, H, W, C, KH, KW)[0]
     assert tiles < 2 ** 31 and grad_programs < 2 ** 31 and max(channel_tiles, grad_channel_tiles) <= 65_535
     assert tiles * triton_conv._TAPS_TILE[0] >= B * H * W and channel_tiles * triton_conv._TAPS_TILE[1] >= C
-    assert grad_programs <= -(-triton_conv._GRAD_PROGRAMS // grad_channel_tiles)  # ceil(_GRAD_PROGRAMS / tiles)
+    assert grad_programs <= -(-triton_conv._GRAD_PROGRAMS // grad_channel_tiles)  # ceil(_GRAD_PROGRAMS / channel tiles)
 
 
 @pytest.mark.parametrize("device", DEVICES)
