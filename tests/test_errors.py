@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from muse_lightning import MUSEAttention, MUSEBlock, MultiScaleDynamicConv
+from muse_lightning import MultiScaleDynamicConv, MUSEAttention, MUSEBlock
+from muse_lightning.callbacks import ThroughputMonitor, batch_size
 
 
 @pytest.mark.parametrize(
@@ -33,6 +34,12 @@ def test_bad_constructor_argument_is_named(kwargs, error, match):
     args = {"dim": 32, "num_heads": 4, **kwargs}
     with pytest.raises(error, match=match):
         MUSEAttention(**args)
+
+
+@pytest.mark.parametrize("flops", [0, -1e12, float("nan")])
+def test_a_peak_flops_that_is_not_positive_is_named(flops):
+    with pytest.raises(ValueError, match="available_flops must be a positive number of FLOP/s"):
+        ThroughputMonitor(batch_size, available_flops=flops)
 
 
 def test_dynamic_conv_heads_must_divide_channels():

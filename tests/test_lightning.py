@@ -8,12 +8,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
-from muse_lightning import (
-    FashionMNISTDataModule, ImageClassifier, SequenceClassifier, TextClassifier, WordNetGlossesDataModule,
-)
 from conftest import write_rotten_tomatoes
 
+from muse_lightning import (
+    FashionMNISTDataModule,
+    ImageClassifier,
+    SequenceClassifier,
+    TextClassifier,
+    WordNetGlossesDataModule,
+)
+from muse_lightning.callbacks import peak_flops
 from muse_lightning.cli import main
 from muse_lightning.compare import last_metrics
 from muse_lightning.text import MUSETextNet
@@ -260,10 +264,32 @@ def test_modules_show_their_flops_and_count_a_training_batchs(make):
     assert all(p.device.type == "cpu" and p.grad is None for p in module.parameters())  # counted on a meta twin
 
 
-def test_throughput_overlay_logs_samples_and_flops_per_second(tmp_path):
-    # Rates are rolling averages over 50 batches, logged every 20 steps: the first at step 60.
+def test_throughput_overlay_logs_samples_flops_per_second_and_mfu_against_the_peak_given(tmp_path):
+    # Rates are rolling averages over 50 batches, logged every 20 steps: the first at step 60. Lightning has no peak
+    # FLOP/s for a CPU, so MFU is logged only against the one given.
     main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "throughput.yaml"),
           "--model.init_args.model_kwargs", str(SMALL_VIT), "--trainer.max_steps", "60", "--trainer.limit_val_batches", "1",
-          "--trainer.default_root_dir", str(tmp_path)])
+          "--trainer.callbacks.available_flops", "2e12", "--trainer.default_root_dir", str(tmp_path)])
     metrics = last_metrics(tmp_path / "logs")
     assert metrics["train/device/samples_per_sec"] > 0 and metrics["train/device/flops_per_sec"] > 0
+    assert metrics["train/device/mfu"] == pytest.approx(metrics["train/device/flops_per_sec"] / 2e12)
+
+
+@pytest.mark.parametrize(("name", "precision", "matmul", "flops"), [
+    ("NVIDIA H200", "bf16-mixed", "highest", 989.5e12),
+    ("NVIDIA H200", "16-mixed", "highest", 989.5e12),
+    ("NVIDIA H200", "32-true", "high", 494.5e12),  # TF32 matrix products
+    ("NVIDIA H200", "32-true", "highest", 67e12),
+    ("NVIDIA H100 80GB HBM3", "bf16-mixed", "highest", None),  # Lightning's own figure stands
+    ("NVIDIA H200 NVL", "bf16-mixed", "highest", None),
+])
+def test_peak_flops_gives_the_h200_its_dense_figures_and_leaves_other_gpus_to_lightning(
+        monkeypatch, name, precision, matmul, flops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul)
+    try:
+        assert peak_flops(torch.device("cuda", 0), precision) == flops
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert peak_flops(torch.device("cpu"), precision) is None
