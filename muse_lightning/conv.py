@@ -114,6 +114,12 @@ def with_prefix(out: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     return torch.cat([out.new_zeros(out.shape[:1] + (num_prefix_tokens,) + out.shape[2:]), out], dim=1)
 
 
+def _channels_last(kernel: torch.Tensor) -> torch.Tensor:
+    """A depthwise kernel ``(C, k)`` or ``(C, k, k)`` as the Triton convolution takes it, ``(KH, KW, C)``: a copy of
+    its few values, whose gradient's transpose is a view."""
+    return (kernel.unsqueeze(1) if kernel.dim() == 2 else kernel).permute(1, 2, 0).contiguous()
+
+
 def _use_triton(v: torch.Tensor) -> bool:
     """The Triton backend where it is chosen and runs: CUDA tensors, or any under Triton's interpreter."""
     return CONV_BACKEND == "triton" and not is_tracing() and (v.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
@@ -175,9 +181,16 @@ class MultiScaleDepthwiseConv(nn.Module):
         """Convolve the tokens of ``v`` ``(B, N, C)`` after its ``num_prefix_tokens`` (whose outputs are zero),
         tokens marked in ``key_padding_mask`` (``(B, N)``, True on padding) reading as zero; the 2-D layout
         needs ``grid_size = (H, W)`` of the tokens after the prefix."""
-        weights = _gate_weights(self.gate)
-        kernel = _gated_kernel(list(self.weight), self.kernel_sizes, weights, is_causal, self.spatial_dims)
-        bias = self.bias[0] if weights is None else weights @ self.bias
+        self._check_layout(v, is_causal, grid_size, num_prefix_tokens)
+        if _use_triton(v):  # the gate collapse in one launch, its kernel channels-last as the Triton convolution's
+            from .triton_conv import gated_kernel
+            kernel, bias = (_channels_last(self.weight[0]), self.bias[0]) if self.gate is None else gated_kernel(
+                torch.cat([w.flatten() for w in self.weight]), self.kernel_sizes, self.bias, self.gate,
+                self.layout == "2d", is_causal)
+        else:
+            weights = _gate_weights(self.gate)
+            kernel = _gated_kernel(list(self.weight), self.kernel_sizes, weights, is_causal, self.spatial_dims)
+            bias = self.bias[0] if weights is None else weights @ self.bias
         return self._conv(v, kernel, bias, max(self.kernel_sizes), is_causal, grid_size, key_padding_mask,
                           num_prefix_tokens)
 
@@ -190,18 +203,28 @@ class MultiScaleDepthwiseConv(nn.Module):
             num_prefix_tokens: int = 0,
     ) -> torch.Tensor:
         """Gated output of each kernel size, stacked: ``(B, N, len(kernel_sizes), C)``."""
+        self._check_layout(v, is_causal, grid_size, num_prefix_tokens)
         # PyTorch's path masks and slices the tokens once for all kernels; Triton's does it inside each.
         fused = _use_triton(v)
         x = v if fused else grid_tokens(v, key_padding_mask, num_prefix_tokens)
         mask, prefix = (key_padding_mask, num_prefix_tokens) if fused else (None, 0)
         outs = [
-            self._conv(x, w, b, k, is_causal, grid_size, mask, prefix)
+            self._conv(x, _channels_last(w) if fused else w, b, k, is_causal, grid_size, mask, prefix)
             for w, b, k in zip(self.weight, self.bias, self.kernel_sizes)
         ]
         out = torch.stack(outs, dim=2)
         weights = _gate_weights(self.gate)
         out = out if weights is None else out * weights[:, None]
         return out if fused else with_prefix(out, num_prefix_tokens)
+
+    def _check_layout(self, v: torch.Tensor, is_causal: bool, grid_size: tuple[int, int] | None,
+                      num_prefix_tokens: int) -> None:
+        if self.layout == "2d":
+            N = v.shape[1] - num_prefix_tokens
+            if is_causal:
+                raise ValueError("is_causal is not defined for the 2-D convolution layout")
+            if not is_tracing() and (grid_size is None or grid_size[0] * grid_size[1] != N):
+                raise ValueError(f"grid_size must be (H, W) with H * W = {N} tokens, got {grid_size}")
 
     def _conv(
             self,
@@ -214,23 +237,16 @@ class MultiScaleDepthwiseConv(nn.Module):
             key_padding_mask: torch.Tensor | None,
             num_prefix_tokens: int,
     ) -> torch.Tensor:
+        """One depthwise pass of ``kernel``: ``(C, k)`` or ``(C, k, k)``, on the Triton backend ``(KH, KW, C)``."""
         B, T, C = v.shape
         N = T - num_prefix_tokens
-        if self.layout == "2d":
-            if is_causal:
-                raise ValueError("is_causal is not defined for the 2-D convolution layout")
-            if not is_tracing() and (grid_size is None or grid_size[0] * grid_size[1] != N):
-                raise ValueError(f"grid_size must be (H, W) with H * W = {N} tokens, got {grid_size}")
-        if _use_triton(v):  # masking, the prefix and the bias inside the one kernel
+        if _use_triton(v):  # masking, the prefix and the bias inside the one kernel; the kernel is (KH, KW, C)
             from .triton_conv import depthwise_conv
             if self.layout == "2d":
                 grid_h, pad_h, pad_w = grid_size[0], width // 2, width // 2
             else:
-                grid_h, pad_h, pad_w, kernel = 1, 0, width - 1 if is_causal else width // 2, kernel.view(C, 1, width)
-            # The kernel channels-last, (KH, KW, C) as the tokens: a copy of C x KH x KW values (its gradient's
-            # transpose is a view).
-            return depthwise_conv(v, kernel.permute(1, 2, 0).contiguous(), bias, grid_h, pad_h, pad_w,
-                                  num_prefix_tokens, key_padding_mask)
+                grid_h, pad_h, pad_w = 1, 0, width - 1 if is_causal else width // 2
+            return depthwise_conv(v, kernel, bias, grid_h, pad_h, pad_w, num_prefix_tokens, key_padding_mask)
         v = grid_tokens(v, key_padding_mask, num_prefix_tokens)
         if self.layout == "2d":
             # (B, C, H, W) viewed from (B, H, W, C) is channels-last: no transposes.

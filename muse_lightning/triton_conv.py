@@ -14,7 +14,14 @@ kernels; the kernel and bias gradients without atomics, so they reproduce bit fo
 contiguous channel vectors, no transposes, and ``v`` is read through its batch and token strides (the value
 slice of a fused ``qkv`` projection needs no copy).
 
-The op runs where Triton does: CUDA tensors, or any tensors under Triton's interpreter
+``gated_kernel(kernels, sizes, bias, gate, two_d, causal)`` is the gate collapse that makes the one kernel: the
+kernels of several sizes (flattened one after another), weighed by ``softmax(gate)`` and summed into the largest
+size, channels-last, and their biases likewise, in one launch; its backward, one more, gives every kernel's, the
+biases' and the gate's gradients (the gate's summed over channels by one program, in order: no atomics). In
+PyTorch those are a dozen tiny ops each way, each a kernel launch in eager mode. The kernels come packed rather
+than as a list of tensors: torch 2.11's custom-op autograd rejects the gradients of a ``Tensor[]`` input.
+
+The ops run where Triton does: CUDA tensors, or any tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` before this module is imported), which is how it is tested on CPU against
 PyTorch's convolution. ``MultiScaleDepthwiseConv`` uses it only when ``MUSE_CONV_BACKEND=triton``
 (not yet measured on a GPU: the default stays PyTorch's cuDNN path).
@@ -27,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["depthwise_conv", "depthwise_conv_backward", "reference_depthwise_conv"]
+__all__ = ["depthwise_conv", "depthwise_conv_backward", "gated_kernel", "gated_kernel_backward", "reference_depthwise_conv"]
 
 # The tile of the forward and input-gradient kernel (``_taps``: tokens of a grid row, channels, warps), that of the
 # kernel-gradient kernel (tap x token lanes, channels, warps: all the taps of ``lanes // taps`` tokens, see
@@ -38,6 +45,8 @@ _GRAD_TILE = (64, 64, 4)
 _GRAD_PROGRAMS = 1024
 # The most taps of a kernel row that ``_taps`` unrolls (a longer row runs in chunks of this many, the last masked).
 _ROW_TAPS = 16
+# The channels that a program of the gate collapse (``_collapse``, ``_collapse_grad``) takes at a time, one a thread.
+_COLLAPSE_BLOCK_C = 128
 
 
 @triton.jit
@@ -152,6 +161,95 @@ def _kernel_grad(
                 b += 1
     part = part_ptr + tl.program_id(0).to(tl.int64) * (KH * KW + 1) * C
     tl.store(part + tap[:, None] * C + c[None, :], tl.sum(acc, axis=1), mask=(tap <= KH * KW)[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _gate_weights(gate_ptr, S: tl.constexpr, S_POW2: tl.constexpr):
+    """``softmax(gate)`` of the ``S`` gate logits in fp32, in ``S_POW2`` lanes (the lanes past ``S`` zero)."""
+    lanes = tl.arange(0, S_POW2)
+    logits = tl.load(gate_ptr + lanes, mask=lanes < S, other=float("-inf")).to(tl.float32)
+    w = tl.exp(logits - tl.max(logits))
+    return w / tl.sum(w)
+
+
+@triton.jit
+def _lane(x, s):
+    """Lane ``s`` of the vector ``x``, as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, x.shape[0]) == s, x, 0.0))
+
+
+@triton.jit
+def _window_tap(t, c, C, k: tl.constexpr, start: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                CAUSAL: tl.constexpr):
+    """Where tap ``t`` of the gated ``KH x KW`` kernel falls in the size-``k`` kernel that starts at ``C * start`` in
+    the packed kernels of ``_collapse``: the offsets of its channels ``c`` there, and whether the tap is inside the
+    kernel's window."""
+    rows = k if KH > 1 else 1
+    ii = t // KW - (KH - rows) // 2
+    jj = t % KW - ((KW - k) if CAUSAL else (KW - k) // 2)
+    inside = (ii >= 0) & (ii < rows) & (jj >= 0) & (jj < k)
+    return C * start + c * (rows * k) + (ii * k + jj), inside
+
+
+@triton.jit
+def _collapse(
+        kernels_ptr, bias_ptr, gate_ptr, out_ptr, out_bias_ptr, C,
+        SIZES: tl.constexpr, STARTS: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, CAUSAL: tl.constexpr,
+        S_POW2: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One ``BLOCK_C`` channel tile of the gated kernel, channels-last: ``out[i, j, c] = sum_s w_s * k_s[c, i - oh_s,
+    j - ow_s]`` (zero outside size ``s``'s window, placed at ``(oh_s, ow_s)`` in the ``KH x KW`` one: centred, or
+    with ``CAUSAL`` at the row's end) and ``out_bias[c] = sum_s w_s * bias[s, c]``, ``w = softmax(gate)``. The
+    kernels ``k_s``, ``(C, k)`` (``KH = 1``) or ``(C, k, k)``, lie one after another in ``kernels``, ``k_s`` from
+    ``C * STARTS[s]``."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    S: tl.constexpr = len(SIZES)
+    w = _gate_weights(gate_ptr, S, S_POW2)
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s in tl.static_range(S):
+        bias += _lane(w, s) * tl.load(bias_ptr + s * C + c, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(out_bias_ptr + c, bias.to(out_bias_ptr.dtype.element_ty), mask=c_ok)
+    for t in range(KH * KW):
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for s in tl.static_range(S):
+            offset, inside = _window_tap(t, c, C, SIZES[s], STARTS[s], KH, KW, CAUSAL)
+            x = tl.load(kernels_ptr + offset, mask=c_ok & inside, other=0.0)
+            acc += _lane(w, s) * x.to(tl.float32)
+        tl.store(out_ptr + t * C + c, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _collapse_grad(
+        kernels_ptr, bias_ptr, gate_ptr, grad_ptr, grad_bias_ptr, kernels_grad_ptr, bias_grad_ptr, gate_grad_ptr, C,
+        SIZES: tl.constexpr, STARTS: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, CAUSAL: tl.constexpr,
+        S_POW2: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr,
+):
+    """The gradients of ``_collapse`` from those of its kernel (``grad``, ``(KH, KW, C)``) and bias (``grad_bias``):
+    ``k_s``'s is ``w_s * grad`` over size ``s``'s window, ``bias[s]``'s ``w_s * grad_bias``, and the gate's ``w_s *
+    (d_s - sum_r w_r d_r)`` with ``d_s = <grad, k_s> + <grad_bias, bias[s]>``. One program, which walks the
+    ``C_TILES`` channel tiles in order: the sums over channels reproduce bit for bit, without atomics."""
+    S: tl.constexpr = len(SIZES)
+    lanes = tl.arange(0, S_POW2)
+    w = _gate_weights(gate_ptr, S, S_POW2)
+    d = tl.zeros((S_POW2,), dtype=tl.float32)
+    for tile in range(C_TILES):
+        c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        g_bias = tl.load(grad_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        for s in tl.static_range(S):
+            b = tl.load(bias_ptr + s * C + c, mask=c_ok, other=0.0).to(tl.float32)
+            tl.store(bias_grad_ptr + s * C + c, (_lane(w, s) * g_bias).to(bias_grad_ptr.dtype.element_ty), mask=c_ok)
+            d += tl.where(lanes == s, tl.sum(g_bias * b), 0.0)
+        for t in range(KH * KW):  # the taps as in _collapse, each size's window within them
+            g = tl.load(grad_ptr + t * C + c, mask=c_ok, other=0.0).to(tl.float32)
+            for s in tl.static_range(S):
+                offset, inside = _window_tap(t, c, C, SIZES[s], STARTS[s], KH, KW, CAUSAL)
+                x = tl.load(kernels_ptr + offset, mask=c_ok & inside, other=0.0).to(tl.float32)
+                tl.store(kernels_grad_ptr + offset, (_lane(w, s) * g).to(kernels_grad_ptr.dtype.element_ty),
+                         mask=c_ok & inside)
+                d += tl.where(lanes == s, tl.sum(g * x), 0.0)
+    tl.store(gate_grad_ptr + lanes, (w * (d - tl.sum(w * d))).to(gate_grad_ptr.dtype.element_ty), mask=lanes < S)
 
 
 def _grad_block(KH: int, KW: int) -> tuple[int, int]:
@@ -295,6 +393,98 @@ def _backward(ctx, grad: torch.Tensor) -> tuple:
 
 
 depthwise_conv.register_autograd(_backward, setup_context=_setup)
+
+
+def _check_gated(kernels: torch.Tensor, sizes: list[int], bias: torch.Tensor, gate: torch.Tensor, two_d: bool,
+                 causal: bool) -> None:
+    S, C = len(sizes), bias.shape[-1]
+    taps = sum(k ** (1 + two_d) for k in sizes)
+    if not (sizes and all(k > 0 and k % 2 for k in sizes) and bias.dim() == 2 and bias.shape[0] == S
+            and gate.shape == (S,) and kernels.shape == (C * taps,)):
+        raise ValueError(
+            f"gated_kernel takes the kernels (C, k) (or (C, k, k) if two_d) of odd sizes k, flattened one after "
+            f"another, their sizes, bias (S, C) and gate (S,), got {tuple(kernels.shape)}, {sizes}, "
+            f"{tuple(bias.shape)} and {tuple(gate.shape)}"
+        )
+    if causal and two_d:
+        raise ValueError("causal is not defined for 2-D kernels")
+
+
+def _collapse_args(sizes: list[int], two_d: bool) -> dict:
+    """The constexprs of ``_collapse`` and ``_collapse_grad``: the sizes, where each size's kernel starts in the
+    packed kernels (in taps; times C), the gated kernel's ``KH x KW``, the sizes' lanes and the channel tile."""
+    starts = [0]
+    for k in sizes[:-1]:
+        starts.append(starts[-1] + k ** (1 + two_d))
+    width = max(sizes)
+    return {"SIZES": tuple(sizes), "STARTS": tuple(starts), "KH": width if two_d else 1, "KW": width,
+            "S_POW2": triton.next_power_of_2(len(sizes)), "BLOCK_C": _COLLAPSE_BLOCK_C}
+
+
+@torch.library.custom_op("muse_lightning::gated_kernel", mutates_args=())
+def gated_kernel(
+        kernels: torch.Tensor, sizes: list[int], bias: torch.Tensor, gate: torch.Tensor, two_d: bool = False,
+        causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated kernel channels-last, ``(KH, KW, C)`` in fp32: ``sum_s softmax(gate)_s * k_s``, the kernels ``k_s``
+    of ``sizes`` (``(C, k)``, or ``(C, k, k)`` if ``two_d``; flattened and concatenated in ``kernels``) each
+    zero-padded to the largest size (centred, or right-aligned if ``causal``); and its bias ``sum_s softmax(gate)_s *
+    bias[s]`` (``bias (S, C)``): one launch."""
+    _check_gated(kernels, sizes, bias, gate, two_d, causal)
+    args, C = _collapse_args(sizes, two_d), bias.shape[1]
+    f32 = {"device": bias.device, "dtype": torch.float32}
+    out, out_bias = torch.empty(args["KH"], args["KW"], C, **f32), torch.empty(C, **f32)
+    with _on_device(bias):
+        _collapse[(triton.cdiv(C, _COLLAPSE_BLOCK_C),)](
+            kernels.contiguous(), bias.contiguous(), gate.contiguous(), out, out_bias, C, CAUSAL=causal, **args,
+            num_warps=_COLLAPSE_BLOCK_C // 32,
+        )
+    return out, out_bias
+
+
+@gated_kernel.register_fake
+def _(kernels: torch.Tensor, sizes: list[int], bias: torch.Tensor, gate: torch.Tensor, two_d: bool = False,
+      causal: bool = False) -> tuple:
+    args, f32 = _collapse_args(sizes, two_d), {"device": bias.device, "dtype": torch.float32}
+    return torch.empty(args["KH"], args["KW"], bias.shape[1], **f32), torch.empty(bias.shape[1], **f32)
+
+
+@torch.library.custom_op("muse_lightning::gated_kernel_backward", mutates_args=())
+def gated_kernel_backward(
+        grad: torch.Tensor, grad_bias: torch.Tensor, kernels: torch.Tensor, sizes: list[int], bias: torch.Tensor,
+        gate: torch.Tensor, two_d: bool = False, causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``gated_kernel``'s ``kernels``, ``bias`` and ``gate`` from those of its two outputs."""
+    grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (kernels, bias, gate)]
+    with _on_device(bias):
+        _collapse_grad[(1,)](
+            kernels.contiguous(), bias.contiguous(), gate.contiguous(), grad.contiguous(), grad_bias.contiguous(),
+            *grads, bias.shape[1], CAUSAL=causal, **_collapse_args(sizes, two_d),
+            C_TILES=triton.cdiv(bias.shape[1], _COLLAPSE_BLOCK_C), num_warps=_COLLAPSE_BLOCK_C // 32,
+        )
+    return tuple(grads)
+
+
+@gated_kernel_backward.register_fake
+def _(grad: torch.Tensor, grad_bias: torch.Tensor, kernels: torch.Tensor, sizes: list[int], bias: torch.Tensor,
+      gate: torch.Tensor, two_d: bool = False, causal: bool = False) -> tuple:
+    return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (kernels, bias, gate))
+
+
+def _gated_setup(ctx, inputs: tuple, output: tuple) -> None:
+    kernels, sizes, bias, gate, two_d, causal = inputs
+    ctx.save_for_backward(kernels, bias, gate)
+    ctx.layout = (sizes, two_d, causal)
+
+
+def _gated_backward(ctx, grad: torch.Tensor, grad_bias: torch.Tensor) -> tuple:
+    kernels, bias, gate = ctx.saved_tensors
+    sizes, two_d, causal = ctx.layout
+    grads = gated_kernel_backward(grad, grad_bias, kernels, sizes, bias, gate, two_d, causal)
+    return grads[0], None, grads[1], grads[2], None, None
+
+
+gated_kernel.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
 def reference_depthwise_conv(

@@ -48,11 +48,12 @@ models() {
 
 if [ -d wheels ]; then python3 -m pip install -q --no-index --find-links wheels "jsonargparse[signatures,omegaconf]"; fi
 if [ "$stage" = main ]; then
-    step versions 20 python3 -c "import torch, triton, timm; print(torch.__version__, triton.__version__, \
+    step versions 10 python3 -c "import torch, triton, timm; print(torch.__version__, triton.__version__, \
 timm.__version__, torch.cuda.get_device_name())"
     # (Not the compile-for-Hopper test: on a GPU every test compiles its kernels for the device itself; nor float16,
     # whose kernels differ from bfloat16's only in their conversions: 24 more compiles might not fit the limit.)
-    step triton_tests 120 python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=60 -k "not hopper and not fp16" \
+    # Verbose: a run cut at its limit still names each test it ran and how it ended.
+    step triton_tests 130 python3 -m pytest -v -p no:cacheprovider -o faulthandler_timeout=60 -k "not hopper and not fp16" \
         tests/test_triton_conv.py
     # The ViT-S/16 mixer ratio (bf16, batch 128, forward+backward), eager and compiled, on each convolution backend:
     # every mixer on PyTorch's, the static MUSE mixers (the ones the backend changes) and the baseline on Triton's.

@@ -166,6 +166,60 @@ def test_an_empty_batch_convolves_to_nothing_with_zero_kernel_and_bias_gradients
     assert not grads[1].any() and not grads[2].any()
 
 
+# (kernel sizes, 2-D, causal): the default sizes centred and causal, 2-D grids of two and of four sizes (the gate's
+# lanes padded to a power of two), sizes that are not 1, 3, 5; 200 channels, a channel tile and a part of one.
+GATED = {
+    "1d": ((1, 3, 5), False, False),
+    "1d-causal": ((1, 3, 5), False, True),
+    "1d-3-7": ((7, 3), False, False),
+    "2d-3-5": ((3, 5), True, False),
+    "2d-1-3-5-7": ((1, 3, 5, 7), True, False),
+}
+
+
+def _gated_inputs(sizes, two_d, dtype=torch.float32, device="cpu", C=200):
+    gen = torch.Generator().manual_seed(0)
+    kernels = [torch.randn(C, *(k,) * (1 + two_d), generator=gen) for k in sizes]
+    bias, gate = torch.randn(len(sizes), C, generator=gen), torch.randn(len(sizes), generator=gen)
+    return [t.to(device, dtype).requires_grad_() for t in kernels], *(t.to(device, dtype).requires_grad_() for t in (bias, gate))
+
+
+def _packed(kernels):
+    """The kernels flattened one after another, as the module hands them to ``gated_kernel``."""
+    return torch.cat([k.flatten() for k in kernels])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gated", GATED)
+def test_gate_collapse_and_its_kernel_bias_and_gate_gradients_match_pytorch(gated, dtype, device):
+    sizes, two_d, causal = GATED[gated]
+    kernels, bias, gate = _gated_inputs(sizes, two_d, dtype, device)
+    kernel, kernel_bias = triton_conv.gated_kernel(_packed(kernels), sizes, bias, gate, two_d, causal)
+    grad, grad_bias = torch.randn_like(kernel), torch.randn_like(kernel_bias)
+    inputs = (*kernels, bias, gate)
+    grads = torch.autograd.grad((kernel, kernel_bias), inputs, (grad, grad_bias))
+    # PyTorch's collapse (conv._gated_kernel, the module's on its own backend) in float32, moved channels-last.
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
+    *kernels32, bias32, gate32 = inputs32
+    weights = gate32.softmax(0)
+    ref = conv._gated_kernel(kernels32, sizes, weights, causal, 2 if two_d else 1)
+    ref, ref_bias = (ref if two_d else ref.unsqueeze(1)).permute(1, 2, 0), weights @ bias32
+    ref_grads = torch.autograd.grad((ref, ref_bias), inputs32, (grad, grad_bias))
+    assert kernel.dtype == kernel_bias.dtype == torch.float32 and [g.dtype for g in grads] == [dtype] * len(inputs)
+    # Both collapse the same (rounded) weights in float32; the gradients are rounded to the weights' dtype.
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(kernel, ref, **tol)
+    torch.testing.assert_close(kernel_bias, ref_bias, **tol)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), expected, **(tol if dtype == torch.float32 else {
+            "atol": 0.02 * expected.abs().max().item(), "rtol": 0.02}))
+    # One program sums over the channels in a fixed order: the gate's gradient reproduces bit for bit.
+    again = torch.autograd.grad(triton_conv.gated_kernel(_packed(kernels), sizes, bias, gate, two_d, causal), inputs,
+                                (grad, grad_bias))
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_triton_ops_pass_torch_library_opcheck(layout, device):
@@ -179,6 +233,12 @@ def test_triton_ops_pass_torch_library_opcheck(layout, device):
     torch.library.opcheck(triton_conv.depthwise_conv, (v, k, b, H, ph, pw, 1, padding))
     torch.library.opcheck(triton_conv.depthwise_conv_backward,
                           (torch.randn(B, T, C, device=device), v.detach(), k.detach(), H, ph, pw, 1, padding))
+    sizes, causal = (1, KH) if KH > 1 else (1, 3, KW), pw == KW - 1
+    kernels, bias, gate = _gated_inputs(sizes, KH > 1, device=device, C=C)
+    args = (_packed(kernels), sizes, bias, gate, KH > 1, causal)
+    torch.library.opcheck(triton_conv.gated_kernel, args)
+    grads = [torch.randn_like(t) for t in triton_conv.gated_kernel(*args)]
+    torch.library.opcheck(triton_conv.gated_kernel_backward, (*grads, *(a.detach() if torch.is_tensor(a) else a for a in args)))
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_conv_compiles_fullgraph_forward_and_backward(device):
@@ -208,6 +268,12 @@ def test_triton_conv_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"padding must be a bool \(B, N\) = \(1, 6\) tensor, got torch.float32"):
         triton_conv.depthwise_conv(torch.randn(1, 6, 4), torch.randn(1, 3, 4), torch.randn(4), 1, 0, 1, 0,
                                    torch.zeros(1, 6))
+    with pytest.raises(ValueError, match=r"gated_kernel takes the kernels \(C, k\) \(or \(C, k, k\) if two_d\) of odd"):
+        triton_conv.gated_kernel(torch.randn(4 * 7), [3, 4], torch.randn(2, 4), torch.randn(2))  # an even size
+    with pytest.raises(ValueError, match=r"got \(24,\), \[1, 5\], \(2, 4\) and \(2,\)"):  # 1-D sizes, 2-D taps
+        triton_conv.gated_kernel(torch.randn(4 * 6), [1, 5], torch.randn(2, 4), torch.randn(2), True)
+    with pytest.raises(ValueError, match="causal is not defined for 2-D kernels"):
+        triton_conv.gated_kernel(torch.randn(4 * 9), [3], torch.randn(1, 4), torch.randn(1), True, True)
 
 
 @pytest.mark.parametrize(("options", "call"), [
@@ -405,6 +471,28 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
                         scalar = re.findall(r"ld\\.global\\.(?!v\\d|b8|u8)[\\w.]+", kernel.asm["ptx"])
                         if aligned and scalar:
                             scalar_loads.append(f"{label}: {len(scalar)} x {scalar[0]}")
+    # The gate collapse and its gradient (tiny: a few KB of weights, their per-channel loads strided by design), up
+    # to five 2-D sizes (a 9 x 9 kernel).
+    for sizes, two_d in (((1, 3, 5), False), ((3, 5), True), ((1, 3, 5, 7, 9), True)):
+        for dtype in ("bf16", "fp32"):
+            p = "*" + dtype
+            consts = {**tc._collapse_args(list(sizes), two_d), "CAUSAL": False}
+            jobs = [("gate collapse", tc._collapse, {"kernels_ptr": p, "bias_ptr": p, "gate_ptr": p, "out_ptr": "*fp32",
+                                                     "out_bias_ptr": "*fp32", "C": "i32"}),
+                    ("gate collapse gradient", tc._collapse_grad,
+                     {"kernels_ptr": p, "bias_ptr": p, "gate_ptr": p, "grad_ptr": "*fp32", "grad_bias_ptr": "*fp32",
+                      "kernels_grad_ptr": p, "bias_grad_ptr": p, "gate_grad_ptr": p, "C": "i32"})]
+            for name, fn, signature in jobs:
+                consts = {**consts, **({"C_TILES": 3} if fn is tc._collapse_grad else {})}  # 384 channels
+                constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+                kernel = triton.compile(ASTSource(fn, {**signature, **{k: "constexpr" for k in consts}}, constexprs),
+                                        target=GPUTarget("cuda", 90, 32),
+                                        options={"num_warps": tc._COLLAPSE_BLOCK_C // 32})
+                registers, spilled = resources(kernel.asm["ptx"])
+                label = f"{name} {sizes}{' 2-D' * two_d} {dtype}"
+                print(f"{label}: {registers} registers, {spilled} bytes spilled", flush=True)
+                if spilled > 32:
+                    spills.append(f"{label}: {spilled} bytes")
     assert not spills, spills
     assert not scalar_loads, scalar_loads
     print("compiled")
