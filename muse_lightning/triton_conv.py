@@ -45,8 +45,10 @@ _GRAD_TILE = (64, 64, 4)
 _GRAD_PROGRAMS = 1024
 # The most taps of a kernel row that ``_taps`` unrolls (a longer row runs in chunks of this many, the last masked).
 _ROW_TAPS = 16
-# The channels that a program of the gate collapse (``_collapse``, ``_collapse_grad``) takes at a time, one a thread.
+# The channels that a program of the gate collapse (``_collapse``) takes at a time, one a thread, and the most that
+# the one program of its gradient (``_collapse_grad``) takes at a time, with as many threads.
 _COLLAPSE_BLOCK_C = 128
+_COLLAPSE_GRAD_BLOCK_C = 1024
 
 
 @triton.jit
@@ -210,13 +212,15 @@ def _collapse(
     for s in tl.static_range(S):
         bias += _lane(w, s) * tl.load(bias_ptr + s * C + c, mask=c_ok, other=0.0).to(tl.float32)
     tl.store(out_bias_ptr + c, bias.to(out_bias_ptr.dtype.element_ty), mask=c_ok)
-    for t in range(KH * KW):
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for s in tl.static_range(S):
-            offset, inside = _window_tap(t, c, C, SIZES[s], STARTS[s], KH, KW, CAUSAL)
-            x = tl.load(kernels_ptr + offset, mask=c_ok & inside, other=0.0)
-            acc += _lane(w, s) * x.to(tl.float32)
-        tl.store(out_ptr + t * C + c, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+    for i in range(KH):  # rows in a loop, a row's taps unrolled (their loads in flight together)
+        for j in tl.static_range(KW):
+            t = i * KW + j
+            acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            for s in tl.static_range(S):
+                offset, inside = _window_tap(t, c, C, SIZES[s], STARTS[s], KH, KW, CAUSAL)
+                x = tl.load(kernels_ptr + offset, mask=c_ok & inside, other=0.0)
+                acc += _lane(w, s) * x.to(tl.float32)
+            tl.store(out_ptr + t * C + c, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
@@ -228,11 +232,13 @@ def _collapse_grad(
     """The gradients of ``_collapse`` from those of its kernel (``grad``, ``(KH, KW, C)``) and bias (``grad_bias``):
     ``k_s``'s is ``w_s * grad`` over size ``s``'s window, ``bias[s]``'s ``w_s * grad_bias``, and the gate's ``w_s *
     (d_s - sum_r w_r d_r)`` with ``d_s = <grad, k_s> + <grad_bias, bias[s]>``. One program, which walks the
-    ``C_TILES`` channel tiles in order: the sums over channels reproduce bit for bit, without atomics."""
+    ``C_TILES`` channel tiles in order and adds each size's products elementwise into a sizes x channels
+    accumulator, summed over the channels once, at the end: the gate's gradient reproduces bit for bit, without
+    atomics."""
     S: tl.constexpr = len(SIZES)
     lanes = tl.arange(0, S_POW2)
     w = _gate_weights(gate_ptr, S, S_POW2)
-    d = tl.zeros((S_POW2,), dtype=tl.float32)
+    d = tl.zeros((S_POW2, BLOCK_C), dtype=tl.float32)
     for tile in range(C_TILES):
         c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
@@ -240,16 +246,20 @@ def _collapse_grad(
         for s in tl.static_range(S):
             b = tl.load(bias_ptr + s * C + c, mask=c_ok, other=0.0).to(tl.float32)
             tl.store(bias_grad_ptr + s * C + c, (_lane(w, s) * g_bias).to(bias_grad_ptr.dtype.element_ty), mask=c_ok)
-            d += tl.where(lanes == s, tl.sum(g_bias * b), 0.0)
-        for t in range(KH * KW):  # the taps as in _collapse, each size's window within them
-            g = tl.load(grad_ptr + t * C + c, mask=c_ok, other=0.0).to(tl.float32)
-            for s in tl.static_range(S):
-                offset, inside = _window_tap(t, c, C, SIZES[s], STARTS[s], KH, KW, CAUSAL)
-                x = tl.load(kernels_ptr + offset, mask=c_ok & inside, other=0.0).to(tl.float32)
-                tl.store(kernels_grad_ptr + offset, (_lane(w, s) * g).to(kernels_grad_ptr.dtype.element_ty),
-                         mask=c_ok & inside)
-                d += tl.where(lanes == s, tl.sum(g * x), 0.0)
-    tl.store(gate_grad_ptr + lanes, (w * (d - tl.sum(w * d))).to(gate_grad_ptr.dtype.element_ty), mask=lanes < S)
+            d += tl.where((lanes == s)[:, None], (g_bias * b)[None, :], 0.0)
+        for i in range(KH):  # the taps as in _collapse, each size's window within them
+            for j in tl.static_range(KW):
+                t = i * KW + j
+                g = tl.load(grad_ptr + t * C + c, mask=c_ok, other=0.0).to(tl.float32)
+                for s in tl.static_range(S):
+                    offset, inside = _window_tap(t, c, C, SIZES[s], STARTS[s], KH, KW, CAUSAL)
+                    x = tl.load(kernels_ptr + offset, mask=c_ok & inside, other=0.0).to(tl.float32)
+                    tl.store(kernels_grad_ptr + offset, (_lane(w, s) * g).to(kernels_grad_ptr.dtype.element_ty),
+                             mask=c_ok & inside)
+                    d += tl.where((lanes == s)[:, None], (g * x)[None, :], 0.0)
+    d_sum = tl.sum(d, axis=1)
+    tl.store(gate_grad_ptr + lanes, (w * (d_sum - tl.sum(w * d_sum))).to(gate_grad_ptr.dtype.element_ty),
+             mask=lanes < S)
 
 
 def _grad_block(KH: int, KW: int) -> tuple[int, int]:
@@ -421,6 +431,13 @@ def _collapse_args(sizes: list[int], two_d: bool) -> dict:
             "S_POW2": triton.next_power_of_2(len(sizes)), "BLOCK_C": _COLLAPSE_BLOCK_C}
 
 
+def _collapse_grad_args(sizes: list[int], two_d: bool, C: int) -> dict:
+    """The constexprs of ``_collapse_grad``: ``_collapse``'s, with a channel tile of all ``C`` channels (up to
+    ``_COLLAPSE_GRAD_BLOCK_C``) and the number of tiles."""
+    block_c = min(triton.next_power_of_2(C), _COLLAPSE_GRAD_BLOCK_C)
+    return {**_collapse_args(sizes, two_d), "BLOCK_C": block_c, "C_TILES": triton.cdiv(C, block_c)}
+
+
 @torch.library.custom_op("muse_lightning::gated_kernel", mutates_args=())
 def gated_kernel(
         kernels: torch.Tensor, sizes: list[int], bias: torch.Tensor, gate: torch.Tensor, two_d: bool = False,
@@ -459,8 +476,7 @@ def gated_kernel_backward(
     with _on_device(bias):
         _collapse_grad[(1,)](
             kernels.contiguous(), bias.contiguous(), gate.contiguous(), grad.contiguous(), grad_bias.contiguous(),
-            *grads, bias.shape[1], CAUSAL=causal, **_collapse_args(sizes, two_d),
-            C_TILES=triton.cdiv(bias.shape[1], _COLLAPSE_BLOCK_C), num_warps=_COLLAPSE_BLOCK_C // 32,
+            *grads, bias.shape[1], CAUSAL=causal, **_collapse_grad_args(sizes, two_d, bias.shape[1]), num_warps=4,
         )
     return tuple(grads)
 

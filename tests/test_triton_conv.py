@@ -483,11 +483,11 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
                      {"kernels_ptr": p, "bias_ptr": p, "gate_ptr": p, "grad_ptr": "*fp32", "grad_bias_ptr": "*fp32",
                       "kernels_grad_ptr": p, "bias_grad_ptr": p, "gate_grad_ptr": p, "C": "i32"})]
             for name, fn, signature in jobs:
-                consts = {**consts, **({"C_TILES": 3} if fn is tc._collapse_grad else {})}  # 384 channels
+                consts, warps = (({**tc._collapse_grad_args(list(sizes), two_d, 384), "CAUSAL": False}, 4)
+                                 if fn is tc._collapse_grad else (consts, tc._COLLAPSE_BLOCK_C // 32))
                 constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
                 kernel = triton.compile(ASTSource(fn, {**signature, **{k: "constexpr" for k in consts}}, constexprs),
-                                        target=GPUTarget("cuda", 90, 32),
-                                        options={"num_warps": tc._COLLAPSE_BLOCK_C // 32})
+                                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
                 registers, spilled = resources(kernel.asm["ptx"])
                 label = f"{name} {sizes}{' 2-D' * two_d} {dtype}"
                 print(f"{label}: {registers} registers, {spilled} bytes spilled", flush=True)
