@@ -99,6 +99,79 @@ def _token_padding(width: int, is_causal: bool) -> tuple[int, int]:
     return (width - 1, 0) if is_causal else (width // 2, width // 2)
 
 
+def _pad_tokens(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """``x`` ``(B, N, H, D)`` with ``before`` and ``after`` zero tokens."""
+    return F.pad(x, (0, 0, 0, 0, before, after))
+
+
+class _DynamicConv(torch.autograd.Function):
+    """``out[n] = sum_j x[n + j] * kernel[n, j]`` for tokens ``v`` ``(B, N, H, D)`` and per-token kernels
+    ``kernel`` ``(B, N, H, W)``, ``x`` the tokens after ``before`` and ``W - 1 - before`` zero tokens.
+
+    Forward, one in-place multiply-add over the whole output a tap; the input gradient likewise, over the gradient
+    and the kernels zero-padded the other way round; the kernel gradient one batched matrix product
+    (``_window_products``). Autograd's graph of the same sum spends a zero-filled gradient buffer, a copy and an
+    add on every tap's slice of the tokens, and a product and a sum on every tap's kernel gradient. Every update
+    spans the whole output, so under ``torch.compile`` Inductor fuses the taps into one kernel each way. The
+    backward is differentiable (it reads the saved inputs, not the padded copy).
+    """
+
+    # torch.func's vmap (and so its per-sample gradients) runs it over a batch; PyTorch has no batching rule for
+    # addcmul_, so there it loops over the samples, with a warning that says so.
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v: torch.Tensor, kernel: torch.Tensor, before: int) -> torch.Tensor:
+        N, W = v.shape[1], kernel.shape[-1]
+        x = _pad_tokens(v, before, W - 1 - before)
+        out = x[:, :N] * kernel[..., :1]
+        for j in range(1, W):
+            out.addcmul_(x[:, j:j + N], kernel[..., j:j + 1])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        v, kernel, ctx.before = inputs
+        ctx.save_for_backward(v, kernel)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        v, kernel = ctx.saved_tensors
+        N, W = v.shape[1], kernel.shape[-1]
+        after = W - 1 - ctx.before
+        # d v[t] = sum_j grad[t + before - j] * kernel[t + before - j, j]: over the gradient and the kernels padded
+        # the other way round, so that every tap again spans the whole output.
+        g, k = _pad_tokens(grad, after, ctx.before), _pad_tokens(kernel, after, ctx.before)
+        grad_v = g[:, W - 1:] * k[:, W - 1:, :, :1]
+        for j in range(1, W):
+            grad_v.addcmul_(g[:, W - 1 - j:W - 1 - j + N], k[:, W - 1 - j:W - 1 - j + N, :, j:j + 1])
+        x = _pad_tokens(v.to(g.dtype), ctx.before, after)
+        return grad_v.to(v.dtype), _window_products(x, g, after, N).to(kernel.dtype), None
+
+
+def _window_products(x: torch.Tensor, g: torch.Tensor, start: int, N: int) -> torch.Tensor:
+    """``out[b, n, h, j] = <x[b, n + j, h], g[b, start + n, h]>`` over ``D`` for ``n < N``, ``x`` and ``g``
+    ``(B, N + W - 1, H, D)``: one batched matrix product of each token's ``g`` with the ``W`` tokens of ``x`` from
+    it, an overlapping strided view of ``x`` (no copy) over the sequences laid end to end (the few windows that
+    straddle two sequences are computed and left out of the view returned)."""
+    B, P, H, D = x.shape
+    W = P - N + 1
+    if not g.numel():
+        return g.new_zeros(B, N, H, W)
+    T = B * P - (W - 1)  # windows starting at each token of the sequences laid end to end, up to the last output
+    windows = x.contiguous().as_strided((T * H, D, W), (D, 1, H * D))
+    grads = g.reshape(B * P, H, D)[start:start + T].reshape(T * H, 1, D)
+    return torch.bmm(grads, windows).as_strided((B, N, H, W), (P * H * W, H * W, W, 1))
+
+
+def _dynamic_conv(v: torch.Tensor, kernel: torch.Tensor, before: int) -> torch.Tensor:
+    """``_DynamicConv``, one node of a ``torch.fx`` graph (whose proxies cannot run its loop over the taps)."""
+    return _DynamicConv.apply(v, kernel, before)
+
+
+torch.fx.wrap("_dynamic_conv")
+
+
 def grid_tokens(v: torch.Tensor, key_padding_mask: torch.Tensor | None, num_prefix_tokens: int) -> torch.Tensor:
     """The tokens a convolution reads: padding zeroed, the prefix tokens left out."""
     if key_padding_mask is not None:
@@ -344,10 +417,8 @@ class MultiScaleDynamicConv(nn.Module):
 
     def _conv(self, v: torch.Tensor, kernel: torch.Tensor, width: int, is_causal: bool) -> torch.Tensor:
         B, N, C = v.shape
-        heads = self.num_heads
-        x = F.pad(v, (0, 0, *_token_padding(width, is_causal))).view(B, N + width - 1, heads, C // heads)
-        out = sum(x[:, j:j + N] * kernel[..., j, None] for j in range(width))
-        return out.reshape(B, N, C)
+        tokens = v.reshape(B, N, self.num_heads, C // self.num_heads)
+        return _dynamic_conv(tokens, kernel, _token_padding(width, is_causal)[0]).reshape(B, N, C)
 
 
 def create_conv(

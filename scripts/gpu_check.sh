@@ -3,9 +3,10 @@
 #   command "bash scripts/gpu_check.sh", carry ["wheels"], timeout_s 600 (each step has its own time limit,
 #   590 s in all, the targets' measurements first): the Triton convolution compiled for the GPU against
 #   PyTorch's (tests/test_triton_conv.py: forward, every gradient, prefix and padding, fp32 and bf16,
-#   compiled, DDP); the ViT-S/16 mixer ratio (configs/mixer_ratio.yaml, bf16, batch 128, eager and compiled)
-#   with PyTorch's and with Triton's convolution; muse_vit_base_patch16_224 training steps against timm's
-#   vit_base_patch16_224; a short fit with the throughput overlay.
+#   compiled, DDP; after tests/test_conv.py, whose dynamic convolution runs a ViT's batch on CUDA); the ViT-S/16
+#   mixer ratio (configs/mixer_ratio.yaml, bf16, batch 128, eager and compiled) with PyTorch's and with Triton's
+#   convolution; muse_vit_base_patch16_224 training steps against timm's vit_base_patch16_224; a short fit with
+#   the throughput overlay.
 #   Then, at once while the machine is warm, command "bash scripts/gpu_check.sh extra", timeout_s with what
 #   device time is left (at most 300 s are used, the most wanted first): a profile of the mixers on each backend
 #   (scripts/mixer_profile.py), the Triton kernels' tile sizes against cuDNN, forward and backward apart
@@ -54,7 +55,7 @@ timm.__version__, torch.cuda.get_device_name())"
     # whose kernels differ from bfloat16's only in their conversions: 24 more compiles might not fit the limit.)
     # Verbose: a run cut at its limit still names each test it ran and how it ended.
     step triton_tests 130 python3 -m pytest -v -p no:cacheprovider -o faulthandler_timeout=60 -k "not hopper and not fp16" \
-        tests/test_triton_conv.py
+        tests/test_conv.py tests/test_triton_conv.py
     # The ViT-S/16 mixer ratio (bf16, batch 128, forward+backward), eager and compiled, on each convolution backend:
     # every mixer on PyTorch's, the static MUSE mixers (the ones the backend changes) and the baseline on Triton's.
     for backend in torch triton; do

@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from muse_lightning import MultiScaleDepthwiseConv, MultiScaleDynamicConv
+from muse_lightning.conv import _dynamic_conv, _DynamicConv
 
 
 def _randomised(conv):
@@ -87,3 +88,113 @@ def test_static_convolution_copies_the_tokens_only_around_prefix_tokens(layout, 
     expected = ["convolution", "cat", "convolution_backward", "slice_backward"] if prefix else \
         ["convolution", "convolution_backward"]
     assert mode.ops == expected
+
+
+def _dynamic_sum(v, kernel, before):
+    """The dynamic convolution as autograd's graph of its sum: the tokens zero-padded, one product a tap."""
+    N, W = v.shape[1], kernel.shape[-1]
+    x = F.pad(v, (0, 0, 0, 0, before, W - 1 - before))
+    return sum(x[:, j:j + N] * kernel[..., j, None] for j in range(W))
+
+
+@pytest.mark.parametrize(("width", "before"), [(1, 0), (3, 1), (5, 2), (5, 4), (7, 0)],
+                         ids=["1-tap", "centred-3", "centred-5", "causal-5", "anti-causal-7"])
+def test_dynamic_convolution_and_its_gradients_equal_autograds_sum(width, before):
+    """The hand-written backward (in-place taps, the kernel gradient as one batched product over overlapping
+    windows of the sequences laid end to end) against autograd's, in float64; double backward too."""
+    gen = torch.Generator().manual_seed(width + before)
+    v = torch.randn(3, 9, 2, 4, dtype=torch.float64, generator=gen)[:, 1:].requires_grad_()  # a view: offset
+    kernel = torch.randn(3, 8, 2, width, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = _DynamicConv.apply(v, kernel, before)
+    torch.testing.assert_close(out, _dynamic_sum(v, kernel, before))
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (v, kernel), grad),
+                         torch.autograd.grad(_dynamic_sum(v, kernel, before), (v, kernel), grad)):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradgradcheck(lambda v, k: _DynamicConv.apply(v, k, before), (v, kernel))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())
+def test_dynamic_convolution_of_a_vit_batch_equals_autograds_sum(device):
+    """64 sequences of 197 tokens, 6 heads, 15 taps: the kernel gradient's batched product runs 80,940 windows,
+    more than CUDA's grid takes along one of its short axes (65,535), as cuBLAS gets it at a ViT's batch
+    (``scripts/gpu_check.sh`` runs this file on the GPU)."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(64, 197, 6, 8, generator=gen).to(device).requires_grad_()
+    kernel = torch.randn(64, 197, 6, 15, generator=gen).softmax(-1).to(device).requires_grad_()
+    out = _DynamicConv.apply(v, kernel, 7)
+    ref = _dynamic_sum(v, kernel, 7)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn(out.shape, generator=gen).to(device)
+    for got, want in zip(torch.autograd.grad(out, (v, kernel), grad), torch.autograd.grad(ref, (v, kernel), grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_dynamic_convolution_of_bf16_tokens_and_fp32_kernels_keeps_each_dtype():
+    """As under autocast (bf16 values, softmax kernels in float32): a float32 output, each gradient in its
+    input's dtype, all as the float64 sum gives them."""
+    v = torch.randn(2, 12, 3, 8, dtype=torch.bfloat16, requires_grad=True)
+    kernel = torch.randn(2, 12, 3, 5).softmax(-1).requires_grad_()
+    out = _DynamicConv.apply(v, kernel, 2)
+    assert out.dtype == torch.float32
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (v, kernel), grad)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32]
+    v64, k64 = v.detach().double().requires_grad_(), kernel.detach().double().requires_grad_()
+    ref = _dynamic_sum(v64, k64, 2)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, (v64, k64), grad.double())):
+        torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)], ids=["no-sequences", "no-tokens"])
+def test_dynamic_convolution_of_nothing_is_empty_each_way(shape):
+    v = torch.randn(*shape, 2, 4, requires_grad=True)
+    kernel = torch.randn(*shape, 2, 5, requires_grad=True)
+    out = _DynamicConv.apply(v, kernel, 2)
+    out.sum().backward()
+    assert out.shape == v.shape and v.grad.shape == v.shape and kernel.grad.shape == kernel.shape
+
+
+def test_dynamic_convolution_takes_one_op_a_tap_each_way():
+    """Forward and backward, the ops that make a tensor the size of the tokens: the padded tokens, then a
+    multiply-add over the whole output a tap; back, the padded gradient, a multiply-add a tap, and the padded
+    tokens that the kernel gradient's one batched product reads (its output is the kernels' size). Autograd's
+    graph of the same sum makes a zero-filled buffer and a copy of every tap's gradient slice
+    (``slice_backward``), and an add to sum each into the rest."""
+    v = torch.randn(2, 16, 1, 12, requires_grad=True)
+    kernel = torch.randn(2, 16, 1, 7, requires_grad=True)  # smaller than the tokens: not counted
+    with _TokenSizedOps(v.numel()) as mode:
+        _dynamic_conv(v, kernel, 3).sum().backward()
+    assert mode.ops == ["constant_pad_nd", "mul"] + ["addcmul_"] * 6 + \
+        ["constant_pad_nd", "mul"] + ["addcmul_"] * 6 + ["constant_pad_nd"]
+    with _TokenSizedOps(v.numel()) as mode:
+        _dynamic_sum(v, kernel, 3).sum().backward()
+    assert mode.ops.count("slice_backward") == 7
+
+
+def test_dynamic_convolution_is_one_fx_node():
+    """``torch.fx`` cannot run its loop over the taps on proxies: the convolution is a leaf of the graph (timm's
+    and torchvision's feature extractors trace through ``torch.fx``), and the traced module computes the same."""
+    conv = _randomised(MultiScaleDynamicConv(12, num_heads=3, kernel_sizes=(3, 5)))
+    graph = torch.fx.symbolic_trace(conv, concrete_args={"is_causal": True, "key_padding_mask": None,
+                                                         "num_prefix_tokens": 1})
+    assert [n.target for n in graph.graph.nodes if n.op == "call_function"].count(_dynamic_conv) == 1
+    v = torch.randn(2, 10, 12)
+    torch.testing.assert_close(graph(v, True, None, 1), conv(v, is_causal=True, num_prefix_tokens=1))
+
+
+def test_dynamic_convolution_gives_per_sample_gradients_under_torch_func():
+    """``torch.func.vmap`` over ``grad`` (per-sample gradients, as differential-privacy training takes them) runs
+    the hand-written forward and backward under ``vmap``, and each sample's gradient is the one its own backward
+    gives."""
+    from torch.func import functional_call, grad, vmap
+    conv = _randomised(MultiScaleDynamicConv(12, num_heads=3, kernel_sizes=(1, 3, 5)))
+    v = torch.randn(4, 9, 12)
+    params = dict(conv.named_parameters())
+    per_sample = vmap(grad(lambda p, x: functional_call(conv, p, (x[None],)).square().sum()), (None, 0))(params, v)
+    for i in range(len(v)):
+        conv.zero_grad()
+        conv(v[i:i + 1]).square().sum().backward()
+        for name, p in conv.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad)
