@@ -35,7 +35,7 @@ CONV_TYPES: tuple[str, ...] = ("static", "dynamic", "none")
 ConvLayout = Literal["1d", "2d"]
 CONV_LAYOUTS: tuple[str, ...] = ("1d", "2d")
 DEFAULT_KERNEL_SIZES: dict[str, tuple[int, ...]] = {"static": (1, 3, 5), "dynamic": (3, 15)}
-# The static convolution's backend: "torch" (PyTorch's depthwise convolution, the default) or "triton"
+# The convolutions' backend: "torch" (PyTorch's depthwise convolution and ``_DynamicConv``, the default) or "triton"
 # (``muse_lightning.triton_conv``, on CUDA tensors or under TRITON_INTERPRET=1; not yet measured on a GPU).
 CONV_BACKEND = os.environ.get("MUSE_CONV_BACKEND", "torch")
 if CONV_BACKEND not in ("torch", "triton"):
@@ -416,9 +416,13 @@ class MultiScaleDynamicConv(nn.Module):
         return with_prefix(out, num_prefix_tokens)
 
     def _conv(self, v: torch.Tensor, kernel: torch.Tensor, width: int, is_causal: bool) -> torch.Tensor:
+        before = _token_padding(width, is_causal)[0]
+        if _use_triton(v):  # one launch each way, the tokens read where they lie
+            from .triton_conv import dynamic_conv
+            return dynamic_conv(v, kernel, before)
         B, N, C = v.shape
         tokens = v.reshape(B, N, self.num_heads, C // self.num_heads)
-        return _dynamic_conv(tokens, kernel, _token_padding(width, is_causal)[0]).reshape(B, N, C)
+        return _dynamic_conv(tokens, kernel, before).reshape(B, N, C)
 
 
 def create_conv(

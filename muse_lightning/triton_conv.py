@@ -21,9 +21,16 @@ biases' and the gate's gradients (the gate's summed over channels by one program
 PyTorch those are a dozen tiny ops each way, each a kernel launch in eager mode. The kernels come packed rather
 than as a list of tensors: torch 2.11's custom-op autograd rejects the gradients of a ``Tensor[]`` input.
 
+``dynamic_conv(v, kernel, before)`` is the dynamic convolution (per-token, per-head kernels ``(B, N, H, W)``, a
+head's channels sharing them): one launch forward, two backward (the input gradient, and the kernel gradient, whose
+every output is one program's sum over a head's channels: no atomics), where PyTorch's ``conv._DynamicConv`` is a
+pass over the tokens a tap each way. Masking and the prefix stay outside it, as the kernels are computed from the
+masked tokens anyway.
+
 The ops run where Triton does: CUDA tensors, or any tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` before this module is imported), which is how it is tested on CPU against
-PyTorch's convolution. ``MultiScaleDepthwiseConv`` uses it only when ``MUSE_CONV_BACKEND=triton``
+PyTorch's convolution. ``MultiScaleDepthwiseConv`` and ``MultiScaleDynamicConv`` use them only when
+``MUSE_CONV_BACKEND=triton``
 (not yet measured on a GPU: the default stays PyTorch's cuDNN path).
 """
 from __future__ import annotations
@@ -34,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["depthwise_conv", "depthwise_conv_backward", "gated_kernel", "gated_kernel_backward", "reference_depthwise_conv"]
+__all__ = ["depthwise_conv", "depthwise_conv_backward", "dynamic_conv", "dynamic_conv_backward", "gated_kernel",
+           "gated_kernel_backward", "reference_depthwise_conv"]
 
 # The tile of the forward and input-gradient kernel (``_taps``: tokens of a grid row, channels, warps), that of the
 # kernel-gradient kernel (tap x token lanes, channels, warps: all the taps of ``lanes // taps`` tokens, see
@@ -49,6 +57,9 @@ _ROW_TAPS = 16
 # the one program of its gradient (``_collapse_grad``) takes at a time, with as many threads.
 _COLLAPSE_BLOCK_C = 128
 _COLLAPSE_GRAD_BLOCK_C = 1024
+# The dynamic convolution's tile (tokens of a sequence, at most that many channels of a head, warps), for its three
+# kernels alike. Not yet tuned on a GPU.
+_DYNAMIC_TILE = (16, 64, 4)
 
 
 @triton.jit
@@ -501,6 +512,184 @@ def _gated_backward(ctx, grad: torch.Tensor, grad_bias: torch.Tensor) -> tuple:
 
 
 gated_kernel.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+@triton.jit
+def _dynamic_taps(
+        src_ptr, kernel_ptr, out_ptr, N, NH, D, src_sb, src_st,
+        BEFORE: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, ROW_TAPS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+):
+    """One ``(BLOCK_N, BLOCK_D)`` tile of head ``h``'s channels of a sequence of the dynamic convolution, per-token
+    kernels ``kernel (B, N, NH, KW)`` shared by a head's ``D`` channels. Forward: ``out[b, n, c] = sum_j src[b, n + j -
+    BEFORE, c] * kernel[b, n, h, j]``; input gradient (``FLIP``): ``out[b, t, c] = sum_j src[b, t + BEFORE - j, c] *
+    kernel[b, t + BEFORE - j, h, j]``; tokens outside the sequence read as zero. ``src`` may be strided (batch and
+    token strides ``src_sb``, ``src_st``); ``kernel`` and ``out`` are contiguous. Axis 0 runs over the sequences'
+    token tiles, axis 1 over the heads' channel tiles."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    b = (tl.program_id(0) // n_tiles).to(tl.int64)
+    n0 = (tl.program_id(0) % n_tiles) * BLOCK_N
+    d_tiles = tl.cdiv(D, BLOCK_D)
+    head = tl.program_id(1) // d_tiles
+    d = (tl.program_id(1) % d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    c = head * D + d
+    lane = tl.arange(0, BLOCK_N)
+    n = n0 + lane
+    # 64-bit offsets of the tile's first token (tensors may exceed 2**31 elements); the taps' are relative to it.
+    first = b * N + n0
+    tile_src = src_ptr + (b * src_sb + n0.to(tl.int64) * src_st)
+    tile_kernel = kernel_ptr + (first * NH + head) * KW
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for j0 in range(0, KW, ROW_TAPS):  # ROW_TAPS taps at a time, those unrolled (as in _taps)
+        for jj in tl.static_range(ROW_TAPS):
+            j = j0 + jj
+            shift = (BEFORE - j) if FLIP else (j - BEFORE)
+            ok = (n + shift >= 0) & (n + shift < N) & (n < N)
+            if KW % ROW_TAPS:  # the last ROW_TAPS run past the kernel's end
+                ok = ok & (j < KW)
+            rel = shift + lane
+            x = tl.load(tile_src + rel[:, None] * src_st + c[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+            # The kernel of the output token (forward) or of the token that reads this one (input gradient).
+            k = tl.load(tile_kernel + (rel if FLIP else lane) * (NH * KW) + j, mask=ok, other=0.0)
+            acc += x.to(tl.float32) * k.to(tl.float32)[:, None]
+    out = out_ptr + first * (NH * D) + (lane[:, None] * (NH * D) + c[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(n < N)[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dynamic_kernel_grad(
+        v_ptr, grad_ptr, out_ptr, N, NH, D, v_sb, v_st,
+        BEFORE: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, ROW_TAPS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+):
+    """The dynamic convolution's kernel gradient for ``BLOCK_N`` tokens of a sequence and head ``h``: ``out[b, n, h,
+    j] = sum_d v[b, n + j - BEFORE, h * D + d] * grad[b, n, h * D + d]`` (tokens outside the sequence read as zero).
+    Each program owns its outputs (the sum runs over one head's channels, ``BLOCK_D`` at a time): no atomics, the same
+    bits every run. ``v`` may be strided as ``src`` in ``_dynamic_taps``; ``grad`` and ``out`` are contiguous."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    b = (tl.program_id(0) // n_tiles).to(tl.int64)
+    n0 = (tl.program_id(0) % n_tiles) * BLOCK_N
+    head = tl.program_id(1)
+    lane = tl.arange(0, BLOCK_N)
+    n = n0 + lane
+    tap = tl.arange(0, TAPS)
+    first = b * N + n0
+    tile_v = v_ptr + (b * v_sb + n0.to(tl.int64) * v_st)
+    tile_grad = grad_ptr + first * (NH * D)
+    acc = tl.zeros((BLOCK_N, TAPS), dtype=tl.float32)  # the tile's taps, tap j in column j
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        c = head * D + d
+        g = tl.load(tile_grad + lane[:, None] * (NH * D) + c[None, :], mask=(n < N)[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        for j0 in range(0, KW, ROW_TAPS):
+            for jj in tl.static_range(ROW_TAPS):
+                j = j0 + jj
+                ok = (n + j - BEFORE >= 0) & (n + j - BEFORE < N) & (n < N)
+                if KW % ROW_TAPS:
+                    ok = ok & (j < KW)
+                x = tl.load(tile_v + (j - BEFORE + lane)[:, None] * v_st + c[None, :],
+                            mask=ok[:, None] & d_ok[None, :], other=0.0)
+                acc += tl.where(tap[None, :] == j, tl.sum(x.to(tl.float32) * g, axis=1)[:, None], 0.0)
+    out = out_ptr + (first * NH + head) * KW + (lane[:, None] * (NH * KW) + tap[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(n < N)[:, None] & (tap < KW)[None, :])
+
+
+def _dynamic_block_d(D: int) -> int:
+    """The channels of a head that a dynamic-convolution program takes at a time: all ``D`` up to the tile's."""
+    return min(triton.next_power_of_2(D), _DYNAMIC_TILE[1])
+
+
+def _dynamic_grids(B: int, N: int, NH: int, D: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The program grids of ``_dynamic_taps`` (sequences' token tiles, heads' channel tiles) and of
+    ``_dynamic_kernel_grad`` (the same token tiles, heads)."""
+    tiles = B * triton.cdiv(N, _DYNAMIC_TILE[0])
+    return (tiles, NH * triton.cdiv(D, _dynamic_block_d(D))), (tiles, NH)
+
+
+def _run_dynamic_taps(src: torch.Tensor, kernel: torch.Tensor, out: torch.Tensor, before: int, flip: bool) -> None:
+    """Launch ``_dynamic_taps`` over ``src (B, N, C)`` with ``kernel (B, N, NH, KW)`` into ``out``."""
+    (B, N, C), (NH, KW) = src.shape, kernel.shape[2:]
+    _dynamic_taps[_dynamic_grids(B, N, NH, C // NH)[0]](
+        src, kernel, out, N, NH, C // NH, src.stride(0), src.stride(1), BEFORE=before, KW=KW, FLIP=flip,
+        ROW_TAPS=min(KW, _ROW_TAPS), BLOCK_N=_DYNAMIC_TILE[0], BLOCK_D=_dynamic_block_d(C // NH),
+        num_warps=_DYNAMIC_TILE[2],
+    )
+
+
+def _check_dynamic(v: torch.Tensor, kernel: torch.Tensor, before: int) -> None:
+    if v.dim() != 3 or kernel.dim() != 4 or kernel.shape[:2] != v.shape[:2] or v.shape[-1] % max(kernel.shape[2], 1):
+        raise ValueError(f"dynamic_conv takes v (B, N, C) and kernel (B, N, H, W) with H dividing C, got "
+                         f"{tuple(v.shape)} and {tuple(kernel.shape)}")
+    if not 0 <= before < kernel.shape[-1]:
+        raise ValueError(f"before={before} must be in [0, {kernel.shape[-1]}), the kernel's taps")
+
+
+def _dynamic_out(v: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The output as PyTorch's product would type it (bf16 tokens times fp32 kernels, as under autocast: fp32)."""
+    return torch.empty(v.shape, device=v.device, dtype=torch.promote_types(v.dtype, kernel.dtype))
+
+
+@torch.library.custom_op("muse_lightning::dynamic_conv", mutates_args=())
+def dynamic_conv(v: torch.Tensor, kernel: torch.Tensor, before: int) -> torch.Tensor:
+    """The dynamic convolution of tokens ``v (B, N, C)`` with per-token, per-head kernels ``kernel (B, N, H, W)``:
+    ``out[b, n, c] = sum_j v[b, n + j - before, c] * kernel[b, n, c // (C / H), j]``, tokens outside the sequence
+    reading as zero; one launch."""
+    _check_dynamic(v, kernel, before)
+    v, kernel = _channels_unit_stride(v), kernel.contiguous()
+    out = _dynamic_out(v, kernel)
+    if out.numel():
+        with _on_device(v):
+            _run_dynamic_taps(v, kernel, out, before, flip=False)
+    return out
+
+
+@dynamic_conv.register_fake
+def _(v: torch.Tensor, kernel: torch.Tensor, before: int) -> torch.Tensor:
+    return _dynamic_out(v, kernel)
+
+
+@torch.library.custom_op("muse_lightning::dynamic_conv_backward", mutates_args=())
+def dynamic_conv_backward(
+        grad: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor, before: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input and kernel gradients of ``dynamic_conv``, each in its input's dtype; one launch each."""
+    grad, v, kernel = grad.contiguous(), _channels_unit_stride(v), kernel.contiguous()
+    grad_v, grad_kernel = torch.empty(v.shape, device=v.device, dtype=v.dtype), torch.empty_like(kernel)
+    (B, N, C), (NH, KW) = v.shape, kernel.shape[2:]
+    if v.numel():
+        with _on_device(v):
+            _run_dynamic_taps(grad, kernel, grad_v, before, flip=True)
+            block_d = _dynamic_block_d(C // NH)
+            _dynamic_kernel_grad[_dynamic_grids(B, N, NH, C // NH)[1]](
+                v, grad, grad_kernel, N, NH, C // NH, v.stride(0), v.stride(1), BEFORE=before, KW=KW,
+                TAPS=triton.next_power_of_2(KW), ROW_TAPS=min(KW, _ROW_TAPS), BLOCK_N=_DYNAMIC_TILE[0],
+                BLOCK_D=block_d, num_warps=_DYNAMIC_TILE[2],
+            )
+    else:
+        grad_kernel.zero_()
+    return grad_v, grad_kernel
+
+
+@dynamic_conv_backward.register_fake
+def _(grad: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor, before: int) -> tuple:
+    return torch.empty(v.shape, device=v.device, dtype=v.dtype), torch.empty(kernel.shape, device=kernel.device,
+                                                                             dtype=kernel.dtype)
+
+
+def _dynamic_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    v, kernel, ctx.before = inputs
+    ctx.save_for_backward(v, kernel)
+
+
+def _dynamic_backward(ctx, grad: torch.Tensor) -> tuple:
+    v, kernel = ctx.saved_tensors
+    return *dynamic_conv_backward(grad, v, kernel, ctx.before), None
+
+
+dynamic_conv.register_autograd(_dynamic_backward, setup_context=_dynamic_setup)
 
 
 def reference_depthwise_conv(

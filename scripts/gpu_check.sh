@@ -57,9 +57,9 @@ timm.__version__, torch.cuda.get_device_name())"
     step triton_tests 130 python3 -m pytest -v -p no:cacheprovider -o faulthandler_timeout=60 -k "not hopper and not fp16" \
         tests/test_conv.py tests/test_triton_conv.py
     # The ViT-S/16 mixer ratio (bf16, batch 128, forward+backward), eager and compiled, on each convolution backend:
-    # every mixer on PyTorch's, the static MUSE mixers (the ones the backend changes) and the baseline on Triton's.
+    # every mixer on PyTorch's, the MUSE mixers (the ones the backend changes) and the baseline on Triton's.
     for backend in torch triton; do
-        impls=$([ $backend = torch ] || echo '["MUSE static 1-D", "MUSE static 1-D, shared proj", "MUSE static 2-D"]')
+        impls=$([ $backend = torch ] || echo '["MUSE static 1-D", "MUSE static 1-D, shared proj", "MUSE dynamic 1-D", "MUSE static 2-D"]')
         limit=$([ $backend = torch ] && echo 110 || echo 90)
         step "mixer_ratio_$backend" "$limit" env MUSE_CONV_BACKEND=$backend python3 -m muse_lightning.bench \
             --config configs/mixer_ratio.yaml --seed_design false --device cuda --modes "[eager, compiled]" \

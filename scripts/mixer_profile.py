@@ -1,6 +1,6 @@
-"""Where a mixer's time goes: PyTorch's profiler over forward+backward steps of timm's Attention and the static
-MUSE mixers at the ViT-S/16 shape (a class token and 14 x 14 patches, width 384, 6 heads; batch 128 and bf16
-autocast on CUDA), eager, on the convolution backend that ``MUSE_CONV_BACKEND`` names. For each mixer it prints
+"""Where a mixer's time goes: PyTorch's profiler over forward+backward steps of timm's Attention and the MUSE
+mixers (static 1-D and 2-D, dynamic) at the ViT-S/16 shape (a class token and 14 x 14 patches, width 384, 6
+heads; batch 128 and bf16 autocast on CUDA), eager, on the convolution backend that ``MUSE_CONV_BACKEND`` names. For each mixer it prints
 the ATen ops of a step that compute tensors (in eager mode each is a kernel or a few; counted below autograd, so
 the backward's too; on CPU, with no autocast, without autocast's casts), the device kernels launched per step on
 a GPU, and the ops by their own device time (CPU time on a CPU). Part of ``scripts/gpu_check.sh`` (its log is
@@ -45,6 +45,7 @@ def main(batch: int) -> None:
         "timm Attention": Attention(dim, heads, qkv_bias=True),
         "MUSE static 1-D": MUSEAttention(dim, heads, qkv_bias=True),
         "MUSE static 2-D": MUSEAttention(dim, heads, qkv_bias=True, conv_layout="2d", num_prefix_tokens=1),
+        "MUSE dynamic 1-D": MUSEAttention(dim, heads, qkv_bias=True, conv_type="dynamic"),
     }
     x = torch.randn(batch, 197, dim, device=device, requires_grad=True)
     print(f"device={device} batch={batch} conv_backend={conv.CONV_BACKEND} torch={torch.__version__}; "

@@ -166,6 +166,78 @@ def test_an_empty_batch_convolves_to_nothing_with_zero_kernel_and_bias_gradients
     assert not grads[1].any() and not grads[2].any()
 
 
+# (B, N, heads, head width, taps, tokens before the output's): the default 15 taps centred over two token tiles
+# with heads of 70 channels (two channel tiles, the second part of one), causal, anti-causal, one tap, a
+# sequence shorter than the kernel, and a ViT-S head over a token tile and a part of one.
+DYNAMIC = {
+    "centred": (2, 40, 2, 70, 15, 7),
+    "causal": (2, 21, 3, 5, 5, 4),
+    "anti-causal": (1, 9, 2, 8, 3, 0),
+    "one-tap": (3, 5, 2, 4, 1, 0),
+    "shorter-than-kernel": (1, 7, 1, 3, 15, 14),
+    "vit-s-head": (1, 37, 1, 64, 15, 7),
+}
+
+
+def _dynamic_inputs(case, dtype, kernel_dtype, device, strided=False):
+    B, N, NH, D, W, before = DYNAMIC[case]
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(B, N, 3 * NH * D if strided else NH * D, generator=gen)[..., -NH * D:]  # the value slice of qkv
+    kernel = torch.randn(B, N, NH, W, generator=gen).softmax(-1)
+    return v.to(device, dtype).requires_grad_(), kernel.to(device, kernel_dtype).requires_grad_(), before
+
+
+def _dynamic_reference(v, kernel, before, grad):
+    """PyTorch's dynamic convolution (``conv._dynamic_conv``) and its gradients, in float64 from the same inputs."""
+    B, N, C = v.shape
+    v64, k64 = (t.detach().double().requires_grad_() for t in (v, kernel))
+    out = conv._dynamic_conv(v64.reshape(B, N, kernel.shape[2], C // kernel.shape[2]), k64, before).reshape(B, N, C)
+    return out, *torch.autograd.grad(out, (v64, k64), grad.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dtype", "kernel_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                     (torch.bfloat16, torch.bfloat16)], ids=["fp32", "autocast", "bf16"])
+@pytest.mark.parametrize("case", DYNAMIC)
+def test_triton_dynamic_conv_and_its_gradients_match_pytorchs(case, dtype, kernel_dtype, device):
+    # Under bf16 autocast the tokens are bf16 and the softmax kernels fp32: the output is fp32, as PyTorch's product.
+    v, kernel, before = _dynamic_inputs(case, dtype, kernel_dtype, device, strided=case == "centred")
+    out = triton_conv.dynamic_conv(v, kernel, before)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, out.dtype)
+    grads = torch.autograd.grad(out, (v, kernel), grad)
+    ref, *ref_grads = _dynamic_reference(v, kernel, before, grad)
+    assert out.dtype == torch.promote_types(dtype, kernel_dtype) and [g.dtype for g in grads] == [dtype, kernel_dtype]
+    for got, expected, got_dtype in zip((out, *grads), (ref, *ref_grads), (out.dtype, dtype, kernel_dtype)):
+        tol = {"atol": 1e-5, "rtol": 1e-5} if got_dtype == torch.float32 else {
+            "atol": 0.02 * expected.abs().max().item(), "rtol": 0.02}
+        torch.testing.assert_close(got.double(), expected, **tol)
+    # Each output is one program's sum in a fixed order: the same bits every run.
+    again = torch.autograd.grad(triton_conv.dynamic_conv(v, kernel, before), (v, kernel), grad)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dynamic_kernels_longer_than_the_unrolled_taps_run_in_chunks(monkeypatch, device):
+    # 15 taps, 4 unrolled at a time: chunks of 4 + 4 + 4 + 4, the last tap past the kernel's end masked.
+    monkeypatch.setattr(triton_conv, "_ROW_TAPS", 4)
+    v, kernel, before = _dynamic_inputs("centred", torch.float32, torch.float32, device)
+    out = triton_conv.dynamic_conv(v, kernel, before)
+    grad = torch.randn_like(out)
+    ref, *ref_grads = _dynamic_reference(v, kernel, before, grad)
+    for got, expected in zip((out, *torch.autograd.grad(out, (v, kernel), grad)), (ref, *ref_grads)):
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 9, 16), (2, 0, 16)], ids=["no-sequences", "no-tokens"])
+def test_triton_dynamic_conv_of_nothing_is_empty_each_way(shape, device):
+    v = torch.randn(*shape, device=device, requires_grad=True)
+    kernel = torch.rand(*shape[:2], 2, 15, device=device, requires_grad=True)
+    out = triton_conv.dynamic_conv(v, kernel, 7)
+    grads = torch.autograd.grad(out.sum(), (v, kernel))
+    assert out.shape == v.shape and grads[0].shape == v.shape and grads[1].shape == kernel.shape
+
+
 # (kernel sizes, 2-D, causal): the default sizes centred and causal, 2-D grids of two and of four sizes (the gate's
 # lanes padded to a power of two), sizes that are not 1, 3, 5; 200 channels, a channel tile and a part of one.
 GATED = {
@@ -240,6 +312,18 @@ def test_triton_ops_pass_torch_library_opcheck(layout, device):
     grads = [torch.randn_like(t) for t in triton_conv.gated_kernel(*args)]
     torch.library.opcheck(triton_conv.gated_kernel_backward, (*grads, *(a.detach() if torch.is_tensor(a) else a for a in args)))
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dtype", "kernel_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "autocast"])
+def test_triton_dynamic_ops_pass_torch_library_opcheck(dtype, kernel_dtype, device):
+    """As above, for the dynamic convolution and its backward, on a value slice (bf16 tokens, fp32 kernels: an fp32
+    output, as autocast gives)."""
+    v, kernel, before = _dynamic_inputs("causal", dtype, kernel_dtype, device, strided=True)
+    torch.library.opcheck(triton_conv.dynamic_conv, (v, kernel, before))
+    grad = torch.randn(v.shape, device=device, dtype=torch.promote_types(dtype, kernel_dtype))
+    torch.library.opcheck(triton_conv.dynamic_conv_backward, (grad, v.detach(), kernel.detach(), before))
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_conv_compiles_fullgraph_forward_and_backward(device):
     B, H, W, C, KH, KW, ph, pw = LAYOUTS["2d-3x3"]
@@ -274,6 +358,12 @@ def test_triton_conv_rejects_bad_shapes():
         triton_conv.gated_kernel(torch.randn(4 * 6), [1, 5], torch.randn(2, 4), torch.randn(2), True)
     with pytest.raises(ValueError, match="causal is not defined for 2-D kernels"):
         triton_conv.gated_kernel(torch.randn(4 * 9), [3], torch.randn(1, 4), torch.randn(1), True, True)
+    with pytest.raises(ValueError, match=r"kernel \(B, N, H, W\) with H dividing C, got \(1, 6, 4\) and \(1, 6, 3, 5\)"):
+        triton_conv.dynamic_conv(torch.randn(1, 6, 4), torch.randn(1, 6, 3, 5), 2)
+    with pytest.raises(ValueError, match=r"got \(1, 6, 4\) and \(1, 5, 2, 5\)"):  # a kernel per token
+        triton_conv.dynamic_conv(torch.randn(1, 6, 4), torch.randn(1, 5, 2, 5), 2)
+    with pytest.raises(ValueError, match=r"before=5 must be in \[0, 5\), the kernel's taps"):
+        triton_conv.dynamic_conv(torch.randn(1, 6, 4), torch.randn(1, 6, 2, 5), 5)
 
 
 @pytest.mark.parametrize(("options", "call"), [
@@ -283,11 +373,17 @@ def test_triton_conv_rejects_bad_shapes():
     (dict(conv_layout="1d", conv_proj="per_kernel"), {}),
     (dict(conv_layout="1d", num_prefix_tokens=2, conv_proj="per_kernel"),
      dict(key_padding_mask=torch.tensor([[False] * 9 + [True] * 4, [True] + [False] * 12]))),
-], ids=["padding", "causal", "2d-prefix", "per-kernel", "per-kernel-prefix-padding"])
+    # The dynamic convolution at its default sizes (3, 15): more taps than the 13 tokens.
+    (dict(conv_type="dynamic", kernel_sizes=(3, 15)),
+     dict(key_padding_mask=torch.tensor([[False] * 10 + [True] * 3, [False] * 13]))),
+    (dict(conv_type="dynamic", kernel_sizes=(3, 15), num_prefix_tokens=1), dict(is_causal=True)),
+    (dict(conv_type="dynamic", kernel_sizes=(1, 3, 7), conv_proj="per_kernel"), {}),
+], ids=["padding", "causal", "2d-prefix", "per-kernel", "per-kernel-prefix-padding", "dynamic-padding",
+        "dynamic-causal-prefix", "dynamic-per-kernel"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_muse_attention_on_the_triton_backend_equals_the_pytorch_one(monkeypatch, options, call, device):
     torch.manual_seed(0)
-    mixer = MUSEAttention(32, num_heads=4, kernel_sizes=(1, 3, 5), **options).to(device)
+    mixer = MUSEAttention(32, num_heads=4, **{"kernel_sizes": (1, 3, 5), **options}).to(device)
     with torch.no_grad():
         for p in mixer.parameters():
             p.normal_(0, 0.2)  # a trained branch: gate, kernels and projections all matter
@@ -311,11 +407,12 @@ def test_muse_attention_on_the_triton_backend_equals_the_pytorch_one(monkeypatch
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_muse_attention_on_the_triton_backend_matches_eager_pytorch(monkeypatch, device):
+@pytest.mark.parametrize(("conv_type", "op"), [("static", "depthwise_conv"), ("dynamic", "dynamic_conv")])
+def test_compiled_muse_attention_on_the_triton_backend_matches_eager_pytorch(monkeypatch, conv_type, op, device):
     """fullgraph: the op (handed the value slice of the fused qkv projection, a prefix token and padding) is one
     node of the graph, forward and backward."""
     torch.manual_seed(0)
-    mixer = MUSEAttention(32, num_heads=4, kernel_sizes=(1, 3, 5), num_prefix_tokens=1).to(device)
+    mixer = MUSEAttention(32, num_heads=4, conv_type=conv_type, num_prefix_tokens=1).to(device)
     x = torch.randn(2, 13, 32, device=device, requires_grad=True)
     padding = torch.tensor([[False] * 10 + [True] * 3, [False] * 13], device=device)
     expected = mixer(x, key_padding_mask=padding)
@@ -330,7 +427,7 @@ def test_compiled_muse_attention_on_the_triton_backend_matches_eager_pytorch(mon
 
     out = torch.compile(mixer, fullgraph=True, backend=inductor)(x, key_padding_mask=padding)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
-    assert "muse_lightning.depthwise_conv.default" in ops
+    assert f"muse_lightning.{op}.default" in ops
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
 
@@ -412,6 +509,8 @@ def test_a_swapped_timm_vit_on_the_triton_backend_equals_the_pytorch_one(monkeyp
 # input-gradient kernels spilled 2,084 to 2,576 bytes unspecialised and 104 to 372 specialised; now Triton 3.8
 # spills at most 8 bytes, 3.6 none. Specialised, every load but the padding mask's bytes must be a vector
 # load (with the kernel in PyTorch's (C, KH, KW) layout each tap's weights loaded one channel at a time).
+# The dynamic convolution's three kernels too (15 and 31 taps, bf16 and fp32): no spills past 32 bytes, and vector
+# loads of tokens and gradients where aligned (its per-token kernel weights load one per token by design).
 # Prints each kernel's registers (pytest -s).
 _COMPILE_FOR_HOPPER = textwrap.dedent("""
     import re, subprocess, tempfile
@@ -471,6 +570,35 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
                         scalar = re.findall(r"ld\\.global\\.(?!v\\d|b8|u8)[\\w.]+", kernel.asm["ptx"])
                         if aligned and scalar:
                             scalar_loads.append(f"{label}: {len(scalar)} x {scalar[0]}")
+    # The dynamic convolution's three kernels at 15 and 31 taps (two chunks of 16), ViT heads of 64 channels. Its
+    # per-token kernel weights load one per token (a head's channels share them); aligned, the tokens' and
+    # gradients' loads must be vector loads.
+    for kw, dtype in product((15, 31), ("bf16", "fp32")):
+        p = "*" + dtype
+        row_taps = min(kw, tc._ROW_TAPS)
+        block_n, block_d, warps = tc._DYNAMIC_TILE
+        dyn_ints = {"N": "i32", "NH": "i32", "D": "i32"}
+        jobs = [(name, tc._dynamic_taps, {"src_ptr": p, "kernel_ptr": "*fp32", "out_ptr": p, **dyn_ints,
+                                          "src_sb": "i32", "src_st": "i32"}, {"FLIP": flip})
+                for name, flip in (("dynamic forward", False), ("dynamic input gradient", True))]
+        jobs.append(("dynamic kernel gradient", tc._dynamic_kernel_grad, {"v_ptr": p, "grad_ptr": p, "out_ptr": "*fp32",
+                     **dyn_ints, "v_sb": "i32", "v_st": "i32"}, {"TAPS": triton.next_power_of_2(kw)}))
+        for (name, fn, signature, consts), aligned in product(jobs, (False, True)):
+            consts = {**consts, "BEFORE": kw // 2, "KW": kw, "ROW_TAPS": row_taps, "BLOCK_N": block_n, "BLOCK_D": block_d}
+            constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+            attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in
+                     ("src_ptr", "kernel_ptr", "out_ptr", "v_ptr", "grad_ptr", "D", "src_sb", "src_st", "v_sb", "v_st")
+                     if a in fn.arg_names} if aligned else None
+            kernel = triton.compile(ASTSource(fn, {**signature, **{k: "constexpr" for k in consts}}, constexprs, attrs),
+                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            registers, spilled = resources(kernel.asm["ptx"])
+            label = f"{name} {kw} taps {dtype}{' aligned' * aligned}"
+            vector = len(re.findall(r"ld\.global\.(?:\w+\.)*v\d", kernel.asm["ptx"]))
+            print(f"{label}: {registers} registers, {spilled} bytes spilled, {vector} vector loads", flush=True)
+            if spilled > 32:
+                spills.append(f"{label}: {spilled} bytes")
+            if aligned and not vector:
+                scalar_loads.append(f"{label}: no vector load")
     # The gate collapse and its gradient (tiny: a few KB of weights, their per-channel loads strided by design), up
     # to five 2-D sizes (a 9 x 9 kernel).
     for sizes, two_d in (((1, 3, 5), False), ((3, 5), True), ((1, 3, 5, 7, 9), True)):
