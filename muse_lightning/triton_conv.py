@@ -609,13 +609,17 @@ def _dynamic_grids(B: int, N: int, NH: int, D: int) -> tuple[tuple[int, int], tu
     return (tiles, NH * triton.cdiv(D, _dynamic_block_d(D))), (tiles, NH)
 
 
-def _run_dynamic_taps(src: torch.Tensor, kernel: torch.Tensor, out: torch.Tensor, before: int, flip: bool) -> None:
-    """Launch ``_dynamic_taps`` over ``src (B, N, C)`` with ``kernel (B, N, NH, KW)`` into ``out``."""
-    (B, N, C), (NH, KW) = src.shape, kernel.shape[2:]
-    _dynamic_taps[_dynamic_grids(B, N, NH, C // NH)[0]](
-        src, kernel, out, N, NH, C // NH, src.stride(0), src.stride(1), BEFORE=before, KW=KW, FLIP=flip,
+def _dynamic_launch(kernel_fn, tokens: torch.Tensor, other: torch.Tensor, out: torch.Tensor, kernel_shape: torch.Size,
+                    before: int, **consts) -> None:
+    """Launch ``_dynamic_taps`` or ``_dynamic_kernel_grad`` (``kernel_fn``) on ``tokens (B, N, C)`` (the one operand
+    read through its strides), ``other`` and ``out``, for kernels of ``kernel_shape`` (B, N, NH, KW), over the grid
+    each takes."""
+    (B, N, C), (NH, KW) = tokens.shape, kernel_shape[2:]
+    grid = _dynamic_grids(B, N, NH, C // NH)[kernel_fn is _dynamic_kernel_grad]
+    kernel_fn[grid](
+        tokens, other, out, N, NH, C // NH, tokens.stride(0), tokens.stride(1), BEFORE=before, KW=KW,
         ROW_TAPS=min(KW, _ROW_TAPS), BLOCK_N=_DYNAMIC_TILE[0], BLOCK_D=_dynamic_block_d(C // NH),
-        num_warps=_DYNAMIC_TILE[2],
+        num_warps=_DYNAMIC_TILE[2], **consts,
     )
 
 
@@ -642,7 +646,7 @@ def dynamic_conv(v: torch.Tensor, kernel: torch.Tensor, before: int) -> torch.Te
     out = _dynamic_out(v, kernel)
     if out.numel():
         with _on_device(v):
-            _run_dynamic_taps(v, kernel, out, before, flip=False)
+            _dynamic_launch(_dynamic_taps, v, kernel, out, kernel.shape, before, FLIP=False)
     return out
 
 
@@ -658,16 +662,11 @@ def dynamic_conv_backward(
     """The input and kernel gradients of ``dynamic_conv``, each in its input's dtype; one launch each."""
     grad, v, kernel = grad.contiguous(), _channels_unit_stride(v), kernel.contiguous()
     grad_v, grad_kernel = torch.empty(v.shape, device=v.device, dtype=v.dtype), torch.empty_like(kernel)
-    (B, N, C), (NH, KW) = v.shape, kernel.shape[2:]
     if v.numel():
         with _on_device(v):
-            _run_dynamic_taps(grad, kernel, grad_v, before, flip=True)
-            block_d = _dynamic_block_d(C // NH)
-            _dynamic_kernel_grad[_dynamic_grids(B, N, NH, C // NH)[1]](
-                v, grad, grad_kernel, N, NH, C // NH, v.stride(0), v.stride(1), BEFORE=before, KW=KW,
-                TAPS=triton.next_power_of_2(KW), ROW_TAPS=min(KW, _ROW_TAPS), BLOCK_N=_DYNAMIC_TILE[0],
-                BLOCK_D=block_d, num_warps=_DYNAMIC_TILE[2],
-            )
+            _dynamic_launch(_dynamic_taps, grad, kernel, grad_v, kernel.shape, before, FLIP=True)
+            _dynamic_launch(_dynamic_kernel_grad, v, grad, grad_kernel, kernel.shape, before,
+                            TAPS=triton.next_power_of_2(kernel.shape[-1]))
     else:
         grad_kernel.zero_()
     return grad_v, grad_kernel

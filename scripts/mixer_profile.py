@@ -1,7 +1,7 @@
 """Where a mixer's time goes: PyTorch's profiler over forward+backward steps of timm's Attention and the MUSE
 mixers (static 1-D and 2-D, dynamic) at the ViT-S/16 shape (a class token and 14 x 14 patches, width 384, 6
-heads; batch 128 and bf16 autocast on CUDA), eager, on the convolution backend that ``MUSE_CONV_BACKEND`` names. For each mixer it prints
-the ATen ops of a step that compute tensors (in eager mode each is a kernel or a few; counted below autograd, so
+heads; batch 128 and bf16 autocast on CUDA), eager, on the convolution backend that ``MUSE_CONV_BACKEND`` names.
+For each mixer it prints the ATen ops of a step that compute tensors (in eager mode each is a kernel or a few; counted below autograd, so
 the backward's too; on CPU, with no autocast, without autocast's casts), the device kernels launched per step on
 a GPU, and the ops by their own device time (CPU time on a CPU). Part of ``scripts/gpu_check.sh`` (its log is
 the record); on CPU (a small batch) it gives the op counts:
