@@ -172,6 +172,79 @@ def _dynamic_conv(v: torch.Tensor, kernel: torch.Tensor, before: int) -> torch.T
 torch.fx.wrap("_dynamic_conv")
 
 
+class _WideDepthwiseConv2d(torch.autograd.Function):
+    """``F.conv2d(x, kernel, bias, padding=k // 2, groups=C)`` for channels-last ``x (B, C, H, W)`` and a ``kernel
+    (C, 1, k, k)`` more than 3 wide, with its kernel gradient in pieces that oneDNN's depthwise kernel takes: that
+    kernel takes a kernel gradient up to 3 wide (any height), and a wider one falls to oneDNN's generic grouped
+    path, several times slower (at the ViT-S shape a 5 x 5 kernel's 10.5 ms against 3.4 in pieces). The middle
+    three columns are one convolution backward over the tokens and the gradient as they are, which gives the bias
+    gradient too; each other column, which reads the tokens at one offset along the rows, is one more over the
+    gradient shifted by that offset (a copy of it each); the forward and the input gradient are PyTorch's. The
+    backward is differentiable, and reads ``ctx.saved_tensors`` once (activation checkpointing allows no more).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, kernel, bias, padding=kernel.shape[-1] // 2, groups=x.shape[1])
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        x, kernel, bias = inputs
+        ctx.save_for_backward(x, kernel)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        x, kernel = ctx.saved_tensors
+        (C, k), dtypes = (x.shape[1], kernel.shape[-1]), (x.dtype, kernel.dtype)
+        p = k // 2
+        # As autocast ran the forward; dense, or each of the convolutions below would copy them (the tokens after
+        # prefix tokens, and their gradient, are a slice).
+        x, kernel = x.to(grad.dtype).contiguous(memory_format=torch.channels_last), kernel.to(grad.dtype)
+        grad = grad.contiguous(memory_format=torch.channels_last)
+
+        def backward(g: torch.Tensor, columns: slice, pad_w: int, mask: list[bool]) -> tuple:
+            return torch.ops.aten.convolution_backward(
+                g, x, kernel[..., columns], [C] if mask[2] else None, [1, 1], [p, pad_w], [1, 1], False, [0, 0], C,
+                mask,
+            )
+
+        needs = ctx.needs_input_grad
+        grad_x = backward(grad, slice(None), p, [True, False, False])[0] if needs[0] else None
+        # The bias gradient with the middle columns' (oneDNN computes it in the kernel gradient's pass).
+        _, middle, grad_bias = backward(grad, slice(p - 1, p + 2), 1, [False, True, ctx.bias_dtype is not None])
+        pieces = [backward(_shift_rows(grad, j - p), slice(j, j + 1), 0, [False, True, False])[1] for j in range(p - 1)]
+        pieces.append(middle)
+        pieces += [backward(_shift_rows(grad, j - p), slice(j, j + 1), 0, [False, True, False])[1]
+                   for j in range(p + 2, k)]
+        grad_kernel = torch.cat(pieces, dim=-1).to(dtypes[1])
+        grad_bias = None if grad_bias is None else grad_bias.to(ctx.bias_dtype)
+        return None if grad_x is None else grad_x.to(dtypes[0]), grad_kernel, grad_bias
+
+
+def _shift_rows(t: torch.Tensor, shift: int) -> torch.Tensor:
+    """Channels-last ``t (B, C, H, W)`` moved ``shift`` columns along its rows (``out[..., w] = t[..., w - shift]``,
+    zero where that is outside), channels-last."""
+    rows = t.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
+    W, n = rows.shape[2], min(abs(shift), rows.shape[2])
+    moved = F.pad(rows[:, :, :W - n], (0, 0, n, 0)) if shift > 0 else F.pad(rows[:, :, n:], (0, 0, 0, n))
+    return moved.permute(0, 3, 1, 2)
+
+
+def _depthwise_conv2d(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The depthwise ``k x k`` convolution of channels-last ``x (B, C, H, W)``, ``padding = k // 2``: on CPU, a
+    kernel more than 3 wide through ``_WideDepthwiseConv2d``. One node of a ``torch.fx`` graph, as the device is
+    known only when it runs."""
+    if kernel.shape[-1] > 3 and x.device.type == "cpu":
+        return _WideDepthwiseConv2d.apply(x, kernel, bias)
+    return F.conv2d(x, kernel, bias, padding=kernel.shape[-1] // 2, groups=x.shape[1])
+
+
+torch.fx.wrap("_depthwise_conv2d")
+
+
 def grid_tokens(v: torch.Tensor, key_padding_mask: torch.Tensor | None, num_prefix_tokens: int) -> torch.Tensor:
     """The tokens a convolution reads: padding zeroed, the prefix tokens left out."""
     if key_padding_mask is not None:
@@ -324,14 +397,16 @@ class MultiScaleDepthwiseConv(nn.Module):
         if self.layout == "2d":
             # (B, C, H, W) viewed from (B, H, W, C) is channels-last: no transposes.
             x = v.reshape(B, grid_size[0], grid_size[1], C).permute(0, 3, 1, 2)
-            out = F.conv2d(x, kernel.unsqueeze(1), bias, padding=width // 2, groups=C)
+            out = _depthwise_conv2d(x, kernel.unsqueeze(1), bias)
             return with_prefix(out.permute(0, 2, 3, 1).reshape(B, N, C), num_prefix_tokens)
-        # (B, C, 1, N) viewed from (B, N, C) is channels-last 2-D: the fast depthwise path, no transposes.
-        x = v.unsqueeze(1).permute(0, 3, 1, 2)
+        # (B, C, N, 1) viewed from (B, N, C) is channels-last 2-D: the fast depthwise path, no transposes. The
+        # sequence runs down a column, the kernel is (k, 1): oneDNN's depthwise kernel takes the weight gradient
+        # of a kernel up to 3 wide but any height, and a (1, k) row of 5 or more fell to its generic grouped path.
+        x = v.unsqueeze(2).permute(0, 3, 1, 2)
         # Causal: pad width - 1 on both sides and keep the first N outputs (each reads t - width + 1 .. t).
         pad = width - 1 if is_causal else width // 2
-        out = F.conv2d(x, kernel.view(C, 1, 1, width), bias, padding=(0, pad), groups=C)
-        # A view back to (B, N, C) (indexing the unit row would copy the whole gradient in the backward).
+        out = F.conv2d(x, kernel.view(C, 1, width, 1), bias, padding=(pad, 0), groups=C)
+        # A view back to (B, N, C) (indexing the unit column would copy the whole gradient in the backward).
         out = out.permute(0, 2, 3, 1).flatten(1, 2)
         return with_prefix(out[:, :N] if is_causal else out, num_prefix_tokens)
 

@@ -3,7 +3,9 @@
 The forward and the backward (input, kernel and bias gradients: ``depthwise_conv_backward``) of
 ``muse_lightning.triton_conv`` timed apart, on the value slice of a fused ``(B, 197, 3 x 384)`` projection in
 bf16 (a class token, then 196 tokens: the default 1-D kernel of 5 taps, then the 2-D layout's 5 x 5), against
-the same pass of PyTorch's convolution (``reference_depthwise_conv``: cuDNN on a GPU) on the same values. First
+the same pass of PyTorch's convolution (``reference_depthwise_conv``: cuDNN on a GPU) on the same values (in 1-D
+with a ``(1, k)`` kernel along a row, then with a ``(k, 1)`` one down a column, as ``MultiScaleDepthwiseConv`` runs
+it, since oneDNN's depthwise kernel takes only that one's gradient; which cuDNN prefers is measured here). First
 the module's tiles, then each kernel-gradient tile (tap x token lanes, channels, warps, programs; the backward
 with the module's forward tile), then each forward / input-gradient tile (tokens, channels, warps; both passes,
 the backward with the module's kernel-gradient tile). The kernel gradient's tile holds all the taps of a few
@@ -56,6 +58,13 @@ def sweep(layout: str, grid_h: int, kernel_size: tuple[int, int], pads: tuple[in
     base["backward"] = median_ms(partial(torch.autograd.grad, reference(), (v, kernel, bias), grad, retain_graph=True))
     for pass_, ms in base.items():
         record(layout, pass_, "PyTorch convolution", None, ms, ms)
+    if grid_h == 1:  # the sequence as a column, (k, 1) kernel, as MultiScaleDepthwiseConv runs it (oneDNN's choice)
+        column = partial(triton_conv.reference_depthwise_conv, v, kernel.transpose(0, 1), bias, v.shape[1] - 1,
+                         pads[1], 0, 1)
+        with torch.no_grad():
+            record(layout, "forward", "PyTorch convolution, (k, 1)", None, median_ms(column), base["forward"])
+        record(layout, "backward", "PyTorch convolution, (k, 1)", None, median_ms(partial(
+            torch.autograd.grad, column(), (v, kernel, bias), grad, retain_graph=True)), base["backward"])
     passes = {
         "forward": partial(triton_conv.depthwise_conv, *args),
         "backward": partial(triton_conv.depthwise_conv_backward, grad, v.detach(), kernel.detach(), grid_h, *pads, 1),

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from muse_lightning import MultiScaleDepthwiseConv, MultiScaleDynamicConv
-from muse_lightning.conv import _dynamic_conv, _DynamicConv
+from muse_lightning.conv import _depthwise_conv2d, _dynamic_conv, _DynamicConv, _WideDepthwiseConv2d
 
 
 def _randomised(conv):
@@ -38,6 +38,69 @@ def test_static_kernel_matches_a_reference_conv1d(is_causal):
     pad = (4, 0) if is_causal else (2, 2)
     ref = F.conv1d(F.pad(v.transpose(1, 2), pad), conv.weight[0].unsqueeze(1), conv.bias[0], groups=12)
     torch.testing.assert_close(conv(v, is_causal), ref.transpose(1, 2))
+
+
+def _wide_conv_inputs(grid, width, dtype=torch.float64, channels=5):
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(2, *grid, channels, generator=gen).to(dtype).permute(0, 3, 1, 2).requires_grad_()  # channels-last
+    kernel = torch.randn(channels, 1, width, width, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(channels, generator=gen).to(dtype).requires_grad_()
+    return x, kernel, bias, torch.randn(2, channels, *grid, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize(("grid", "width"), [((3, 4), 5), ((6, 9), 7), ((2, 2), 5), ((1, 3), 9)],
+                         ids=["5x5", "7x7", "grid-smaller-than-kernel", "9x9-one-row"])
+def test_wide_2d_kernel_gradient_in_column_pieces_equals_pytorchs(grid, width):
+    """On CPU a ``k x k`` kernel more than 3 wide takes its kernel gradient in column pieces
+    (``_WideDepthwiseConv2d``, for oneDNN's depthwise kernel): the output and every gradient as PyTorch's
+    convolution gives them, with and without a bias, in float64; double backward too."""
+    x, kernel, bias, grad = _wide_conv_inputs(grid, width)
+    for b in (bias, None):
+        out, ref = _depthwise_conv2d(x, kernel, b), F.conv2d(x, kernel, b, padding=width // 2, groups=5)
+        assert type(out.grad_fn).__name__ == "_WideDepthwiseConv2dBackward"
+        torch.testing.assert_close(out, ref)
+        inputs = (x, kernel) if b is None else (x, kernel, b)
+        for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+            torch.testing.assert_close(got, want)
+    assert torch.autograd.gradgradcheck(_WideDepthwiseConv2d.apply, (x, kernel, bias))
+
+
+def test_wide_2d_kernel_under_bf16_autocast_runs_as_pytorchs_convolution():
+    """Under CPU autocast the convolution runs in bf16 and each gradient comes back in its input's dtype, as
+    autograd's cast of PyTorch's convolution gives them."""
+    x, kernel, bias, grad = _wide_conv_inputs((6, 6), 5, torch.float32, channels=16)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = _depthwise_conv2d(x, kernel, bias)
+        ref = F.conv2d(x, kernel, bias, padding=2, groups=16)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    got, want = torch.autograd.grad(out, (x, kernel, bias), grad), torch.autograd.grad(ref, (x, kernel, bias), grad)
+    assert [g.dtype for g in got] == [torch.float32] * 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=5e-2, rtol=2e-2)
+
+
+def test_one_d_convolution_runs_down_a_column():
+    """The 1-D layout's sequence runs down the channels-last tensor's height with a ``(k, 1)`` kernel, which
+    oneDNN's depthwise kernel takes each way (a ``(1, k)`` row of 5 or more taps fell to its generic grouped path
+    for the kernel gradient): the traced graph's one convolution has its kernel that way round."""
+    conv = _randomised(MultiScaleDepthwiseConv(12, (1, 3, 5)))
+    with _ConvolutionKernels() as mode:
+        conv(torch.randn(2, 10, 12))
+    assert mode.shapes == [(12, 1, 5, 1)]
+
+
+class _ConvolutionKernels(TorchDispatchMode):
+    """The kernel shapes of the ATen convolutions run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.convolution:
+            self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
 
 
 def test_dynamic_kernels_are_softmax_normalised_per_token_and_head():
@@ -184,17 +247,23 @@ def test_dynamic_convolution_is_one_fx_node():
     torch.testing.assert_close(graph(v, True, None, 1), conv(v, is_causal=True, num_prefix_tokens=1))
 
 
-def test_dynamic_convolution_gives_per_sample_gradients_under_torch_func():
+@pytest.mark.parametrize("kind", ["dynamic", "static-2d-5x5"])
+def test_hand_written_backwards_give_per_sample_gradients_under_torch_func(kind):
     """``torch.func.vmap`` over ``grad`` (per-sample gradients, as differential-privacy training takes them) runs
-    the hand-written forward and backward under ``vmap``, and each sample's gradient is the one its own backward
-    gives."""
+    the hand-written forwards and backwards (the dynamic convolution's, the wide 2-D kernel's on CPU) under
+    ``vmap``, and each sample's gradient is the one its own backward gives."""
     from torch.func import functional_call, grad, vmap
-    conv = _randomised(MultiScaleDynamicConv(12, num_heads=3, kernel_sizes=(1, 3, 5)))
-    v = torch.randn(4, 9, 12)
+    if kind == "dynamic":
+        conv, kwargs = MultiScaleDynamicConv(12, num_heads=3, kernel_sizes=(1, 3, 5)), {}
+    else:
+        conv, kwargs = MultiScaleDepthwiseConv(12, (1, 3, 5), "2d"), {"grid_size": (3, 3), "num_prefix_tokens": 1}
+    conv = _randomised(conv)
+    v = torch.randn(4, 10, 12)
     params = dict(conv.named_parameters())
-    per_sample = vmap(grad(lambda p, x: functional_call(conv, p, (x[None],)).square().sum()), (None, 0))(params, v)
+    per_sample = vmap(grad(lambda p, x: functional_call(conv, p, (x[None],), kwargs).square().sum()),
+                      (None, 0))(params, v)
     for i in range(len(v)):
         conv.zero_grad()
-        conv(v[i:i + 1]).square().sum().backward()
+        conv(v[i:i + 1], **kwargs).square().sum().backward()
         for name, p in conv.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad)
