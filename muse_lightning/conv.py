@@ -215,10 +215,10 @@ class _WideDepthwiseConv2d(torch.autograd.Function):
         grad_x = backward(grad, slice(None), p, [True, False, False])[0] if needs[0] else None
         # The bias gradient with the middle columns' (oneDNN computes it in the kernel gradient's pass).
         _, middle, grad_bias = backward(grad, slice(p - 1, p + 2), 1, [False, True, ctx.bias_dtype is not None])
-        pieces = [backward(_shift_rows(grad, j - p), slice(j, j + 1), 0, [False, True, False])[1] for j in range(p - 1)]
-        pieces.append(middle)
-        pieces += [backward(_shift_rows(grad, j - p), slice(j, j + 1), 0, [False, True, False])[1]
-                   for j in range(p + 2, k)]
+        def column(j: int) -> torch.Tensor:
+            return backward(_shift_rows(grad, j - p), slice(j, j + 1), 0, [False, True, False])[1]
+
+        pieces = [column(j) for j in range(p - 1)] + [middle] + [column(j) for j in range(p + 2, k)]
         grad_kernel = torch.cat(pieces, dim=-1).to(dtypes[1])
         grad_bias = None if grad_bias is None else grad_bias.to(ctx.bias_dtype)
         return None if grad_x is None else grad_x.to(dtypes[0]), grad_kernel, grad_bias
