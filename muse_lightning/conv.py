@@ -205,18 +205,19 @@ class _WideDepthwiseConv2d(torch.autograd.Function):
         x, kernel = x.to(grad.dtype).contiguous(memory_format=torch.channels_last), kernel.to(grad.dtype)
         grad = grad.contiguous(memory_format=torch.channels_last)
 
-        def backward(g: torch.Tensor, columns: slice, pad_w: int, mask: list[bool]) -> tuple:
+        def conv_backward(g: torch.Tensor, columns: slice, pad_w: int, mask: list[bool]) -> tuple:
             return torch.ops.aten.convolution_backward(
                 g, x, kernel[..., columns], [C] if mask[2] else None, [1, 1], [p, pad_w], [1, 1], False, [0, 0], C,
                 mask,
             )
 
         needs = ctx.needs_input_grad
-        grad_x = backward(grad, slice(None), p, [True, False, False])[0] if needs[0] else None
+        grad_x = conv_backward(grad, slice(None), p, [True, False, False])[0] if needs[0] else None
         # The bias gradient with the middle columns' (oneDNN computes it in the kernel gradient's pass).
-        _, middle, grad_bias = backward(grad, slice(p - 1, p + 2), 1, [False, True, ctx.bias_dtype is not None])
+        _, middle, grad_bias = conv_backward(grad, slice(p - 1, p + 2), 1, [False, True, ctx.bias_dtype is not None])
+
         def column(j: int) -> torch.Tensor:
-            return backward(_shift_rows(grad, j - p), slice(j, j + 1), 0, [False, True, False])[1]
+            return conv_backward(_shift_rows(grad, j - p), slice(j, j + 1), 0, [False, True, False])[1]
 
         pieces = [column(j) for j in range(p - 1)] + [middle] + [column(j) for j in range(p + 2, k)]
         grad_kernel = torch.cat(pieces, dim=-1).to(dtypes[1])

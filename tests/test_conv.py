@@ -83,7 +83,7 @@ def test_wide_2d_kernel_under_bf16_autocast_runs_as_pytorchs_convolution():
 def test_one_d_convolution_runs_down_a_column():
     """The 1-D layout's sequence runs down the channels-last tensor's height with a ``(k, 1)`` kernel, which
     oneDNN's depthwise kernel takes each way (a ``(1, k)`` row of 5 or more taps fell to its generic grouped path
-    for the kernel gradient): the traced graph's one convolution has its kernel that way round."""
+    for the kernel gradient): the one convolution it runs has its kernel that way round."""
     conv = _randomised(MultiScaleDepthwiseConv(12, (1, 3, 5)))
     with _ConvolutionKernels() as mode:
         conv(torch.randn(2, 10, 12))
