@@ -99,35 +99,43 @@ def _token_padding(width: int, is_causal: bool) -> tuple[int, int]:
     return (width - 1, 0) if is_causal else (width // 2, width // 2)
 
 
-def _pad_tokens(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """``x`` ``(B, N, H, D)`` with ``before`` and ``after`` zero tokens."""
-    return F.pad(x, (0, 0, 0, 0, before, after))
+def _pad_tokens(x: torch.Tensor, before: int, after: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` ``(B, N, H, D)`` with ``before`` and ``after`` zero tokens, contiguous, in ``dtype`` (one copy, the cast
+    in it; only the padding is zeroed, where ``F.pad`` fills the whole tensor first)."""
+    B, N, H, D = x.shape
+    out = x.new_empty(B, before + N + after, H, D, dtype=dtype)
+    for pad in (out[:, :before], out[:, before + N:]):
+        if pad.numel():
+            pad.zero_()
+    out[:, before:before + N].copy_(x)
+    return out
 
 
 class _DynamicConv(torch.autograd.Function):
     """``out[n] = sum_j x[n + j] * kernel[n, j]`` for tokens ``v`` ``(B, N, H, D)`` and per-token kernels
     ``kernel`` ``(B, N, H, W)``, ``x`` the tokens after ``before`` and ``W - 1 - before`` zero tokens.
 
-    Forward, one in-place multiply-add over the whole output a tap; the input gradient likewise, over the gradient
-    and the kernels zero-padded the other way round; the kernel gradient one batched matrix product
-    (``_window_products``). Autograd's graph of the same sum spends a zero-filled gradient buffer, a copy and an
-    add on every tap's slice of the tokens, and a product and a sum on every tap's kernel gradient. Every update
-    spans the whole output, so under ``torch.compile`` Inductor fuses the taps into one kernel each way. The
-    backward is differentiable (it reads the saved inputs, not the padded copy).
+    Each pass is one batched matrix product over the zero-padded sequences laid end to end (``_windows``): forward,
+    each token's kernel row times the ``W`` tokens from it (``_window_sums``); the input gradient the same sum over
+    the padded gradient, each window's taps read along an anti-diagonal of the padded kernels; the kernel gradient,
+    each token's gradient times its ``W`` tokens (``_window_products``). A multiply-add a tap would pass over the
+    whole output ``W`` times each way, and autograd's graph of that sum also spends a zero-filled gradient buffer, a
+    copy and an add on every tap's slice of the tokens. It computes in the inputs' promoted dtype, autocast or not
+    (as the Triton backend's ``dynamic_conv``), and its backward is differentiable (it reads the saved inputs, not
+    the padded copy).
     """
 
-    # torch.func's vmap (and so its per-sample gradients) runs it over a batch; PyTorch has no batching rule for
-    # addcmul_, so there it loops over the samples, with a warning that says so.
+    # torch.func's vmap (and so its per-sample gradients) runs it over a batch.
     generate_vmap_rule = True
 
     @staticmethod
     def forward(v: torch.Tensor, kernel: torch.Tensor, before: int) -> torch.Tensor:
-        N, W = v.shape[1], kernel.shape[-1]
-        x = _pad_tokens(v, before, W - 1 - before)
-        out = x[:, :N] * kernel[..., :1]
-        for j in range(1, W):
-            out.addcmul_(x[:, j:j + N], kernel[..., j:j + 1])
-        return out
+        dtype = torch.promote_types(v.dtype, kernel.dtype)
+        _, N, H, W = kernel.shape
+        x = _pad_tokens(v, before, W - 1 - before, dtype)
+        # Each token's kernel row where its window starts, the sequences laid end to end.
+        rows = _pad_tokens(kernel, 0, W - 1, dtype).reshape(-1, H, W)[:_num_windows(x, W)]
+        return _window_sums(rows, x, N)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
@@ -137,35 +145,66 @@ class _DynamicConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         v, kernel = ctx.saved_tensors
-        N, W = v.shape[1], kernel.shape[-1]
+        dtype = torch.promote_types(grad.dtype, kernel.dtype)
+        _, N, H, W = kernel.shape
         after = W - 1 - ctx.before
-        # d v[t] = sum_j grad[t + before - j] * kernel[t + before - j, j]: over the gradient and the kernels padded
-        # the other way round, so that every tap again spans the whole output.
-        g, k = _pad_tokens(grad, after, ctx.before), _pad_tokens(kernel, after, ctx.before)
-        grad_v = g[:, W - 1:] * k[:, W - 1:, :, :1]
-        for j in range(1, W):
-            grad_v.addcmul_(g[:, W - 1 - j:W - 1 - j + N], k[:, W - 1 - j:W - 1 - j + N, :, j:j + 1])
-        x = _pad_tokens(v.to(g.dtype), ctx.before, after)
+        # d v[t] = sum_i g[t + i] * k[t + i, W - 1 - i], g the gradient and k the kernels after `after` zero tokens
+        # and before `before`: the forward's sum over the padded gradient, each window's taps read along an
+        # anti-diagonal of the padded kernels (rows that run past a sequence read the next one's: left out).
+        g = _pad_tokens(grad, after, ctx.before, dtype)
+        k = _pad_tokens(kernel, after, ctx.before, dtype)
+        rows = k.as_strided((_num_windows(g, W), H, W), (H * W, W, H * W - 1), W - 1).contiguous()  # for BLAS
+        grad_v = _window_sums(rows, g, N)
+        x = _pad_tokens(v, ctx.before, after, dtype)
         return grad_v.to(v.dtype), _window_products(x, g, after, N).to(kernel.dtype), None
+
+
+def _num_windows(x: torch.Tensor, W: int) -> int:
+    """How many ``W``-token windows ``x`` ``(B, P, H, D)`` has, the sequences laid end to end (none if empty)."""
+    return max(x.shape[0] * x.shape[1] - (W - 1), 0)
+
+
+def _windows(x: torch.Tensor, W: int) -> torch.Tensor:
+    """The ``W`` tokens from each token of ``x`` ``(B, P, H, D)``, the sequences laid end to end, up to the last
+    whole window: ``(T * H, W, D)`` (``T = _num_windows(x, W)``), an overlapping strided view (no copy). The few
+    windows that straddle two sequences are computed and left out of the outputs kept."""
+    _, _, H, D = x.shape
+    return x.contiguous().as_strided((_num_windows(x, W) * H, W, D), (D, H * D, 1))
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm`` in the operands' dtype: autocast would cast the overlapping windows to its own, a copy of each
+    token ``W`` times."""
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.bmm(a, b)
+
+
+def _window_sums(rows: torch.Tensor, x: torch.Tensor, N: int) -> torch.Tensor:
+    """``out[b, n, h] = sum_j rows[b * P + n, h, j] * x[b, n + j, h]`` for ``n < N``, ``rows`` ``(T, H, W)`` and
+    ``x`` ``(B, P, H, D)``: one batched product of each window's row with its tokens."""
+    B, P, H, D = x.shape
+    T, _, W = rows.shape
+    if not x.numel():
+        return x.new_zeros(B, N, H, D)
+    out = _bmm(rows.reshape(T * H, 1, W), _windows(x, W))
+    return out.as_strided((B, N, H, D), (P * H * D, H * D, D, 1))
 
 
 def _window_products(x: torch.Tensor, g: torch.Tensor, start: int, N: int) -> torch.Tensor:
     """``out[b, n, h, j] = <x[b, n + j, h], g[b, start + n, h]>`` over ``D`` for ``n < N``, ``x`` and ``g``
     ``(B, N + W - 1, H, D)``: one batched matrix product of each token's ``g`` with the ``W`` tokens of ``x`` from
-    it, an overlapping strided view of ``x`` (no copy) over the sequences laid end to end (the few windows that
-    straddle two sequences are computed and left out of the view returned)."""
+    it (``_windows``)."""
     B, P, H, D = x.shape
     W = P - N + 1
     if not g.numel():
         return g.new_zeros(B, N, H, W)
-    T = B * P - (W - 1)  # windows starting at each token of the sequences laid end to end, up to the last output
-    windows = x.contiguous().as_strided((T * H, D, W), (D, 1, H * D))
+    T = _num_windows(x, W)
     grads = g.reshape(B * P, H, D)[start:start + T].reshape(T * H, 1, D)
-    return torch.bmm(grads, windows).as_strided((B, N, H, W), (P * H * W, H * W, W, 1))
+    return _bmm(grads, _windows(x, W).transpose(1, 2)).as_strided((B, N, H, W), (P * H * W, H * W, W, 1))
 
 
 def _dynamic_conv(v: torch.Tensor, kernel: torch.Tensor, before: int) -> torch.Tensor:
-    """``_DynamicConv``, one node of a ``torch.fx`` graph (whose proxies cannot run its loop over the taps)."""
+    """``_DynamicConv``, one node of a ``torch.fx`` graph (whose proxies cannot run an autograd Function)."""
     return _DynamicConv.apply(v, kernel, before)
 
 

@@ -23,9 +23,9 @@ than as a list of tensors: torch 2.11's custom-op autograd rejects the gradients
 
 ``dynamic_conv(v, kernel, before)`` is the dynamic convolution (per-token, per-head kernels ``(B, N, H, W)``, a
 head's channels sharing them): one launch forward, two backward (the input gradient, and the kernel gradient, whose
-every output is one program's sum over a head's channels: no atomics), where PyTorch's ``conv._DynamicConv`` is a
-pass over the tokens a tap each way. Masking and the prefix stay outside it, as the kernels are computed from the
-masked tokens anyway.
+every output is one program's sum over a head's channels: no atomics), where PyTorch's ``conv._DynamicConv`` pads
+the tokens (or the gradient) into a copy for each of its batched products. Masking and the prefix stay outside it,
+as the kernels are computed from the masked tokens anyway.
 
 The ops run where Triton does: CUDA tensors, or any tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` before this module is imported), which is how it is tested on CPU against

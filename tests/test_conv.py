@@ -219,25 +219,36 @@ def test_dynamic_convolution_of_nothing_is_empty_each_way(shape):
     assert out.shape == v.shape and v.grad.shape == v.shape and kernel.grad.shape == kernel.shape
 
 
-def test_dynamic_convolution_takes_one_op_a_tap_each_way():
-    """Forward and backward, the ops that make a tensor the size of the tokens: the padded tokens, then a
-    multiply-add over the whole output a tap; back, the padded gradient, a multiply-add a tap, and the padded
-    tokens that the kernel gradient's one batched product reads (its output is the kernels' size). Autograd's
-    graph of the same sum makes a zero-filled buffer and a copy of every tap's gradient slice
+def test_dynamic_convolution_is_one_batched_product_each_way():
+    """Forward and backward, the ops that make a tensor the size of the tokens: the padded tokens and one batched
+    product over their windows; back, the padded gradient, one batched product for the input gradient, and the
+    padded tokens that the kernel gradient's batched product reads (its output is the kernels' size): no op a
+    tap. Autograd's graph of the same sum makes a zero-filled buffer and a copy of every tap's gradient slice
     (``slice_backward``), and an add to sum each into the rest."""
     v = torch.randn(2, 16, 1, 12, requires_grad=True)
     kernel = torch.randn(2, 16, 1, 7, requires_grad=True)  # smaller than the tokens: not counted
     with _TokenSizedOps(v.numel()) as mode:
-        _dynamic_conv(v, kernel, 3).sum().backward()
-    assert mode.ops == ["constant_pad_nd", "mul"] + ["addcmul_"] * 6 + \
-        ["constant_pad_nd", "mul"] + ["addcmul_"] * 6 + ["constant_pad_nd"]
+        torch.autograd.grad(_dynamic_conv(v, kernel, 3).sum(), (v, kernel))
+    padded = ["new_empty", "copy_"]
+    assert mode.ops == padded + ["bmm"] + padded + ["bmm"] + padded
     with _TokenSizedOps(v.numel()) as mode:
         _dynamic_sum(v, kernel, 3).sum().backward()
     assert mode.ops.count("slice_backward") == 7
 
 
+def test_dynamic_convolution_under_autocast_reads_its_windows_in_place():
+    """Under bf16 autocast (bf16 tokens, fp32 softmax kernels) the products stay in the promoted dtype, as the
+    Triton backend's: autocast's own cast of the overlapping windows would copy every token once a tap."""
+    v = torch.randn(2, 16, 2, 8, dtype=torch.bfloat16, requires_grad=True)
+    kernel = torch.randn(2, 16, 2, 7).softmax(-1).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16), _TokenSizedOps(2 * v.numel()) as mode:
+        out = _dynamic_conv(v, kernel, 3)
+        out.square().sum().backward()
+    assert out.dtype == torch.float32 and mode.ops == []
+
+
 def test_dynamic_convolution_is_one_fx_node():
-    """``torch.fx`` cannot run its loop over the taps on proxies: the convolution is a leaf of the graph (timm's
+    """``torch.fx`` cannot run an autograd Function on proxies: the convolution is a leaf of the graph (timm's
     and torchvision's feature extractors trace through ``torch.fx``), and the traced module computes the same."""
     conv = _randomised(MultiScaleDynamicConv(12, num_heads=3, kernel_sizes=(3, 5)))
     graph = torch.fx.symbolic_trace(conv, concrete_args={"is_causal": True, "key_padding_mask": None,
