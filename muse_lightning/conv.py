@@ -175,6 +175,8 @@ def _windows(x: torch.Tensor, W: int) -> torch.Tensor:
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.bmm`` in the operands' dtype: autocast would cast the overlapping windows to its own, a copy of each
     token ``W`` times."""
+    if not torch.amp.is_autocast_available(a.device.type):  # no autocast to leave (meta tensors: FLOP counting)
+        return torch.bmm(a, b)
     with torch.autocast(a.device.type, enabled=False):
         return torch.bmm(a, b)
 

@@ -252,8 +252,9 @@ def test_text_files_recipe_fits_then_predicts_unlabelled_text_beside_its_texts(t
 @pytest.mark.parametrize("make", [
     lambda: ImageClassifier(model_kwargs=SMALL_VIT),
     lambda: TextClassifier(max_length=32, dim=32, depth=1, num_heads=2),
+    lambda: TextClassifier(max_length=32, dim=32, depth=1, num_heads=2, conv_type="dynamic"),
     lambda: SequenceClassifier(in_features=3, max_length=20, dim=32, depth=1, num_heads=2),
-], ids=["image", "text", "sequence"])
+], ids=["image", "text", "text-dynamic", "sequence"])
 def test_modules_show_their_flops_and_count_a_training_batchs(make):
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
