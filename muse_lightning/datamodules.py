@@ -64,21 +64,33 @@ def _split(what: str, labels: np.ndarray, fractions: dict[str, float], seed: int
 
 
 class ResumableSampler(DistributedSampler):
-    """Training order that an interrupted run can pick up mid-epoch.
+    """Training order that an interrupted run can pick up mid-epoch, and epochs of at least ``min_samples``.
 
     A ``DistributedSampler`` (each epoch a permutation seeded by ``seed + epoch``, this process's share
     under DDP, so Lightning keeps it as it is) whose ``resume_at = (epoch, samples)`` makes the first
-    pass over that epoch skip the samples the interrupted run had already trained on.
+    pass over that epoch skip the samples the interrupted run had already trained on. A data set smaller
+    than ``min_samples`` is drawn as several permutations one after the other (timm's ``epoch_repeats``,
+    sized by the data), so that a small set's epoch holds enough optimizer steps; a larger one is one pass.
+    ``min_samples`` counts each process's samples.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, min_samples: int = 0) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
         super().__init__(dataset, shuffle=True, seed=seed, **replicas)
+        size = len(dataset)  # type: ignore[arg-type]
+        self.repeats = max(1, -(-min_samples * self.num_replicas // size)) if size else 1
+        self.num_samples = -(-size * self.repeats // self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
         self.resume_at: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        size = len(self.dataset)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        indices = [i for _ in range(self.repeats) for i in torch.randperm(size, generator=generator).tolist()]
+        while len(indices) < self.total_size:  # every process the same number of samples, as DistributedSampler
+            indices += indices[: self.total_size - len(indices)]
+        indices = indices[self.rank: self.total_size: self.num_replicas]
         if self.resume_at is not None and self.resume_at[0] == self.epoch:
             indices = indices[self.resume_at[1]:]
         self.resume_at = None
@@ -98,12 +110,15 @@ class _ClassificationData(L.LightningDataModule):
     classes: Sequence[str]
     collate_fn: Callable[[list[Any]], Any] | None = None  # the default collation unless a subclass sets one
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, min_train_batches: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if min_train_batches < 0:
+            raise ValueError(f"min_train_batches must be 0 or more, got {min_train_batches}")
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.min_train_batches = min_train_batches
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -129,7 +144,7 @@ class _ClassificationData(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() has not been run")
         sampler = None
         if shuffle:
-            sampler = ResumableSampler(dataset, self._shuffle_seed())
+            sampler = ResumableSampler(dataset, self._shuffle_seed(), self.min_train_batches * self.batch_size)
             if self._resume_at is not None:
                 epoch, batches = self._resume_at
                 sampler.resume_at = (epoch, batches * self.batch_size)
@@ -174,12 +189,15 @@ class _UserFiles:
     stratified ``val_fraction`` of the training rows; test is ``test_file`` (else validation) and predict
     ``predict_file`` (else test), whose labels are optional. A subclass reads its files into
     ``self.tables[split] = (..., labels)`` with ``_index_labels`` and makes datasets in ``_make``.
+    A training file too small to spare ``min_val_size`` rows at ``val_fraction`` is not split: the model
+    trains on every row and validates on the training rows (so checkpoints follow the training fit).
     """
 
     files: dict[str, str | None]
     tables: dict[str, tuple[Any, ...]]
     classes: Sequence[str]
     val_fraction: float
+    min_val_size: int
     seed: int
     _class_order: Callable[[str], Any] | None = None
 
@@ -195,17 +213,26 @@ class _UserFiles:
             out[split] = None if names is None else np.asarray([index[x] for x in names], dtype=np.int64)
         return out
 
-    def _make(self, split: str, rows: np.ndarray | None) -> Dataset:
-        """The dataset of ``split``'s ``rows`` (all when None)."""
+    def _make(self, split: str, rows: np.ndarray | None, training: bool = False) -> Dataset:
+        """The dataset of ``split``'s ``rows`` (all when None); ``training``: the one the model trains on."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
+        labels = self.tables["train"][-1]
         if self.files["val"]:
-            self.train_set, self.val_set = self._make("train", None), self._make("val", None)
+            self.train_set, self.val_set = self._make("train", None, training=True), self._make("val", None)
+        elif len(labels) * self.val_fraction < self.min_val_size:
+            # Too few rows to hold out a validation set worth its cost: train on all, and validate on them.
+            if stage == "fit":
+                rank_zero_info(
+                    f"{self.files['train']}: {len(labels)} training rows give fewer than min_val_size="
+                    f"{self.min_val_size} for validation at val_fraction={self.val_fraction}; training on every row "
+                    "and validating on the training rows (give val_file for a held-out set)"
+                )
+            self.train_set, self.val_set = self._make("train", None, training=True), self._make("train", None)
         else:
-            labels = self.tables["train"][-1]
             val_idx, train_idx = _split(self.files["train"], labels, {"val_fraction": self.val_fraction}, self.seed)
-            self.train_set, self.val_set = self._make("train", train_idx), self._make("train", val_idx)
+            self.train_set, self.val_set = self._make("train", train_idx, training=True), self._make("train", val_idx)
         self.test_set = self._make("test", None) if self.files["test"] else self.val_set
         self._predict_set = self._make("predict", None) if self.files["predict"] else self.test_set
 
@@ -354,8 +381,9 @@ class _TextData(_ClassificationData):
     resumed ``fit`` encode exactly as training did. ``vocab_size`` and ``pad_id`` are the model's (the CLI
     links them, like ``num_classes`` and ``max_length``)."""
 
-    def __init__(self, max_length: int, batch_size: int, num_workers: int, tokenizer: str, vocab_size: int) -> None:
-        super().__init__(batch_size, num_workers)
+    def __init__(self, max_length: int, batch_size: int, num_workers: int, tokenizer: str, vocab_size: int,
+                 min_train_batches: int = 0) -> None:
+        super().__init__(batch_size, num_workers, min_train_batches)
         self.max_length = max_length
         self.tokenizer_name = tokenizer
         self._vocab_size = vocab_size
@@ -511,7 +539,8 @@ class TextFileDataModule(_UserFiles, _TextData):
     a stratified ``val_fraction`` of the training rows; test uses ``test_file`` (or the validation
     set); predict uses ``predict_file``, whose label field is optional (else the test set). Every file
     is read and checked when the module is built: a missing field, an empty or null label, a ragged
-    CSV row or a broken JSONL line is an error naming the file and the row.
+    CSV row or a broken JSONL line is an error naming the file and the row. ``min_val_size`` and
+    ``min_train_batches`` size validation and epochs by the data, as for ``SequenceFileDataModule``.
     """
 
     def __init__(
@@ -526,11 +555,13 @@ class TextFileDataModule(_UserFiles, _TextData):
             batch_size: int = 64,
             num_workers: int = 0,
             val_fraction: float = 0.1,
+            min_val_size: int = 0,
             seed: int = 0,
             tokenizer: str = "byte",
             vocab_size: int = 8000,
+            min_train_batches: int = 0,
     ) -> None:
-        super().__init__(max_length, batch_size, num_workers, tokenizer, vocab_size)
+        super().__init__(max_length, batch_size, num_workers, tokenizer, vocab_size, min_train_batches)
         _check_fraction("val_fraction", val_fraction)
         self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
         tables = {
@@ -539,10 +570,10 @@ class TextFileDataModule(_UserFiles, _TextData):
         }
         labels = self._index_labels({split: table[1] for split, table in tables.items()})
         self.tables = {split: (table[0], labels[split]) for split, table in tables.items()}
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction, self.min_val_size, self.seed = val_fraction, min_val_size, seed
         self._predict_set: Dataset | None = None
 
-    def _make(self, split: str, rows: np.ndarray | None) -> _TextDataset:
+    def _make(self, split: str, rows: np.ndarray | None, training: bool = False) -> _TextDataset:
         texts, labels = self.tables[split]
         if rows is not None:
             texts, labels = [texts[i] for i in rows], labels[rows]
@@ -554,20 +585,36 @@ class TextFileDataModule(_UserFiles, _TextData):
 
 
 class _SequenceDataset(Dataset):
-    """Each sequence's real steps, standardised, with its class index (-1 when unlabelled)."""
+    """Each sequence's real steps, standardised, with its class index (-1 when unlabelled).
+
+    With ``augment``, each draw is a random window of at least ``crop`` of the sequence's steps (window
+    slicing), every feature scaled by a random factor around 1 and jittered by noise; only real steps
+    are read and the window is a shorter sequence, so padding stays out of the model as without it.
+    """
+
+    crop, scale, jitter = 0.8, 0.2, 0.05  # the window's least share; log-normal scale and noise spreads
 
     def __init__(
-            self, features: np.ndarray, lengths: np.ndarray, labels: Sequence[int] | None, mean: np.ndarray, std: np.ndarray,
+            self, features: np.ndarray, lengths: np.ndarray, labels: Sequence[int] | None, mean: np.ndarray,
+            std: np.ndarray, augment: bool = False,
     ) -> None:
         self.features = torch.from_numpy((features - mean) / std)
         self.lengths = lengths.tolist()
         self.labels = None if labels is None else list(labels)
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.features[i, : self.lengths[i]], -1 if self.labels is None else self.labels[i]
+        steps = self.features[i, : self.lengths[i]]
+        if self.augment:
+            length = len(steps)
+            keep = int(torch.randint(max(1, int(self.crop * length)), length + 1, ()))
+            start = int(torch.randint(0, length - keep + 1, ()))
+            steps = steps[start: start + keep]
+            steps = steps * torch.exp(self.scale * torch.randn(1, steps.shape[1])) + self.jitter * torch.randn_like(steps)
+        return steps, -1 if self.labels is None else self.labels[i]
 
 
 def _collate_sequences(batch: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
@@ -593,6 +640,9 @@ class SequenceFileDataModule(_UserFiles, _ClassificationData):
     ``test_file`` (else validation), predict ``predict_file`` (else test). With ``standardize`` every
     feature is centred and scaled by its mean and spread over the training sequences' real steps.
     ``in_features`` and ``max_length`` (the longest sequence of any file) are linked into the model.
+    ``augment`` draws random windows of the training sequences, scaled and jittered (``_SequenceDataset``).
+    A training file too small for ``min_val_size`` validation sequences trains and validates on all of them,
+    and an epoch is at least ``min_train_batches`` steps (see ``_UserFiles`` and ``ResumableSampler``).
     """
 
     collate_fn = staticmethod(_collate_sequences)
@@ -605,12 +655,15 @@ class SequenceFileDataModule(_UserFiles, _ClassificationData):
             test_file: str | None = None,
             predict_file: str | None = None,
             standardize: bool = True,
+            augment: bool = False,
             batch_size: int = 64,
             num_workers: int = 0,
             val_fraction: float = 0.1,
+            min_val_size: int = 0,
             seed: int = 0,
+            min_train_batches: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, min_train_batches)
         _check_fraction("val_fraction", val_fraction)
         self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
         arrays = {
@@ -628,11 +681,12 @@ class SequenceFileDataModule(_UserFiles, _ClassificationData):
         real = features[np.arange(features.shape[1])[None, :] < lengths[:, None]]  # (steps, C)
         self.mean = real.mean(0) if standardize else np.zeros(self.in_features, np.float32)
         self.std = np.maximum(real.std(0), 1e-6) if standardize else np.ones(self.in_features, np.float32)
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction, self.min_val_size, self.seed, self.augment = val_fraction, min_val_size, seed, augment
         self._predict_set: Dataset | None = None
 
-    def _make(self, split: str, rows: np.ndarray | None) -> _SequenceDataset:
+    def _make(self, split: str, rows: np.ndarray | None, training: bool = False) -> _SequenceDataset:
         features, lengths, labels = self.tables[split]
         if rows is not None:
             features, lengths, labels = features[rows], lengths[rows], labels[rows]
-        return _SequenceDataset(features, lengths, None if labels is None else labels.tolist(), self.mean, self.std)
+        labels = None if labels is None else labels.tolist()
+        return _SequenceDataset(features, lengths, labels, self.mean, self.std, augment=training and self.augment)

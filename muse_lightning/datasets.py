@@ -9,6 +9,8 @@
 - Users' own text: CSV or JSONL files with a text and a label field.
 - Users' own numeric sequences: ``.npz`` files (or folders of ``.npy`` files) of padded features,
   lengths and labels.
+- Small public time-series classification sets of the UCR / UEA archives, from the copies that the
+  ``aeon`` package ships (BSD-3-Clause; the ``timeseries`` extra), for the sequence benchmark.
 """
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "ASSETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "ROTTEN_TOMATOES_CLASSES", "WORDNET_DIR", "WORDNET_LEXNAMES",
-    "load_embedded_fashion_mnist", "load_embedded_wordnet_glosses", "read_fashion_mnist", "read_idx",
+    "AEON_SETS", "ASSETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "ROTTEN_TOMATOES_CLASSES", "WORDNET_DIR", "WORDNET_LEXNAMES",
+    "load_aeon_classification", "load_embedded_fashion_mnist", "load_embedded_wordnet_glosses", "read_fashion_mnist", "read_idx",
     "read_rotten_tomatoes", "read_sequence_arrays", "read_text_table", "read_wordnet_glosses", "rotten_tomatoes_file",
-    "split_indices",
+    "split_indices", "to_sequence_arrays",
 ]
 
 ASSETS = Path(__file__).parent / "assets"
@@ -280,6 +283,64 @@ def read_sequence_arrays(
     if labels.shape != (count,):
         raise ValueError(f"{path}: labels must be {count} values (one per sequence), got shape {labels.shape}")
     return features.astype(np.float32), lengths.astype(np.int64), [str(x) for x in labels.tolist()]
+
+
+# UCR / UEA classification sets whose train and test files aeon ships inside its package (aeon/datasets/data):
+# univariate and multivariate, equal and unequal lengths, 36 to 270 training cases.
+AEON_SETS: tuple[str, ...] = (
+    "ArrowHead", "BasicMotions", "GunPoint", "ItalyPowerDemand", "JapaneseVowels", "OSULeaf", "PickupGestureWiimoteZ",
+)
+
+
+def load_aeon_classification(name: str, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """``(X, y)`` of a set in ``AEON_SETS`` from the ``.ts`` file aeon ships (nothing is downloaded): ``X`` a
+    list of ``(n_channels, n_timepoints)`` arrays, ``y`` the labels as strings; ``split`` is ``"train"`` or
+    ``"test"`` (the archive's own split)."""
+    if name not in AEON_SETS:
+        raise ValueError(f"unknown time-series set {name!r}; choose from {list(AEON_SETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    try:
+        import aeon.datasets
+    except ImportError:
+        raise ImportError("the time-series sets come with aeon: pip install \"muse-lightning[timeseries]\"") from None
+    path = Path(aeon.datasets.__file__).parent / "data" / name / f"{name}_{split.upper()}.ts"
+    X, y = aeon.datasets.load_from_ts_file(str(_require_file(path, f"aeon's {name}")))
+    return [np.asarray(x, dtype=np.float64) for x in X], np.asarray(y).astype(str)
+
+
+def to_sequence_arrays(X: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(features (M, N, C) float32 padded with zeros, lengths (M,))`` from aeon's layouts: an array
+    ``(n_cases, n_channels, n_timepoints)`` or ``(n_cases, n_timepoints)``, or a list of ``(n_channels,
+    n_timepoints)`` arrays (unequal lengths)."""
+    if isinstance(X, np.ndarray) and X.dtype != object:
+        if X.ndim == 2:
+            X = X[:, None, :]
+        if X.ndim != 3:
+            raise ValueError(f"X must be (n_cases, n_channels, n_timepoints) or (n_cases, n_timepoints), got shape {X.shape}")
+        series = list(X)
+    elif isinstance(X, (list, tuple, np.ndarray)):
+        series = [np.asarray(x) for x in X]
+        series = [x[None, :] if x.ndim == 1 else x for x in series]
+        bad = [i for i, x in enumerate(series) if x.ndim != 2]
+        if bad:
+            raise ValueError(f"X's cases must be (n_channels, n_timepoints) arrays; case {bad[0]} has shape {series[bad[0]].shape}")
+    else:
+        raise TypeError(f"X must be a numpy array or a list of (n_channels, n_timepoints) arrays, got {type(X).__name__}")
+    if not series:
+        raise ValueError("X holds no cases")
+    channels = {x.shape[0] for x in series}
+    if len(channels) > 1:
+        raise ValueError(f"X's cases must have one number of channels, got {sorted(channels)}")
+    lengths = np.array([x.shape[1] for x in series], dtype=np.int64)
+    if lengths.min() < 1:
+        raise ValueError("X holds a case with no time points")
+    features = np.zeros((len(series), int(lengths.max()), channels.pop()), np.float32)
+    for i, x in enumerate(series):
+        if not np.issubdtype(x.dtype, np.number):
+            raise ValueError(f"X must be numeric, case {i} is {x.dtype}")
+        features[i, : x.shape[1]] = x.T
+    return features, lengths
 
 
 def split_indices(labels: np.ndarray, fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:

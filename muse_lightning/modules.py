@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.throughput import measure_flops
 from timm.data import resolve_model_data_config
+from timm.layers import to_2tuple
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
@@ -261,8 +262,13 @@ class ImageClassifier(ClassifierModule):
             swap.swap_attention(self.model, **(mixer_kwargs or {}))
         elif mixer_kwargs:
             raise ValueError("mixer_kwargs is only used with swap_attention=True")
-        # One input of the model's own size: the model summary shows shapes and FLOPs.
-        self.example_input_array = (torch.zeros(1, *resolve_model_data_config(self.model)["input_size"]),)
+        # One input of the model's own size (the model summary shows shapes and FLOPs): its pretrained config's,
+        # unless model_kwargs built it for other images (timm keeps the pretrained config's input_size then).
+        channels, *size = resolve_model_data_config(self.model)["input_size"]
+        kwargs = model_kwargs or {}
+        channels = kwargs.get("in_chans", channels)
+        size = list(to_2tuple(kwargs["img_size"])) if kwargs.get("img_size") is not None else size
+        self.example_input_array = (torch.zeros(1, channels, *size),)
 
 
 class TextClassifier(ClassifierModule):
@@ -359,6 +365,9 @@ class SequenceClassifier(ClassifierModule):
             parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
+            max_tokens: int | None = None,
+            stem_kernel: int | None = None,
+            normalize: bool = False,
             lr: float = 1e-3,
             weight_decay: float = 0.05,
             warmup_fraction: float = 0.05,
@@ -370,7 +379,7 @@ class SequenceClassifier(ClassifierModule):
             num_classes, in_features, max_length: Classes, features per step and the longest sequence (the CLI
                 links all three from the data).
             dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
-                drop_path_rate: The network, see ``MUSESequenceNet``.
+                drop_path_rate, max_tokens, stem_kernel, normalize: The network, see ``MUSESequenceNet``.
             lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
         """
         super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
@@ -378,6 +387,7 @@ class SequenceClassifier(ClassifierModule):
         self.model = MUSESequenceNet(
             num_classes, in_features, max_length=max_length, dim=dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel,
-            drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate, max_tokens=max_tokens, stem_kernel=stem_kernel,
+            normalize=normalize,
         )
         self.example_input_array = ({"features": torch.zeros(1, max_length, in_features)},)

@@ -149,6 +149,9 @@ class MUSESequenceNet(_MUSEEncoderNet):
             parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
+            max_tokens: int | None = None,
+            stem_kernel: int | None = None,
+            normalize: bool = False,
     ) -> None:
         """
         Args:
@@ -157,13 +160,30 @@ class MUSESequenceNet(_MUSEEncoderNet):
             max_length: Longest sequence (size of the position table).
             dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
                 drop_path_rate: As ``MUSETextNet``.
+            max_tokens: Tokens the stem makes of a ``max_length`` sequence: it strides by ``s = ceil(max_length /
+                max_tokens)`` steps, so a sequence of ``L`` steps becomes ``ceil(L / s)`` tokens (patches) for the
+                blocks to mix. None: one token a step.
+            stem_kernel: Steps each token embeds, an odd int at least the stride, centred on the token's first
+                step and read as zeros past either end of the sequence; None: ``2 s - 1`` (overlapping windows,
+                one step alone, a linear embedding, when ``s = 1``).
+            normalize: Centre and scale each series, per feature, over its own real steps (the usual
+                z-normalisation of time-series classification) before the stem.
         """
+        if max_tokens is not None and not (isinstance(max_tokens, int) and max_tokens >= 1):
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        stride = 1 if max_tokens is None else -(-max_length // max_tokens)
+        stem_kernel = 2 * stride - 1 if stem_kernel is None else stem_kernel
+        if not (isinstance(stem_kernel, int) and stem_kernel >= stride and stem_kernel % 2 == 1):
+            raise ValueError(
+                f"stem_kernel must be an odd int of at least the stem's stride ({stride} steps), got {stem_kernel!r}"
+            )
         super().__init__(
-            num_classes, max_length, dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel,
-            drop_rate, drop_path_rate,
+            num_classes, -(-max_length // stride), dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type,
+            conv_proj, parallel, drop_rate, drop_path_rate,
         )
-        self.in_features = in_features
-        self.embed = nn.Linear(in_features, dim)
+        self.in_features, self.max_steps, self.stride = in_features, max_length, stride
+        self.normalize = normalize
+        self.embed = nn.Conv1d(in_features, dim, stem_kernel, stride=stride, padding=stem_kernel // 2)
         trunc_normal_(self.embed.weight, std=0.02)
         nn.init.zeros_(self.embed.bias)
 
@@ -173,9 +193,21 @@ class MUSESequenceNet(_MUSEEncoderNet):
             raise ValueError(
                 f"features must be a (B, N, {self.in_features}) float tensor, got {features.dtype} {tuple(features.shape)}"
             )
-        self._check_length(features.shape[1])
+        if features.shape[1] > self.max_steps:
+            raise ValueError(f"the input has {features.shape[1]} steps, more than max_length={self.max_steps}")
         if key_padding_mask is None:
             key_padding_mask = torch.zeros(features.shape[:2], dtype=torch.bool, device=features.device)
-        # Padded steps enter as zeros, so that whatever the padding held cannot reach the model.
-        features = features.masked_fill(key_padding_mask.unsqueeze(-1), 0.0)
-        return self._classify(self.embed(features), key_padding_mask)
+        # Padded steps enter as zeros, so that whatever the padding held cannot reach the model; the stem's
+        # window reads them as the zeros past a sequence's end.
+        pad = key_padding_mask.unsqueeze(-1)
+        features = features.masked_fill(pad, 0.0)
+        if self.normalize:
+            steps = (~pad).sum(1, keepdim=True).clamp(min=1)
+            mean = features.sum(1, keepdim=True) / steps
+            centred = (features - mean).masked_fill(pad, 0.0)
+            std = (centred.square().sum(1, keepdim=True) / steps).sqrt()
+            features = centred / std.clamp(min=1e-5)
+        # Token j starts at step j * stride: it is padding where that step is, so a sequence of L steps
+        # keeps ceil(L / stride) tokens, as it would alone.
+        tokens = self.embed(features.transpose(1, 2)).transpose(1, 2)
+        return self._classify(tokens, key_padding_mask[:, :: self.stride])

@@ -1,6 +1,7 @@
 """muse-compare: runs are recorded once, skipped when recorded, tabulated, and use the full data when asked."""
 import json
 
+import numpy as np
 import pytest
 import timm
 import yaml
@@ -88,7 +89,7 @@ def test_missing_full_data_is_named_with_its_package(tmp_path, monkeypatch):
 
 
 def test_every_task_has_muse_attention_and_its_full_data_overlay_where_it_has_a_subset():
-    assert set(VARIANTS) == {"vision", "text", "reviews"} and set(compare.FULL_DATA) == {"vision", "text"}
+    assert set(VARIANTS) == {"vision", "text", "reviews", "sequences"} and set(compare.FULL_DATA) == {"vision", "text"}
     for task, variants in VARIANTS.items():
         assert {"muse", "attention"} <= set(variants)
         assert task not in compare.FULL_DATA or (compare.CONFIGS / compare.FULL_DATA[task][1]).is_file()
@@ -178,3 +179,58 @@ def test_reviews_task_has_one_data_set_and_its_baseline_reads_the_configs_data_m
     record = json.loads((results / "reviews__full__tfidf__seed0.json").read_text())
     assert record["config"] == "reviews.yaml" and record["overlay"] is None
     assert record["test_acc"] == 1.0  # fresh and rotten snippets share no adjective
+
+
+def test_the_sequence_benchmark_runs_muse_and_the_time_series_baselines_on_the_same_split(tmp_path, monkeypatch, capsys):
+    """A tiny generated set stands in for aeon's GunPoint: MUSE, its attention twin and the three baselines
+    (1-NN Euclidean, 1-NN DTW, MiniRocket) each recorded on its train / test split, and tabulated per set."""
+    from muse_lightning import datasets
+
+    rng = np.random.default_rng(0)
+
+    def fake_set(name, split):
+        count = 12 if split == "train" else 8
+        y = np.array(["a", "b"] * (count // 2))
+        X = [rng.normal(size=(1, 20 + i % 5)) + (3.0 if label == "a" else -3.0) for i, label in enumerate(y)]
+        return X, y
+
+    monkeypatch.setattr(datasets, "load_aeon_classification", fake_set)
+    monkeypatch.setattr(compare, "load_aeon_classification", fake_set)
+    results = tmp_path / "results"
+    variants = ["muse", "attention", "1nn-euclidean", "1nn-dtw", "minirocket"]
+    main(task="sequences", sets=["GunPoint"], variants=variants, seeds=[0], results=str(results),
+         extra=["--trainer.max_epochs", "1", "--data.init_args.min_train_batches", "2"])
+    records = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in results.glob("*.json")}
+    assert sorted(records) == sorted(variants)
+    for name in ("1nn-euclidean", "1nn-dtw", "minirocket"):
+        assert records[name]["test_acc"] == 1.0 and records[name]["data"] == "GunPoint"  # the classes lie 6 apart
+    muse_config = (results / "runs" / "sequences__GunPoint__muse__seed0" / "logs" / "version_0" / "config.yaml").read_text()
+    assert "GunPoint_train.npz" in muse_config and "conv_type: static" in muse_config
+    attention_config = (results / "runs" / "sequences__GunPoint__attention__seed0" / "logs" / "version_0" / "config.yaml")
+    assert "conv_type: none" in attention_config.read_text()
+    with np.load(results / "data" / "GunPoint_test.npz") as f:
+        assert f["features"].shape == (8, 24, 1) and f["lengths"].tolist() == [20, 21, 22, 23, 24, 20, 21, 22]
+    out = capsys.readouterr().out
+    assert "| set | muse | attention | 1nn-euclidean | 1nn-dtw | minirocket |" in out
+    assert "| GunPoint | " in out and "| mean of 1 | " in out
+
+
+def test_unknown_sequence_sets_and_sets_for_other_tasks_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown time-series sets \['Nope'\]; choose from \['ArrowHead'"):
+        main(task="sequences", sets=["Nope"], results=str(tmp_path))
+    with pytest.raises(ValueError, match="sets is for --task sequences; vision takes data"):
+        main(task="vision", sets=["GunPoint"], results=str(tmp_path))
+
+
+@pytest.mark.parametrize(("max_length", "in_features"), [(24, 1), (29, 12), (427, 1)])
+def test_the_sequence_attention_twin_matches_muses_parameters_within_two_percent(max_length, in_features):
+    from muse_lightning import SequenceClassifier
+
+    recipe = yaml.safe_load((compare.CONFIGS / "sequence_files.yaml").read_text())["model"]["init_args"]
+    overrides = VARIANTS["sequences"]["attention"][1]
+    twin = {**recipe, **{flag.removeprefix("--model.init_args."): yaml.safe_load(value)
+                         for flag, value in zip(overrides[::2], overrides[1::2])}}
+    assert twin["conv_type"] == "none"
+    count = lambda **kw: sum(p.numel() for p in SequenceClassifier(  # noqa: E731
+        num_classes=6, in_features=in_features, max_length=max_length, **kw).parameters())
+    assert abs(count(**twin) / count(**recipe) - 1) < 0.02

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import write_rotten_tomatoes
@@ -294,3 +295,24 @@ def test_peak_flops_gives_the_h200_its_dense_figures_and_leaves_other_gpus_to_li
     finally:
         torch.set_float32_matmul_precision(previous)
     assert peak_flops(torch.device("cpu"), precision) is None
+
+
+def test_a_timm_model_built_for_other_images_fits_image_folders_at_their_size(tmp_path):
+    """A timm ViT made for 64 px (its pretrained config says 224) with MUSE swapped in: the model summary at
+    the start of fit runs example_input_array at the model's own size, and training runs on 64 px folders."""
+    from PIL import Image
+
+    from muse_lightning import ImageFolderDataModule
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((70, 70, 3), 60 * i, dtype=np.uint8)).save(tmp_path / "train" / cls / f"{i}.png")
+    model = ImageClassifier(model_name="vit_tiny_patch16_224", num_classes=2, swap_attention=True,
+                            model_kwargs={"img_size": 64, "depth": 1})
+    assert model.example_input_array[0].shape == (1, 3, 64, 64)
+    data = ImageFolderDataModule(str(tmp_path / "train"), img_size=64, batch_size=4, val_fraction=0.25)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 1

@@ -5,7 +5,7 @@ import textwrap
 from pathlib import Path
 
 from muse_lightning.bench import markdown_table
-from muse_lightning.compare import table, tuning_table
+from muse_lightning.compare import sequence_table, table, tuning_table
 
 README = Path(__file__).parents[1] / "README.md"
 RESULTS = Path(__file__).parents[1] / "results" / "compare"
@@ -31,6 +31,11 @@ def test_readme_opens_with_install_and_test_commands():
 
 def test_readme_results_table_is_the_recorded_runs_table():
     assert table(RESULTS) in README.read_text(), "README's Results table is stale: paste `muse-compare --table_only true`"
+
+
+def test_readme_time_series_table_is_the_recorded_sequence_benchmark():
+    stale = "README's time-series table is stale: paste the last table of `muse-compare --table_only true`"
+    assert sequence_table(RESULTS) in README.read_text(), stale
 
 
 def test_readme_tuning_table_is_the_recorded_sweep_table():

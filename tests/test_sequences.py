@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from muse_lightning import SequenceFileDataModule
+from muse_lightning import ResumableSampler, SequenceFileDataModule
+from muse_lightning.datamodules import _SequenceDataset
 from muse_lightning.cli import main
 from muse_lightning.compare import last_metrics
 from muse_lightning.text import MUSESequenceNet
@@ -28,14 +29,67 @@ def write_bumps(path: Path, count: int, seed: int, labels: bool = True) -> None:
     np.savez(path, features=features, lengths=lengths, **({"labels": names} if labels else {}))
 
 
-def test_a_sequences_logits_do_not_depend_on_its_padding():
-    net = MUSESequenceNet(4, in_features=3, max_length=16, dim=32, depth=2, num_heads=4).eval()
-    seq = torch.randn(1, 7, 3)
-    padded = torch.cat([seq, torch.full((1, 9, 3), 1e4)], dim=1)  # padding holds huge values
-    mask = torch.arange(16)[None, :] >= 7
-    batch = torch.cat([padded, torch.randn(1, 16, 3)])
-    logits = net(batch, key_padding_mask=torch.cat([mask, torch.zeros(1, 16, dtype=torch.bool)]))
-    torch.testing.assert_close(logits[0], net(seq)[0], atol=1e-5, rtol=1e-5)
+def write_shapes(path: Path, count: int, seed: int, labels: bool = True) -> None:
+    """Noisy univariate series of 24-40 steps, each holding one short spike somewhere: up then down (class
+    "peak") or down then up ("dip"). Both have the same mean and spread, so only the local shape tells them
+    apart. Padding past each length holds garbage."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(24, 41, count)
+    features = rng.normal(0, 0.2, (count, 40, 1)).astype(np.float32)
+    features[np.arange(40)[None, :] >= lengths[:, None]] = 1e3
+    names = np.where(np.arange(count) % 2 == 0, "peak", "dip")
+    for i in range(count):
+        start = rng.integers(0, lengths[i] - 6)
+        features[i, start:start + 6, 0] += (1.0 if names[i] == "peak" else -1.0) * np.array([1, 2, 1, -1, -2, -1])
+    np.savez(path, features=features, lengths=lengths, **({"labels": names} if labels else {}))
+
+
+@pytest.mark.parametrize(("max_tokens", "stem_kernel", "normalize"), [(None, None, False), (None, 7, True), (4, None, True), (3, 9, False)])
+def test_a_sequences_logits_do_not_depend_on_its_padding(max_tokens, stem_kernel, normalize):
+    net = MUSESequenceNet(
+        4, in_features=3, max_length=16, dim=32, depth=2, num_heads=4, max_tokens=max_tokens, stem_kernel=stem_kernel,
+        normalize=normalize,
+    ).eval()
+    for length in (1, 5, 7, 8):
+        seq = torch.randn(1, length, 3)
+        padded = torch.cat([seq, torch.full((1, 16 - length, 3), 1e4)], dim=1)  # padding holds huge values
+        mask = torch.arange(16)[None, :] >= length
+        batch = torch.cat([padded, torch.randn(1, 16, 3)])
+        logits = net(batch, key_padding_mask=torch.cat([mask, torch.zeros(1, 16, dtype=torch.bool)]))
+        torch.testing.assert_close(logits[0], net(seq)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"stem_kernel": 4}, r"stem_kernel must be an odd int of at least the stem's stride \(1 steps\), got 4"),
+    ({"max_tokens": 4, "stem_kernel": 3}, r"at least the stem's stride \(8 steps\), got 3"),
+    ({"max_tokens": 0}, "max_tokens must be a positive int or None, got 0"),
+])
+def test_bad_stems_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MUSESequenceNet(2, in_features=1, max_length=32, dim=32, num_heads=4, **kwargs)
+
+
+def test_a_strided_stem_makes_max_tokens_tokens_of_the_longest_sequence():
+    net = MUSESequenceNet(2, in_features=1, max_length=21, dim=32, depth=1, num_heads=4, max_tokens=6)
+    assert net.stride == 4 and net.embed.kernel_size == (7,) and net.pos_embed.shape[1] == 6  # ceil(21 / 4) tokens
+    assert MUSESequenceNet(2, in_features=1, max_length=21, dim=32, num_heads=4, max_tokens=64).stride == 1
+    with pytest.raises(ValueError, match="the input has 22 steps, more than max_length=21"):
+        net(torch.zeros(1, 22, 1))
+
+
+def test_augmented_draws_are_windows_of_real_steps_only():
+    features = np.full((3, 30, 2), 1e3, np.float32)  # 1e3: padding the draws must never reach
+    lengths = np.array([30, 10, 1])
+    for i, n in enumerate(lengths):
+        features[i, :n] = np.random.default_rng(i).normal(size=(n, 2))
+    data = _SequenceDataset(features, lengths, [0, 1, 0], np.zeros(2, np.float32), np.ones(2, np.float32), augment=True)
+    for _ in range(50):
+        for i, n in enumerate(lengths):
+            steps, label = data[i]
+            assert max(1, int(0.8 * n)) <= len(steps) <= n and label == [0, 1, 0][i]
+            assert steps.abs().max() < 100  # scaled and jittered real values, no padding
+    plain = _SequenceDataset(features, lengths, [0, 1, 0], np.zeros(2, np.float32), np.ones(2, np.float32))
+    assert torch.equal(plain[1][0], torch.from_numpy(features[1, :10]))  # no augmentation: the steps as they are
 
 
 def test_npz_and_npy_folders_read_alike_and_link_their_sizes(tmp_path):
@@ -82,22 +136,60 @@ def test_integer_labels_keep_their_numeric_order(tmp_path):
     assert SequenceFileDataModule(str(tmp_path / "a.npz"), val_fraction=0.5).classes == [str(i) for i in range(11)]
 
 
-def test_sequence_recipe_learns_then_predicts_unlabelled_files(tmp_path, monkeypatch):
+def test_the_shipped_sequence_recipe_learns_a_small_set_then_predicts_unlabelled_files(tmp_path, monkeypatch):
+    """40 training series told apart by a local shape alone: the shipped config as it is (its schedule sized by
+    the data: 15 epochs of 100 steps; no held-out split of so few) learns what 10 epochs of one step could not."""
     monkeypatch.chdir(tmp_path)
-    write_bumps(tmp_path / "train.npz", 512, seed=0)
-    write_bumps(tmp_path / "test.npz", 128, seed=1)
-    write_bumps(tmp_path / "new.npz", 10, seed=2, labels=False)
-    args = ["--config", str(CONFIGS / "sequence_files.yaml"), "--data.train_file", "train.npz",
-            "--data.test_file", "test.npz", "--model.init_args.dim", "32", "--model.init_args.depth", "2",
-            "--model.init_args.lr", "0.003", "--trainer.max_epochs", "8"]
+    write_shapes(tmp_path / "train.npz", 40, seed=0)
+    write_shapes(tmp_path / "test.npz", 200, seed=1)
+    write_shapes(tmp_path / "new.npz", 10, seed=2, labels=False)
+    args = ["--config", str(CONFIGS / "sequence_files.yaml"), "--data.train_file", "train.npz", "--data.test_file", "test.npz"]
     main(["fit", *args])
     best = tmp_path / "runs" / "sequence_files" / "checkpoints" / "best.ckpt"
-    hp = torch.load(best, weights_only=True)["hyper_parameters"]
-    assert hp["in_features"] == 3 and hp["max_length"] == 40 and hp["num_classes"] == 2  # linked from the data
+    checkpoint = torch.load(best, weights_only=True)
+    hp = checkpoint["hyper_parameters"]
+    assert hp["in_features"] == 1 and hp["max_length"] == 40 and hp["num_classes"] == 2  # linked from the data
+    logged = last_metrics(tmp_path / "runs" / "sequence_files" / "logs")
+    assert logged["step"] >= 1400  # 15 epochs of at least 100 steps, not 15 steps
     main(["test", *args, "--ckpt_path", str(best)])
-    assert last_metrics(tmp_path / "runs" / "sequence_files" / "logs")["test/acc"] > 0.85  # chance is 0.5
+    assert last_metrics(tmp_path / "runs" / "sequence_files" / "logs")["test/acc"] > 0.9  # chance is 0.5
     main(["predict", *args, "--data.predict_file", "new.npz", "--ckpt_path", str(best)])
     with open(tmp_path / "runs" / "sequence_files" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and list(rows[0]) == ["index", "prediction", "probability"]
-    assert {r["prediction"] for r in rows} <= {"up", "down"}
+    assert {r["prediction"] for r in rows} <= {"peak", "dip"}
+
+
+def test_small_sets_take_at_least_min_train_batches_and_large_ones_keep_their_epochs(tmp_path):
+    write_bumps(tmp_path / "small.npz", 50, seed=0)
+    write_bumps(tmp_path / "large.npz", 2000, seed=1)
+    small = SequenceFileDataModule(str(tmp_path / "small.npz"), batch_size=64, min_train_batches=100, min_val_size=50)
+    large = SequenceFileDataModule(str(tmp_path / "large.npz"), batch_size=64, min_train_batches=20, min_val_size=50)
+    for data in (small, large):
+        data.setup("fit")
+    assert len(small.train_set) == 50 and len(small.train_dataloader()) == 100  # 128 passes over the 50
+    assert len(large.train_set) == 1800 and len(large.train_dataloader()) == 29  # one pass: ceil(1800 / 64)
+
+
+def test_a_repeated_epoch_draws_every_sample_equally_often_and_resumes_mid_epoch():
+    sampler = ResumableSampler(range(10), seed=3, min_samples=35)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 40 and np.bincount(order).tolist() == [4] * 10
+    assert order != list(ResumableSampler(range(10), seed=4, min_samples=35))  # the seed shuffles
+    sampler.resume_at = (2, 13)
+    assert list(sampler) == order[13:]
+    assert list(ResumableSampler(range(10), seed=3)) == list(torch.utils.data.DistributedSampler(
+        range(10), num_replicas=1, rank=0, seed=3))  # one pass: DistributedSampler's own order
+
+
+def test_a_file_too_small_to_split_trains_and_validates_on_every_row(tmp_path):
+    """50 sequences of 10 classes: a 10% split would leave classes out; the module trains on all of them."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "small.npz", features=rng.normal(size=(50, 12, 1)).astype(np.float32), labels=np.arange(50) % 10)
+    data = SequenceFileDataModule(str(tmp_path / "small.npz"), min_val_size=50)
+    data.setup("fit")
+    assert len(data.train_set) == len(data.val_set) == 50 and not data.val_set.augment
+    held_out = SequenceFileDataModule(str(tmp_path / "small.npz"), val_fraction=0.2, min_val_size=10)
+    held_out.setup("fit")
+    assert (len(held_out.train_set), len(held_out.val_set)) == (40, 10)

@@ -1,0 +1,166 @@
+"""A scikit-learn classifier of time series (aeon / sktime's data layout) over the sequence recipe.
+
+``MUSETimeSeriesClassifier`` takes ``X`` as aeon's and sktime's classifiers do: a numpy array
+``(n_cases, n_channels, n_timepoints)`` (or ``(n_cases, n_timepoints)``, one channel), or a list of
+``(n_channels, n_timepoints)`` arrays of unequal lengths. ``fit`` trains the package's
+``SequenceClassifier`` on ``SequenceFileDataModule`` with Lightning, the same modules and recipe as
+``configs/sequence_files.yaml`` (its defaults are that config's values); ``predict_proba`` runs the
+best checkpoint. It is a scikit-learn estimator (``get_params`` / ``set_params``, ``clone``), so it drops
+into pipelines, ``cross_val_score`` and aeon's or sktime's benchmarking.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted
+
+from .datamodules import SequenceFileDataModule, _collate_sequences
+from .datasets import to_sequence_arrays
+from .modules import SequenceClassifier
+
+__all__ = ["MUSETimeSeriesClassifier"]
+
+
+class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
+    """MUSE time-series classifier with scikit-learn's interface, trained by Lightning.
+
+    Args:
+        dim, depth, num_heads, mlp_ratio, kernel_sizes, max_tokens, stem_kernel, normalize, drop_rate,
+            drop_path_rate:
+            The network (``SequenceClassifier``).
+        lr, weight_decay, label_smoothing: Optimisation.
+        augment, batch_size, min_train_batches, val_fraction, min_val_size, standardize: The data
+            (``SequenceFileDataModule``).
+        max_epochs: Epochs, each at least ``min_train_batches`` optimizer steps.
+        random_state: Seed of the run (``seed_everything``).
+        accelerator, devices, precision: Lightning's Trainer.
+        verbose: Show Lightning's progress bar and messages.
+    """
+
+    def __init__(
+            self,
+            dim: int = 64,
+            depth: int = 2,
+            num_heads: int = 4,
+            mlp_ratio: float = 2.0,
+            kernel_sizes: Sequence[int] = (1, 3, 5, 9),
+            max_tokens: int | None = 64,
+            stem_kernel: int | None = None,
+            normalize: bool = False,
+            drop_rate: float = 0.1,
+            drop_path_rate: float = 0.05,
+            lr: float = 1e-3,
+            weight_decay: float = 0.05,
+            label_smoothing: float = 0.1,
+            augment: bool = True,
+            standardize: bool = True,
+            batch_size: int = 64,
+            max_epochs: int = 15,
+            min_train_batches: int = 100,
+            val_fraction: float = 0.1,
+            min_val_size: int = 50,
+            random_state: int = 0,
+            accelerator: str = "cpu",
+            devices: int | str = 1,
+            precision: str = "32-true",
+            verbose: bool = False,
+    ) -> None:
+        self.dim, self.depth, self.num_heads, self.mlp_ratio = dim, depth, num_heads, mlp_ratio
+        self.kernel_sizes, self.max_tokens, self.stem_kernel = kernel_sizes, max_tokens, stem_kernel
+        self.normalize = normalize
+        self.drop_rate, self.drop_path_rate = drop_rate, drop_path_rate
+        self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
+        self.augment, self.standardize, self.batch_size = augment, standardize, batch_size
+        self.max_epochs, self.min_train_batches = max_epochs, min_train_batches
+        self.val_fraction, self.min_val_size, self.random_state = val_fraction, min_val_size, random_state
+        self.accelerator, self.devices, self.precision, self.verbose = accelerator, devices, precision, verbose
+
+    def fit(self, X: Any, y: Any) -> MUSETimeSeriesClassifier:
+        """Train on ``X`` (aeon's layout) and labels ``y``; keep the best checkpoint's weights (lowest val/loss)."""
+        features, lengths = to_sequence_arrays(X)
+        y = np.asarray(y)
+        if y.shape != (len(lengths),):
+            raise ValueError(f"y must hold one label per case ({len(lengths)}), got shape {y.shape}")
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"y must hold at least 2 classes, got {self.classes_.tolist()}")
+        self.n_channels_ = features.shape[2]
+        L.seed_everything(self.random_state, verbose=self.verbose)
+        with tempfile.TemporaryDirectory() as tmp, self._lightning_messages():
+            train_file = Path(tmp) / "train.npz"
+            np.savez(train_file, features=features, lengths=lengths, labels=codes)  # labels 0..K-1, in classes_' order
+            data = SequenceFileDataModule(
+                str(train_file), standardize=self.standardize, augment=self.augment, batch_size=self.batch_size,
+                val_fraction=self.val_fraction, min_val_size=self.min_val_size, seed=self.random_state,
+                min_train_batches=self.min_train_batches,
+            )
+            module = SequenceClassifier(
+                num_classes=len(self.classes_), in_features=self.n_channels_, max_length=data.max_length,
+                dim=self.dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                kernel_sizes=list(self.kernel_sizes), max_tokens=self.max_tokens, stem_kernel=self.stem_kernel,
+                normalize=self.normalize,
+                drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate, lr=self.lr,
+                weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
+            )
+            best = ModelCheckpoint(dirpath=Path(tmp) / "checkpoints", filename="best", monitor="val/loss", mode="min")
+            trainer = L.Trainer(
+                max_epochs=self.max_epochs, accelerator=self.accelerator, devices=self.devices,
+                precision=self.precision, callbacks=[best], logger=False, default_root_dir=tmp,
+                enable_progress_bar=self.verbose, enable_model_summary=False,
+            )
+            trainer.fit(module, datamodule=data)
+            state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        self.module_ = module.cpu().eval()
+        self.mean_, self.std_ = data.mean, data.std
+        return self
+
+    @contextlib.contextmanager
+    def _lightning_messages(self) -> Iterator[None]:
+        """Lightning's and the data module's information messages, only when ``verbose``."""
+        logger = logging.getLogger("lightning.pytorch")
+        level = logger.level
+        if not self.verbose:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities ``(n_cases, n_classes)``, columns in ``classes_``' order."""
+        check_is_fitted(self, "module_")
+        features, lengths = to_sequence_arrays(X)
+        if features.shape[2] != self.n_channels_:
+            raise ValueError(f"X has {features.shape[2]} channels, the classifier was fitted on {self.n_channels_}")
+        max_length = self.module_.hparams.max_length
+        if features.shape[1] > max_length:
+            raise ValueError(f"X has series of {features.shape[1]} time points, longer than the {max_length} fitted on")
+        if not np.isfinite(features).all():
+            raise ValueError("X holds NaN or inf")
+        features = (features - self.mean_) / self.std_
+        probs = []
+        with torch.inference_mode():
+            for start in range(0, len(lengths), self.batch_size):
+                rows = range(start, min(start + self.batch_size, len(lengths)))
+                batch = _collate_sequences([(torch.from_numpy(features[i, : lengths[i]]), -1) for i in rows])
+                batch.pop("labels")
+                probs.append(self.module_(batch).softmax(-1).double().numpy())
+        return np.concatenate(probs)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class of each case, as given in ``y``."""
+        probs = self.predict_proba(X)
+        return self.classes_[probs.argmax(1)]
