@@ -24,8 +24,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
+from torch.utils.data import DataLoader
 
-from .datamodules import SequenceFileDataModule, _collate_sequences
+from .datamodules import SequenceFileDataModule, _SequenceDataset, _collate_sequences
 from .datasets import to_sequence_arrays
 from .modules import SequenceClassifier
 
@@ -150,14 +151,12 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"X has series of {features.shape[1]} time points, longer than the {max_length} fitted on")
         if not np.isfinite(features).all():
             raise ValueError("X holds NaN or inf")
-        features = (features - self.mean_) / self.std_
-        probs = []
+        # The data module's own dataset (standardised by the training statistics) and collation, and the
+        # module's own predict_step.
+        dataset = _SequenceDataset(features, lengths, None, self.mean_, self.std_)
+        loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=_collate_sequences)
         with torch.inference_mode():
-            for start in range(0, len(lengths), self.batch_size):
-                rows = range(start, min(start + self.batch_size, len(lengths)))
-                batch = _collate_sequences([(torch.from_numpy(features[i, : lengths[i]]), -1) for i in rows])
-                batch.pop("labels")
-                probs.append(self.module_(batch).softmax(-1).double().numpy())
+            probs = [self.module_.predict_step(batch, i)["probs"].double().numpy() for i, batch in enumerate(loader)]
         return np.concatenate(probs)
 
     def predict(self, X: Any) -> np.ndarray:
