@@ -8,8 +8,11 @@ the tokens' layout (``TokenLayout``). Supporting a new attention class is one
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from timm.layers import Attention, AttentionPoolLatent, AttentionPoolPrr, AttentionRope, DiffAttention, to_2tuple
 from timm.layers import cbam, coord_attn, selective_kernel, split_attn
@@ -33,7 +36,8 @@ from torch import nn
 from .branch import Split, TokenLayout, widths
 
 __all__ = [
-    "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "MaskReadingAttention", "adapter_for", "ancestors_of",
+    "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "MaskReadingAttention", "adapter_for", "adapter_table",
+    "ancestors_of",
     "block_window_grid", "class_token_grid", "feature_map", "levit_tokens", "mvit_tokens", "nextvit_tokens",
     "patch_grid", "patch_grid_without_prefix", "refresh_token_layouts", "register_attention_adapter", "sequence",
     "square_grid", "tnt_grid", "values_after", "window_grid",
@@ -517,3 +521,40 @@ for _cls, _adapter in (
         (RotAttentionPool2d, _POOLING),
 ):
     register_attention_adapter(_cls, _adapter)
+
+
+def _first_sentence(obj: Any) -> str:
+    """The first paragraph of ``obj``'s docstring, on one line."""
+    return " ".join((inspect.getdoc(obj) or "").split("\n\n")[0].split())
+
+
+def _values_cell(adapter: AttentionAdapter) -> str:
+    """Where an adapter reads V: its candidate layers and the share of each that is values."""
+    shares = {1: "", 2: " (last half)", 3: " (last third)"}
+    return ", ".join(
+        f"`{path}`" + (shares.get(split, f" (last 1/{split})") if isinstance(split, int) else " (a slice it computes)")
+        for path, split in adapter.values
+    )
+
+
+def adapter_table() -> str:
+    """The registry as markdown: each swapped attention class with its value and output layers and its token
+    layout (the layout function's docstring), then each class left alone with the reason ``swap_attention``
+    gives, with the Hugging Face adapters where ``transformers`` is installed. The documentation's family
+    table is this table (a test keeps the two equal)."""
+    with contextlib.suppress(ImportError):
+        from . import hf  # noqa: F401  (registers the transformers adapters)
+    swapped = ["| attention class | values read from | branch added to | convolution layout |",
+               "| --- | --- | --- | --- |"]
+    left = ["| attention class | left alone because |", "| --- | --- |"]
+    name = lambda cls: f"`{cls.__module__.removeprefix('timm.')}.{cls.__qualname__}`"  # noqa: E731
+    for cls, adapter in ATTENTION_ADAPTERS.items():
+        if isinstance(adapter, str):
+            left.append(f"| {name(cls)} | {adapter} |")
+            continue
+        outputs = (adapter.output,) if isinstance(adapter.output, str) else adapter.output
+        layout = _first_sentence(adapter.layout)
+        if adapter.attention_class is not None:
+            layout += f" ({_first_sentence(adapter.attention_class)})"
+        swapped.append(f"| {name(cls)} | {_values_cell(adapter)} | {', '.join(f'`{o}`' for o in outputs)} | {layout} |")
+    return "\n".join(swapped) + "\n\n" + "\n".join(left)

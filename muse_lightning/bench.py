@@ -10,11 +10,15 @@ statistics on GPU, the profiler's allocation events on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from timm.layers import Attention
 from torch import nn
 
 from . import conv
+from .config_files import resolve_config_args
 from .attention import MUSEAttention
 from .machine import machine_record
 from .seed import SeedMUSEAttention
@@ -102,6 +107,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# A line of the profiler's own C++ log (kineto's "USDT:... profiler_start", "ERROR:... gpuGetDeviceCount"),
+# written straight to file descriptor 2 whatever KINETO_LOG_LEVEL says.
+_KINETO_LINE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def _kineto_quiet() -> Iterator[None]:
+    """Keep the profiler's log lines off the terminal: stderr (the file descriptor) goes to a temporary file
+    for the block, and every other line written there is passed on afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _KINETO_LINE.match(line)]
+            sys.stderr.write("".join(kept))
+
+
 def _peak_memory_mb(fn: Callable[[], Any], device: str) -> float:
     """Peak tensor memory (MiB) one call of ``fn`` allocates beyond what is already allocated."""
     if device == "cuda":
@@ -113,7 +143,7 @@ def _peak_memory_mb(fn: Callable[[], Any], device: str) -> float:
         return (torch.cuda.max_memory_allocated() - start) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -350,7 +380,7 @@ def main(
         out: Write the records to this JSON file.
         plot: Write time and memory against sequence length to this PNG.
         markdown: Measure nothing: print the markdown tables (``markdown_table``) of these JSON files'
-            records (as ``out`` writes them), the README's tables.
+            records (as ``out`` writes them), the docs' tables.
     """
     if markdown:
         records = [r for path in markdown for r in json.loads(Path(path).read_text())]
@@ -405,7 +435,7 @@ def cli(argv: list[str] | None = None) -> None:
         f"{a}=true" if a in _FLAGS and (i + 1 == len(argv) or argv[i + 1].startswith("-")) else a
         for i, a in enumerate(argv)
     ]
-    CLI(main, as_positional=False, args=args)
+    CLI(main, as_positional=False, args=resolve_config_args(args))
 
 
 if __name__ == "__main__":

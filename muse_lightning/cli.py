@@ -3,6 +3,8 @@
     muse-lightning fit --config configs/quickstart.yaml
     muse-lightning test --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/best.ckpt
 
+``--config`` takes a file or the name of a shipped config (``config_files``), from any folder.
+
 Every output of a run lies under ``trainer.default_root_dir`` (the shipped configs interpolate it):
 ``checkpoints/`` (``best.ckpt``, ``last.ckpt``), ``logs/version_N/`` (one version per run, shared by
 its loggers, with the run's ``config.yaml``) and ``predictions.csv``.
@@ -10,6 +12,7 @@ its loggers, with the run's ``config.yaml``) and ``predictions.csv``.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from . import datamodules  # noqa: F401  (the data modules the configs name by class path)
+from .config_files import resolve_config_args
 from .modules import ClassifierModule
 
 __all__ = ["MUSELightningCLI", "main", "read_checkpoint"]
@@ -176,6 +180,10 @@ def main(args: list[str] | None = None) -> None:
     # Interpolations such as ${trainer.default_root_dir} resolve after the command line is parsed,
     # and are written as absolute keys in the configs.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    if args is None:  # the console script: LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    else:
+        args = resolve_config_args(args)
     try:
         MUSELightningCLI(
             ClassifierModule,

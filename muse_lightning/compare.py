@@ -43,14 +43,14 @@ import yaml
 from jsonargparse import CLI
 
 from .cli import main as cli_main
+from .config_files import CONFIGS
 from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
 from .datasets import AEON_SETS, load_aeon_classification, to_sequence_arrays
 from .machine import machine_record
 
-__all__ = ["BASELINES", "FULL_DATA", "VARIANTS", "last_metrics", "main", "resolve_data", "run", "sequence_table",
-           "table", "tuning_table"]
+__all__ = ["BASELINES", "FULL_DATA", "VARIANTS", "headline_table", "last_metrics", "main", "resolve_data", "run",
+           "sequence_table", "table", "tuning_table"]
 
-CONFIGS = Path(__file__).parents[1] / "configs"
 Task = Literal["vision", "text", "reviews", "sequences"]
 Data = Literal["auto", "embedded", "full"]
 
@@ -171,14 +171,13 @@ def _fit_and_test(config: str, overlay: str | None, overrides: list[str], seed: 
 
 def tfidf_logreg(config: str, overlay: str | None, data_name: str) -> dict[str, Any]:
     """The linear text baseline on the config's own split: TF-IDF of word 1-2 grams (sublinear tf) and
-    logistic regression, its ``C`` picked on the validation set from ``TFIDF_CS`` (the grid goes on while its
-    top was picked: 64 on the WordNet subset once, then 256). Needs scikit-learn (the ``dev`` extra)."""
+    logistic regression, its ``C`` picked on the validation set from ``TFIDF_CS``. Needs scikit-learn (the ``text`` extra)."""
     try:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import f1_score
     except ImportError:
-        raise ImportError("the tfidf baseline needs scikit-learn: pip install -e \".[dev]\"") from None
+        raise ImportError("the tfidf baseline needs scikit-learn: pip install \"muse-lightning[text]\"") from None
     data_config = yaml.safe_load((CONFIGS / config).read_text())["data"]
     data_args = dict(data_config["init_args"])
     if overlay:
@@ -383,6 +382,27 @@ def tuning_table(results: Path) -> str:
     return "\n".join(lines)
 
 
+def headline_table(results: Path) -> str:
+    """Markdown table of MUSE against its attention twin, one row per (task, data, arms) with both arms recorded
+    (``muse`` / ``attention``, and the ``-bpe`` pair): test accuracy mean +- std over seeds, the difference of
+    the means, and the TF-IDF baseline where recorded. The ``sequences`` task has its own table."""
+    accuracy: dict[tuple[str, str, str], list[float]] = {}
+    for r in _records(results, swept=False):
+        accuracy.setdefault((r["task"], r["data"], r["variant"]), []).append(100 * r["test_acc"])
+    lines = ["| task | data | arms | MUSE (%) | attention (%) | MUSE - attention | TF-IDF + LR (%) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for task, data in sorted({(t, d) for t, d, _ in accuracy if t != "sequences"}):
+        for suffix, arms in (("", "default"), ("-bpe", "BPE vocabulary")):
+            muse, attention = accuracy.get((task, data, "muse" + suffix)), accuracy.get((task, data, "attention" + suffix))
+            if muse is None or attention is None:
+                continue
+            tfidf = accuracy.get((task, data, "tfidf"))
+            lines.append(f"| {task} | {data} | {arms} | {_mean_std(muse)} | {_mean_std(attention)} | "
+                         f"{statistics.mean(muse) - statistics.mean(attention):+.2f} | "
+                         f"{'' if tfidf is None else f'{statistics.mean(tfidf):.2f}'} |")
+    return "\n".join(lines)
+
+
 def sequence_table(results: Path) -> str:
     """Markdown table of the ``sequences`` task: a row per set, a column per variant or baseline (test accuracy,
     the mean over seeds), and a row of each column's mean over the sets every column has."""
@@ -444,10 +464,11 @@ def main(
     if not table_only:
         for resolved in (sets or AEON_SETS) if task == "sequences" else [resolve_data(task, data)]:
             _run_missing(task, resolved, variants, seeds, out, extra, lrs)
-    tables = [show(out) for show, swept in ((table, False), (tuning_table, True)) if _records(out, swept)]
+    tables = [show(out) for show, swept in ((headline_table, False), (table, False), (tuning_table, True))
+              if _records(out, swept)]
     if any(r["task"] == "sequences" for r in _records(out, swept=False)):
         tables.append(sequence_table(out))
-    print("\n\n".join(tables))
+    print("\n\n".join(tables) if tables else f"no records in {out} yet: run muse-compare --task TASK to make some")
 
 
 def _run_missing(task: Task, resolved: str, variants: list[str] | None, seeds: list[int] | None, out: Path,

@@ -217,7 +217,7 @@ class _WideDepthwiseConv2d(torch.autograd.Function):
     """``F.conv2d(x, kernel, bias, padding=k // 2, groups=C)`` for channels-last ``x (B, C, H, W)`` and a ``kernel
     (C, 1, k, k)`` more than 3 wide, with its kernel gradient in pieces that oneDNN's depthwise kernel takes: that
     kernel takes a kernel gradient up to 3 wide (any height), and a wider one falls to oneDNN's generic grouped
-    path, several times slower (at the ViT-S shape a 5 x 5 kernel's 10.5 ms against 3.4 in pieces). The middle
+    path, several times slower. The middle
     three columns are one convolution backward over the tokens and the gradient as they are, which gives the bias
     gradient too; each other column, which reads the tokens at one offset along the rows, is one more over the
     gradient shifted by that offset (a copy of it each); the forward and the input gradient are PyTorch's. The

@@ -36,16 +36,34 @@ __all__ = ["MUSETimeSeriesClassifier"]
 class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
     """MUSE time-series classifier with scikit-learn's interface, trained by Lightning.
 
+    The network is ``SequenceClassifier``'s, the data handling ``SequenceFileDataModule``'s; the defaults are
+    ``configs/sequence_files.yaml``'s values.
+
     Args:
-        dim, depth, num_heads, mlp_ratio, kernel_sizes, max_tokens, stem_kernel, normalize, drop_rate,
-            drop_path_rate:
-            The network (``SequenceClassifier``).
-        lr, weight_decay, label_smoothing: Optimisation.
-        augment, batch_size, min_train_batches, val_fraction, min_val_size, standardize: The data
-            (``SequenceFileDataModule``).
+        dim: Token width.
+        depth: Number of MUSE blocks.
+        num_heads: Attention heads.
+        mlp_ratio: Feed-forward width over ``dim``.
+        kernel_sizes: The convolution's kernel sizes, in tokens.
+        max_tokens: Series longer than this become overlapping patches (a strided stem); None: a token a step.
+        stem_kernel: The stem's kernel width in steps (default ``2 * stride - 1``).
+        normalize: Z-normalise each series over its real steps.
+        drop_rate: Dropout.
+        drop_path_rate: Stochastic depth.
+        lr: AdamW's peak learning rate.
+        weight_decay: AdamW's weight decay.
+        label_smoothing: Of the cross-entropy.
+        augment: Window slicing, scaling and jitter of the training series.
+        standardize: Standardise features by the training steps' mean and spread.
+        batch_size: Series a batch.
         max_epochs: Epochs, each at least ``min_train_batches`` optimizer steps.
+        min_train_batches: The fewest optimizer steps an epoch makes (small sets repeat).
+        val_fraction: Share of the training series held out for validation.
+        min_val_size: Below this many held-out series, train and validate on all of them.
         random_state: Seed of the run (``seed_everything``).
-        accelerator, devices, precision: Lightning's Trainer.
+        accelerator: Lightning's ``Trainer(accelerator=...)``.
+        devices: Lightning's ``Trainer(devices=...)``.
+        precision: Lightning's ``Trainer(precision=...)``.
         verbose: Show Lightning's progress bar and messages.
     """
 

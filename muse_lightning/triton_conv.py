@@ -89,7 +89,7 @@ def _taps(
     tile_pad = pad_ptr + first_token
     acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     # Kernel rows in a loop, and a row's taps ROW_TAPS at a time, those unrolled: registers grow with ROW_TAPS, not
-    # KH * KW (unrolled, a 9 x 9 kernel spilled 2.5 KB per thread on Hopper; tests/test_triton_conv.py keeps every
+    # KH * KW (a whole 9 x 9 kernel unrolled spills registers on Hopper; tests/test_triton_conv.py keeps every
     # kernel in registers).
     for i in range(KH):
         dh = (PAD_H - i) if FLIP else (i - PAD_H)

@@ -13,7 +13,7 @@
 #   (scripts/triton_tiles.py), the ViT-B steps on Triton's convolution, the ViT-S steps; a run cut short keeps its
 #   bundle.
 # Logs and records go to one bundle, $OUT/gpu_check.tgz or $OUT/gpu_check_extra.tgz (or under ./gpu_check/):
-# the device returns at most 8 files. Back here, the records as the README's tables:
+# the device returns at most 8 files. Back here, the records as the docs' tables (docs/speed.md):
 #   tar xzf gpu_check.tgz -C /tmp/gpu && muse-bench --markdown "[/tmp/gpu/mixer_ratio_torch.json, ...]"
 # The image has torch, triton, timm, lightning, torchmetrics, rich and tensorboard; the pure-Python wheels it
 # lacks are installed from a carried wheels/ folder (git-ignored), made here with

@@ -117,7 +117,7 @@ ZOO = [
 ZOO_IDS = [entry[0] for entry in ZOO]
 _ZOO_KWARGS = {entry[0]: entry[1] for entry in ZOO}
 # Models whose features are their class tokens only: the last block's convolution, which neither reads nor
-# writes them, reaches no output (the class-token caveat of the README).
+# writes them, reaches no output (the class-token caveat of docs/timm.md).
 CLASS_TOKEN_FEATURES = {"pit_ti_distilled_224": "transformers.2.blocks.3.attn.muse."}
 # timm 1.0.31's own models that torch.fx cannot trace (Hiera's optional mask, Gemma4's input dispatch), and how.
 FX_UNTRACEABLE = {"hiera": AttributeError, "gemma4_vit_167m": torch.fx.proxy.TraceError}

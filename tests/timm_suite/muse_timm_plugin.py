@@ -3,7 +3,7 @@
 It registers the models and lets timm's model filters treat ``muse_vit_*`` as they treat ``vit_*``
 (the transformer models' non-standard spatial API) and their module as timm's ``vision_transformer``
 (forward_intermediates and the features_only getter); TorchScript, which MUSE does not support, is
-deselected. Usage (the README's timm section)::
+deselected. Usage (docs/timm.md, "timm's own model tests")::
 
     PYTHONPATH=tests/timm_suite python -m pytest -p muse_timm_plugin <timm sdist>/tests/test_models.py -k muse_vit
 """
