@@ -60,7 +60,7 @@ def _plain(value: Any) -> Any:
 
 
 # Model arguments linked from the built data module's attributes (the config holds no value for them to compare).
-_DATA_LINKS = ("num_classes", "max_length", "vocab_size", "pad_id", "in_features")
+_DATA_LINKS = ("num_classes", "max_length", "vocab_size", "pad_id", "in_features", "img_size")
 
 
 def _next_version(root: Path) -> int:
@@ -71,13 +71,13 @@ def _next_version(root: Path) -> int:
 
 class MUSELightningCLI(LightningCLI):
     """LightningCLI with the data's ``num_classes`` (and a sequence module's ``max_length``, ``vocab_size``,
-    ``pad_id``, ``in_features``) linked into the model, an optional
+    ``pad_id``, ``in_features``, an image folder module's ``img_size``) linked into the model, an optional
     ``compile: true``, and guards: a checkpoint must match the config, fit does not overwrite an earlier
     run's checkpoints, and test / predict do not run untrained weights unless told to."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # A link applies where both sides have the name: sequence models size their position, token and input
-        # tables by the data; image models take only num_classes.
+        # tables by the data; image models take num_classes, and img_size from an image folder module.
         for name in _DATA_LINKS:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.add_argument("--compile", type=bool, default=False, help="torch.compile the LightningModule")

@@ -67,7 +67,8 @@ TFIDF_CS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 
 # Variant name -> (config, extra CLI arguments), per task. muse-k3 / muse-k1357: kernel sizes (3,)
 # and (1, 3, 5, 7) instead of (1, 3, 5); muse-1d: 1-D layout over the flattened patches;
-# muse-sequential: sequential instead of parallel blocks; muse-dynamic: dynamic kernels (3, 15);
+# muse-sequential: sequential instead of parallel blocks; muse-dynamic: dynamic kernels (3, 15); muse-shared:
+# conv_proj="shared" (the convolution added before the attention's output projection, no W_C);
 # *-convstem: a convolutional stem (muse_vit_tiny_convstem_28) instead of 4 x 4 patches, in both arms;
 # *-bpe: a BPE vocabulary of 8,000 learnt from the training glosses instead of bytes, in both arms.
 VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
@@ -80,6 +81,7 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "muse-sequential": ("quickstart.yaml", _vit_kwargs(parallel=False)),
         "muse-convstem": ("quickstart.yaml", _CONVSTEM),
         "attention-convstem": ("quickstart_attention.yaml", _CONVSTEM),
+        "muse-shared": ("quickstart.yaml", _vit_kwargs(conv_proj="shared")),
     },
     "text": {
         "muse": ("text_quickstart.yaml", []),
@@ -94,6 +96,7 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
     "reviews": {
         "muse": ("reviews.yaml", []),
         "attention": ("reviews_attention.yaml", []),
+        "muse-shared": ("reviews.yaml", ["--model.init_args.conv_proj", "shared"]),
     },
     "sequences": {
         "muse": ("sequence_files.yaml", []),

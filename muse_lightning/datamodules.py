@@ -209,7 +209,7 @@ class _UserFiles:
         for split, names in labels.items():
             unknown = sorted(set(names or ()) - set(index))
             if unknown:
-                raise ValueError(f"{self.files[split]}: labels {unknown[:5]} do not occur in train_file")
+                raise ValueError(f"{self.files[split]}: labels {unknown[:5]} do not occur in {self.files['train']}")
             out[split] = None if names is None else np.asarray([index[x] for x in names], dtype=np.int64)
         return out
 
@@ -306,12 +306,53 @@ class FashionMNISTDataModule(_ClassificationData):
         self.test_set = make(*data["test"], False)
 
 
-class ImageFolderDataModule(_ClassificationData):
-    """Images in class folders (``train_dir/<class>/*.png``), read by torchvision's ``ImageFolder``.
+class _ImageFileDataset(Dataset):
+    """Image files with their class indices (-1 where unlabelled), read as RGB and transformed as they are read."""
 
-    Validation comes from ``val_dir`` or, without one, a stratified ``val_fraction`` of the training
-    folder; ``test_dir`` is optional (without it, test and predict use the validation set). Images
-    are transformed by timm's ``create_transform`` at ``img_size``.
+    def __init__(self, paths: Sequence[str], labels: Sequence[int] | None, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.paths, self.labels, self.transform = list(paths), None if labels is None else list(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.datasets.folder import default_loader
+
+        return self.transform(default_loader(self.paths[i])), -1 if self.labels is None else self.labels[i]
+
+
+def _read_image_folder(path: str) -> tuple[list[str], list[str]]:
+    """The image files under ``path/<class>/`` and their class names (torchvision's ``ImageFolder`` layout)."""
+    from torchvision.datasets import ImageFolder
+
+    try:
+        folder = ImageFolder(path)
+    except FileNotFoundError as error:  # no class folders, or no image in them
+        raise FileNotFoundError(f"{path}: {error}") from None
+    return [p for p, _ in folder.samples], [folder.classes[i] for _, i in folder.samples]
+
+
+def _typical_image_size(paths: Sequence[str], sample: int = 256) -> int:
+    """The median shorter side of (an evenly spaced sample of) the images at ``paths``, read from their headers."""
+    from PIL import Image
+
+    sides = []
+    for path in paths[:: max(1, len(paths) // sample)]:
+        with Image.open(path) as image:
+            sides.append(min(image.size))
+    return int(np.median(sides))
+
+
+class ImageFolderDataModule(_UserFiles, _ClassificationData):
+    """Images in class folders (``train_dir/<class>/*.png``, torchvision's ``ImageFolder`` layout).
+
+    Classes are ``train_dir``'s class folders; validation is ``val_dir`` or a stratified ``val_fraction`` of the
+    training images; test uses ``test_dir`` (else validation). Images are transformed by timm's
+    ``create_transform`` at ``img_size`` (augmented for training; by default the median shorter side of the
+    training images), which the CLI links into the model, so the model is built at the data's resolution.
+    A training folder too small for ``min_val_size`` validation images
+    trains and validates on all of them, and an epoch is at least ``min_train_batches`` steps (see ``_UserFiles``
+    and ``ResumableSampler``).
     """
 
     def __init__(
@@ -319,42 +360,36 @@ class ImageFolderDataModule(_ClassificationData):
             train_dir: str,
             val_dir: str | None = None,
             test_dir: str | None = None,
-            img_size: int = 224,
+            img_size: int | None = None,
             batch_size: int = 64,
             num_workers: int = 0,
             val_fraction: float = 0.1,
+            min_val_size: int = 0,
             seed: int = 0,
+            min_train_batches: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
-        from torchvision.datasets.folder import find_classes
-
-        for name, path in (("train_dir", train_dir), ("val_dir", val_dir), ("test_dir", test_dir)):
-            if path is not None and not Path(path).is_dir():
-                raise FileNotFoundError(f"{name}: no such directory {path}")
-        self.classes = find_classes(train_dir)[0]
-        self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
-        self.img_size, self.val_fraction, self.seed = img_size, val_fraction, seed
+        super().__init__(batch_size, num_workers, min_train_batches)
         _check_fraction("val_fraction", val_fraction)
+        if img_size is not None and img_size < 1:
+            raise ValueError(f"img_size must be positive, got {img_size}")
+        self.files = {"train": train_dir, "val": val_dir, "test": test_dir, "predict": None}
+        for split, path in self.files.items():
+            if path is not None and not Path(path).is_dir():
+                raise FileNotFoundError(f"{split}_dir: no such directory {path}")
+        folders = {split: _read_image_folder(path) for split, path in self.files.items() if path}
+        labels = self._index_labels({split: names for split, (_, names) in folders.items()})
+        self.tables = {split: (paths, labels[split]) for split, (paths, _) in folders.items()}
+        self.img_size = img_size if img_size is not None else _typical_image_size(self.tables["train"][0])
+        self.val_fraction, self.min_val_size, self.seed = val_fraction, min_val_size, seed
+        self._predict_set: Dataset | None = None
 
-    def setup(self, stage: str | None = None) -> None:
+    def _make(self, split: str, rows: np.ndarray | None, training: bool = False) -> _ImageFileDataset:
         from timm.data import create_transform
-        from torchvision.datasets import ImageFolder
 
-        train_tf = create_transform(self.img_size, is_training=True)
-        eval_tf = create_transform(self.img_size, is_training=False)
-        if self.val_dir is None:
-            train_full, eval_full = ImageFolder(self.train_dir, train_tf), ImageFolder(self.train_dir, eval_tf)
-            val_idx, train_idx = _split(
-                self.train_dir, np.asarray(train_full.targets), {"val_fraction": self.val_fraction}, self.seed
-            )
-            self.train_set, self.val_set = Subset(train_full, train_idx.tolist()), Subset(eval_full, val_idx.tolist())
-        else:
-            self.train_set, self.val_set = ImageFolder(self.train_dir, train_tf), ImageFolder(self.val_dir, eval_tf)
-        self.test_set = ImageFolder(self.test_dir, eval_tf) if self.test_dir is not None else self.val_set
-        for name, dataset in (("val_dir", self.val_set), ("test_dir", self.test_set)):
-            folder = dataset.dataset if isinstance(dataset, Subset) else dataset
-            if list(folder.classes) != list(self.classes):
-                raise ValueError(f"{name} has classes {folder.classes}, train_dir has {list(self.classes)}")
+        paths, labels = self.tables[split]
+        if rows is not None:
+            paths, labels = [paths[i] for i in rows], labels[rows]
+        return _ImageFileDataset(paths, labels.tolist(), create_transform(self.img_size, is_training=training))
 
 
 class _TextDataset(Dataset):

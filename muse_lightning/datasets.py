@@ -313,11 +313,17 @@ def to_sequence_arrays(X: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(features (M, N, C) float32 padded with zeros, lengths (M,))`` from aeon's layouts: an array
     ``(n_cases, n_channels, n_timepoints)`` or ``(n_cases, n_timepoints)``, or a list of ``(n_channels,
     n_timepoints)`` arrays (unequal lengths)."""
-    if isinstance(X, np.ndarray) and X.dtype != object:
+    if type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError("X must be dense: sparse input is not supported (a series' time points are all present)")
+    if not isinstance(X, (list, tuple, np.ndarray)) and hasattr(X, "__array__"):
+        X = np.asarray(X)  # array-likes: pandas frames, torch tensors, ...
+    if isinstance(X, np.ndarray) and (X.dtype != object or X.ndim != 1):
         if X.ndim == 2:
             X = X[:, None, :]
         if X.ndim != 3:
-            raise ValueError(f"X must be (n_cases, n_channels, n_timepoints) or (n_cases, n_timepoints), got shape {X.shape}")
+            hint = ": Reshape your data, X[None] for one case" if X.ndim == 1 else ""
+            raise ValueError(f"X must be (n_cases, n_channels, n_timepoints) or (n_cases, n_timepoints), "
+                             f"got shape {X.shape}{hint}")
         series = list(X)
     elif isinstance(X, (list, tuple, np.ndarray)):
         series = [np.asarray(x) for x in X]
@@ -337,6 +343,11 @@ def to_sequence_arrays(X: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("X holds a case with no time points")
     features = np.zeros((len(series), int(lengths.max()), channels.pop()), np.float32)
     for i, x in enumerate(series):
+        if x.dtype == object:  # numbers held as Python objects; anything else raises float()'s TypeError
+            try:
+                x = x.astype(np.float64)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"X must be numeric, case {i}: {err}") from err
         if not np.issubdtype(x.dtype, np.number):
             raise ValueError(f"X must be numeric, case {i} is {x.dtype}")
         features[i, : x.shape[1]] = x.T

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch.utils.data import DataLoader
 
 from .datamodules import SequenceFileDataModule, _SequenceDataset, _collate_sequences
@@ -107,14 +107,18 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any) -> MUSETimeSeriesClassifier:
         """Train on ``X`` (aeon's layout) and labels ``y``; keep the best checkpoint's weights (lowest val/loss)."""
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         features, lengths = to_sequence_arrays(X)
         y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)  # a column vector, as scikit-learn's classifiers take it
         if y.shape != (len(lengths),):
             raise ValueError(f"y must hold one label per case ({len(lengths)}), got shape {y.shape}")
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"y must hold at least 2 classes, got {self.classes_.tolist()}")
+            raise ValueError(f"y must hold at least 2 classes, got 1 class: {self.classes_.tolist()}")
         self.n_channels_ = features.shape[2]
         L.seed_everything(self.random_state, verbose=self.verbose)
         with tempfile.TemporaryDirectory() as tmp, self._lightning_messages():

@@ -135,7 +135,12 @@ class ClassifierModule(L.LightningModule):
         """AdamW; per-step linear warm-up for ``warmup_fraction`` of training, then cosine to ``min_lr_ratio``."""
         hp = self.hparams
         skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        own = self._own_lr()
         groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=skip)
+        apart = {id(p) for p, _ in own}
+        for group in groups:
+            group["params"] = [p for p in group["params"] if id(p) not in apart]
+        groups += [{"params": [p], "lr": lr, "weight_decay": 0.0} for p, lr in own]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(hp.warmup_fraction * total)
@@ -148,6 +153,10 @@ class ClassifierModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _own_lr(self) -> list[tuple[nn.Parameter, float]]:
+        """Parameters trained at a learning rate of their own (no weight decay; the same warm-up and decay)."""
+        return []
 
     # Hyper-parameters that must equal the data module's attribute of the same name (the CLI links them).
     _linked_from_data: tuple[str, ...] = ()
@@ -233,6 +242,7 @@ class ImageClassifier(ClassifierModule):
             pretrained: bool = False,
             swap_attention: bool = False,
             mixer_kwargs: dict[str, Any] | None = None,
+            img_size: int | None = None,
             lr: float = 1e-3,
             weight_decay: float = 0.05,
             warmup_fraction: float = 0.05,
@@ -248,6 +258,10 @@ class ImageClassifier(ClassifierModule):
                 carries ``pretrained_cfg_overlay=dict(file=...)``).
             swap_attention: Replace the model's timm attention by MUSE (``muse_lightning.swap_attention``).
             mixer_kwargs: Options for the swapped mixers (``kernel_sizes``, ``conv_type``, ...).
+            img_size: The image size to build the model for; the CLI links it from an image data module, so the
+                model follows the data's resolution (timm resamples pretrained position embeddings to it). Given
+                to models whose input size is fixed (timm's ``fixed_input_size``: ViTs, Swins); convolutional
+                networks take any size. None: the model's own.
             lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
         """
         super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
@@ -257,15 +271,23 @@ class ImageClassifier(ClassifierModule):
             raise ValueError(
                 f"unknown model_name {model_name!r}; close matches: {close}; MUSE models: {timm.list_models('muse_vit_*')}"
             )
-        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+        kwargs = dict(model_kwargs or {})
+        if img_size is not None:
+            if kwargs.get("img_size", img_size) != img_size:
+                raise ValueError(f"img_size={img_size} (the data's) and model_kwargs' img_size={kwargs['img_size']} "
+                                 "differ: drop model_kwargs' img_size, or give the data that size")
+            cfg = timm.models.get_pretrained_cfg(model_name)
+            if cfg is not None and cfg.fixed_input_size:
+                kwargs["img_size"] = img_size
+        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         if swap_attention:
             swap.swap_attention(self.model, **(mixer_kwargs or {}))
         elif mixer_kwargs:
             raise ValueError("mixer_kwargs is only used with swap_attention=True")
         # One input of the model's own size (the model summary shows shapes and FLOPs): its pretrained config's,
-        # unless model_kwargs built it for other images (timm keeps the pretrained config's input_size then).
+        # unless it was built for other images (timm keeps the pretrained config's input_size then).
         channels, *size = resolve_model_data_config(self.model)["input_size"]
-        kwargs = model_kwargs or {}
+        kwargs.setdefault("img_size", img_size)
         channels = kwargs.get("in_chans", channels)
         size = list(to_2tuple(kwargs["img_size"])) if kwargs.get("img_size") is not None else size
         self.example_input_array = (torch.zeros(1, channels, *size),)
@@ -294,6 +316,8 @@ class TextClassifier(ClassifierModule):
             parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
+            ngram_buckets: int = 0,
+            ngram_lr: float = 0.03,
             encoder: str | None = None,
             pretrained: bool = True,
             swap_attention: bool = True,
@@ -311,7 +335,9 @@ class TextClassifier(ClassifierModule):
             vocab_size, pad_id: The tokenizer's id range and padding id; 257 and 0 fit bytes (the CLI links them
                 from the data module's tokenizer).
             dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
-                drop_path_rate: The network, see ``MUSETextNet`` (not used with ``encoder``).
+                drop_path_rate, ngram_buckets: The network, see ``MUSETextNet`` (not used with ``encoder``).
+            ngram_lr: The n-gram table's learning rate (a linear model's, above the network's ``lr``; no weight
+                decay).
             encoder: A ``transformers`` model name or folder to fine-tune instead (its ``tokenizer.json`` is the
                 data module's ``tokenizer``).
             pretrained: Load the encoder's weights; False: its config with random weights.
@@ -340,8 +366,12 @@ class TextClassifier(ClassifierModule):
         self.model = MUSETextNet(
             num_classes, vocab_size=vocab_size, max_length=max_length, pad_id=pad_id, dim=dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj,
-            parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate, ngram_buckets=ngram_buckets,
         )
+
+    def _own_lr(self) -> list[tuple[nn.Parameter, float]]:
+        ngrams = getattr(self.model, "ngrams", None)
+        return [] if ngrams is None else [(ngrams.weight, self.hparams.ngram_lr)]
 
 
 class SequenceClassifier(ClassifierModule):

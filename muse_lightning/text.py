@@ -89,6 +89,7 @@ class MUSETextNet(_MUSEEncoderNet):
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
             pad_id: int = 0,
+            ngram_buckets: int = 0,
     ) -> None:
         """
         Args:
@@ -101,6 +102,10 @@ class MUSETextNet(_MUSEEncoderNet):
             drop_rate: Dropout on embeddings and on the pooled features.
             drop_path_rate: Stochastic depth, rising linearly to this rate in the last block.
             pad_id: Padding token id.
+            ngram_buckets: With more than ``vocab_size`` buckets, a linear bag of token 1- and 2-grams beside the
+                encoder (fastText's, as a wide path): each token and each pair of neighbouring tokens (hashed into
+                the buckets past the vocabulary) adds its learnt logits, weighed by ``1 / sqrt(n)`` for a
+                sequence of ``n`` of them, to the encoder's. 0: the encoder alone.
         """
         super().__init__(
             num_classes, max_length, dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel,
@@ -111,6 +116,25 @@ class MUSETextNet(_MUSEEncoderNet):
         trunc_normal_(self.embed.weight, std=0.02)
         with torch.no_grad():
             self.embed.weight[pad_id].zero_()
+        if ngram_buckets and ngram_buckets <= vocab_size:
+            raise ValueError(f"ngram_buckets must exceed vocab_size={vocab_size} (or be 0), got {ngram_buckets}")
+        self.ngram_buckets = ngram_buckets
+        # The last row is the padding n-gram's, left out of every sum; the table starts at zero (a silent path).
+        self.ngrams = nn.EmbeddingBag(ngram_buckets + 1, num_classes, mode="sum", padding_idx=ngram_buckets) \
+            if ngram_buckets else None
+        if self.ngrams is not None:
+            nn.init.zeros_(self.ngrams.weight)
+
+    def _ngram_logits(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        """The bag of 1- and 2-grams' logits ``(B, num_classes)``; n-grams touching padding count for nothing."""
+        vocab, buckets = self.embed.num_embeddings, self.ngram_buckets
+        real = ~key_padding_mask
+        pairs = vocab + (input_ids[:, :-1] * vocab + input_ids[:, 1:]) % (buckets - vocab)
+        ids = torch.cat([input_ids, pairs], 1)
+        kept = torch.cat([real, real[:, :-1] & real[:, 1:]], 1)
+        ids = ids.masked_fill(~kept, buckets)
+        weights = kept.to(self.ngrams.weight.dtype) / kept.sum(1, keepdim=True).clamp(min=1).sqrt()
+        return self.ngrams(ids, per_sample_weights=weights)
 
     def forward(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for token ids ``(B, N)``."""
@@ -127,7 +151,8 @@ class MUSETextNet(_MUSEEncoderNet):
                 )
         if key_padding_mask is None:
             key_padding_mask = input_ids == self.pad_id
-        return self._classify(self.embed(input_ids), key_padding_mask)
+        logits = self._classify(self.embed(input_ids), key_padding_mask)
+        return logits if self.ngrams is None else logits + self._ngram_logits(input_ids, key_padding_mask)
 
 
 class MUSESequenceNet(_MUSEEncoderNet):

@@ -126,7 +126,7 @@ def test_text_files_csv_and_jsonl(tmp_path):
     with pytest.raises(ValueError, match="lacks the field 'text'"):
         TextFileDataModule(str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.jsonl"))
     (tmp_path / "other.csv").write_text("text,label\nhm,maybe\n")
-    with pytest.raises(ValueError, match=r"labels \['maybe'\] do not occur in train_file"):
+    with pytest.raises(ValueError, match=r"labels \['maybe'\] do not occur in .*train.csv"):
         TextFileDataModule(str(tmp_path / "train.csv"), test_file=str(tmp_path / "other.csv"))
 
 
@@ -207,6 +207,25 @@ def test_image_folder_data_module(tmp_path):
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 16, 16) and len(dm.val_set) == 2
+    assert ImageFolderDataModule(str(tmp_path / "train")).img_size == 20  # the images' own size by default
+
+
+def test_small_image_folder_trains_and_validates_on_every_image(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog", "owl"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((12, 12, 3), 20 * i, dtype=np.uint8)).save(tmp_path / "train" / cls / f"{i}.png")
+    dm = ImageFolderDataModule(str(tmp_path / "train"), val_fraction=0.1, min_val_size=5, batch_size=4,
+                               min_train_batches=10)
+    dm.setup("fit")
+    assert len(dm.train_set) == len(dm.val_set) == 12  # a 10% split of 12 images would leave classes out
+    assert len(dm.train_dataloader()) == 12  # 4 passes over 12 images: the fewest that make 10 batches of 4
+    (tmp_path / "val" / "bat").mkdir(parents=True)
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(tmp_path / "val" / "bat" / "0.png")
+    with pytest.raises(ValueError, match=r"labels \['bat'\] do not occur in .*train"):
+        ImageFolderDataModule(str(tmp_path / "train"), val_dir=str(tmp_path / "val"))
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import cross_val_score
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from muse_lightning.datasets import to_sequence_arrays
 from muse_lightning.estimator import MUSETimeSeriesClassifier
@@ -106,3 +107,20 @@ def test_the_defaults_are_the_shipped_sequence_config():
     shared = sorted(set(recipe) & set(defaults))
     assert len(shared) >= 18
     assert {k: list(defaults[k]) if isinstance(defaults[k], tuple) else defaults[k] for k in shared} == {k: recipe[k] for k in shared}
+
+
+# The checks whose premise does not hold for a time-series classifier, each with the reason.
+NOT_FOR_TIME_SERIES = {
+    "check_n_features_in": "a time point is not a feature: series of any length up to the fitted one are taken",
+    "check_n_features_in_after_fitting": "a time point is not a feature: series of any length up to the fitted one are taken",
+    "check_estimators_empty_data_messages": "the error names time points, not features",
+}
+
+
+@parametrize_with_checks(
+    [MUSETimeSeriesClassifier(dim=16, depth=1, num_heads=2, max_epochs=1, min_train_batches=40)],
+    expected_failed_checks=lambda estimator: NOT_FOR_TIME_SERIES,
+)
+def test_passes_scikit_learns_estimator_checks(estimator, check):
+    """scikit-learn's own conformance checks (check_estimator), a 2-D X read as one-channel series."""
+    check(estimator)

@@ -1,6 +1,9 @@
 """Lightning: the classifiers, the muse-lightning CLI with the shipped configs, resume, DDP, errors."""
+import contextlib
 import csv
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,7 @@ from muse_lightning import (
     ImageClassifier,
     SequenceClassifier,
     TextClassifier,
+    TextFileDataModule,
     WordNetGlossesDataModule,
 )
 from muse_lightning.callbacks import peak_flops
@@ -119,6 +123,45 @@ def test_ddp_synced_metrics_equal_a_single_process_run(tmp_path, monkeypatch):
     assert results[2]["val/loss"] == pytest.approx(results[1]["val/loss"], rel=1e-5)
 
 
+FREEZER = """
+import os, signal
+import lightning as L
+
+class FreezeAt(L.Callback):
+    \"\"\"SIGSTOP rank 1 when training reaches ``step``: a peer that stops answering without dying.\"\"\"
+    def __init__(self, step: int):
+        self.step = step
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+@pytest.mark.parametrize("overlay", ["ddp.yaml", "multinode.yaml"])
+def test_a_frozen_ddp_peer_ends_the_job_at_the_configured_timeout(tmp_path, overlay):
+    """The DDP overlays' process-group timeout, shortened to 30 s, on 2 CPU processes: rank 1 stops (SIGSTOP)
+    at step 3 and rank 0 exits with an error naming the wait, long before PyTorch's default 30 minutes."""
+    (tmp_path / "freezer.py").write_text(FREEZER)
+    cmd = [sys.executable, "-m", "muse_lightning.cli", "fit", "--config", str(CONFIGS / "quickstart.yaml"),
+           "--config", str(CONFIGS / overlay), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.num_nodes", "1", "--trainer.precision", "32-true", "--trainer.strategy.init_args.timeout", "0:00:30",
+           "--model.init_args.model_kwargs", str(SMALL_VIT), "--trainer.max_steps", "20", "--trainer.limit_val_batches", "0",
+           "--trainer.callbacks+=freezer.FreezeAt", "--trainer.callbacks.step", "3"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    log = tmp_path / "job.log"  # a file, not a pipe: the frozen rank holds its end open
+    with open(log, "w") as out:
+        job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = job.wait(timeout=400)  # TimeoutExpired: the job hangs on
+        finally:  # the frozen rank and anything else left of the job
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert returncode != 0
+    assert re.search(r"timed out|timeout", output, flags=re.I), output[-3000:]
+    assert "30000ms" in output or "0:00:30" in output, output[-3000:]
+
+
 def test_image_classifier_learns_fashion_mnist(tmp_path):
     L.seed_everything(0)
     data = FashionMNISTDataModule(source="embedded", batch_size=64)
@@ -141,12 +184,46 @@ def test_text_classifier_learns_wordnet_supersenses(tmp_path):
     assert result["test/acc"] > 0.2  # the most frequent class is 12% of the glosses
 
 
-def test_text_net_pools_real_tokens_only():
-    net = MUSETextNet(5, max_length=16, dim=32, depth=2, num_heads=4).eval()
+@pytest.mark.parametrize("ngram_buckets", [0, 4096])
+def test_text_net_pools_real_tokens_only(ngram_buckets):
+    net = MUSETextNet(5, max_length=16, dim=32, depth=2, num_heads=4, ngram_buckets=ngram_buckets).eval()
+    if ngram_buckets:
+        torch.nn.init.normal_(net.ngrams.weight)  # a trained table: padding n-grams must still count for nothing
     ids = torch.randint(1, 257, (1, 7))
     padded = torch.cat([ids, torch.zeros(1, 9, dtype=torch.long)], dim=1)
     batch = torch.cat([padded, torch.randint(1, 257, (1, 16))])
     torch.testing.assert_close(net(batch)[0], net(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_ngram_path_starts_silent_and_learns_its_own_ngrams():
+    net = MUSETextNet(2, vocab_size=50, max_length=8, dim=16, depth=1, num_heads=2, ngram_buckets=500)
+    ids = torch.tensor([[3, 4, 5, 0], [6, 7, 0, 0]])
+    encoder_only = MUSETextNet(2, vocab_size=50, max_length=8, dim=16, depth=1, num_heads=2)
+    encoder_only.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("ngrams.")})
+    torch.testing.assert_close(net.eval()(ids), encoder_only.eval()(ids))  # a zero table adds nothing
+    net.train()(ids)[:, 0].sum().backward()
+    rows = net.ngrams.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    pairs = [50 + (a * 50 + b) % 450 for a, b in ((3, 4), (4, 5), (6, 7))]
+    assert rows == sorted([3, 4, 5, 6, 7, *pairs])  # each real token and pair, none with padding
+    with pytest.raises(ValueError, match="ngram_buckets must exceed vocab_size=50"):
+        MUSETextNet(2, vocab_size=50, ngram_buckets=50)
+
+
+def test_ngram_table_trains_at_its_own_learning_rate_without_decay(tmp_path):
+    rows = "".join(f"{'good fine film' if i % 2 else 'bad dull film'} {i},{'pos' if i % 2 else 'neg'}\n" for i in range(40))
+    (tmp_path / "train.csv").write_text("text,label\n" + rows)
+    data = TextFileDataModule(str(tmp_path / "train.csv"), batch_size=8, max_length=16)
+    model = TextClassifier(num_classes=2, max_length=16, dim=16, depth=1, num_heads=2, ngram_buckets=1024,
+                           ngram_lr=0.05, lr=1e-3, warmup_fraction=0.0)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    before = model.model.ngrams.weight.detach().clone()
+    trainer.fit(model, datamodule=data)
+    groups = trainer.optimizers[0].param_groups
+    own = [g for g in groups if any(p is model.model.ngrams.weight for p in g["params"])]
+    assert len(own) == 1 and own[0]["params"] == [model.model.ngrams.weight] and own[0]["weight_decay"] == 0.0
+    assert own[0]["initial_lr"] == 0.05 and all(g["initial_lr"] == 1e-3 for g in groups if g is not own[0])
+    assert not torch.equal(model.model.ngrams.weight, before)
 
 
 def test_predict_returns_probabilities_and_classes(tmp_path):
@@ -316,3 +393,47 @@ def test_a_timm_model_built_for_other_images_fits_image_folders_at_their_size(tm
                         enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 1
+
+
+def _stripes(folder: Path, per_class: int, size: int, seed: int) -> None:
+    """Two classes of noisy stripes, vertical and horizontal, as png class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for cls, axis in (("horizontal", 0), ("vertical", 1)):
+        (folder / cls).mkdir(parents=True)
+        for i in range(per_class):
+            period = rng.integers(4, 9)
+            wave = 127 + 120 * np.sign(np.sin(2 * np.pi * (np.arange(size) + rng.integers(period)) / period))
+            image = np.repeat(np.expand_dims(wave, 1 - axis), size, axis=1 - axis)
+            image = np.clip(image + rng.normal(0, 30, (size, size)), 0, 255).astype(np.uint8)
+            Image.fromarray(np.stack([image] * 3, -1)).save(folder / cls / f"{i}.png")
+
+
+def test_image_folder_config_fits_and_tests_at_the_images_resolution(tmp_path, monkeypatch):
+    """configs/image_folders.yaml on 48 px folders: vit_tiny_patch16_224 with MUSE swapped in is built for 48 px
+    (the images' size, linked from the data), trains, and tests from best.ckpt above chance."""
+    monkeypatch.chdir(tmp_path)
+    _stripes(tmp_path / "train", 24, 48, seed=0)
+    _stripes(tmp_path / "test", 16, 48, seed=1)
+    args = ["--config", "image_folders", "--data.train_dir", "train", "--data.test_dir", "test",
+            "--model.model_kwargs", '{"depth": 2, "patch_size": 8}', "--trainer.max_epochs", "2",
+            "--data.min_train_batches", "20", "--data.batch_size", "16"]
+    main(["fit", *args])
+    ckpt = tmp_path / "runs" / "image_folders" / "checkpoints" / "best.ckpt"
+    hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert hparams["img_size"] == 48 and hparams["num_classes"] == 2
+    main(["test", *args, "--ckpt_path", str(ckpt)])
+    metrics = last_metrics(tmp_path / "runs" / "image_folders" / "logs")
+    assert metrics["test/acc"] >= 0.75, metrics
+
+
+def test_image_classifier_builds_fixed_size_models_for_the_datas_images_and_leaves_cnns_as_they_are():
+    vit = ImageClassifier(model_name="vit_tiny_patch16_224", num_classes=2, img_size=48, model_kwargs={"depth": 1})
+    assert vit.model.patch_embed.img_size == (48, 48) and vit.example_input_array[0].shape == (1, 3, 48, 48)
+    muse = ImageClassifier(model_name="muse_vit_tiny_patch4_28", num_classes=2, img_size=36, model_kwargs={"depth": 1})
+    assert muse.model.patch_embed.grid_size == (9, 9)
+    cnn = ImageClassifier(model_name="resnet18", num_classes=2, img_size=40)  # takes any size: built as it is
+    assert cnn.example_input_array[0].shape == (1, 3, 40, 40) and cnn(cnn.example_input_array[0]).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"img_size=48 \(the data's\) and model_kwargs' img_size=64 differ"):
+        ImageClassifier(model_name="vit_tiny_patch16_224", num_classes=2, img_size=48, model_kwargs={"img_size": 64})
