@@ -9,11 +9,12 @@ from .datamodules import (
     TextFileDataModule, WordNetGlossesDataModule,
 )
 from .modules import ClassifierModule, ImageClassifier, SequenceClassifier, TextClassifier
+from .sharding import FSDP2Strategy
 from .swap import swap_attention
 from .vit import MUSEEva, MUSENaFlexVit, MUSEVisionTransformer  # importing registers the muse_vit_* models with timm
 
 __all__ = [
-    "AttentionAdapter", "ClassifierModule", "FashionMNISTDataModule", "ImageClassifier", "ImageFolderDataModule",
+    "AttentionAdapter", "ClassifierModule", "FSDP2Strategy", "FashionMNISTDataModule", "ImageClassifier", "ImageFolderDataModule",
     "MUSEAttention", "MUSEBlock", "MUSEBranch", "MUSEEva", "MUSENaFlexVit", "MUSEVisionTransformer",
     "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "ResumableSampler", "RottenTomatoesDataModule", "SequenceClassifier",
     "SequenceFileDataModule", "TextClassifier", "TextFileDataModule", "TokenLayout", "WordNetGlossesDataModule",

@@ -29,18 +29,21 @@ __all__ = ["MUSELightningCLI", "main", "read_checkpoint"]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint's contents, or an error naming the file when it is truncated or foreign."""
+    """A Lightning checkpoint's contents, or an error naming the file when it is truncated or foreign. Of a
+    sharded checkpoint (a folder, ``FSDP2Strategy``), the contents but its tensors: Lightning's ``meta.pt``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {path}: no such file")
+    sharded = path.is_dir() and (path / "meta.pt").is_file()
+    if not path.is_file() and not sharded:
+        raise FileNotFoundError(f"--ckpt_path {path}: no such file (nor a sharded checkpoint folder with a meta.pt)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path / "meta.pt" if sharded else path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds (pickle, zip, EOF) for a damaged file
         raise ValueError(
             f"--ckpt_path {path} cannot be read as a checkpoint (truncated, or not a PyTorch file): "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         ) from None
-    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint or "state_dict" not in checkpoint:
+    required = ["pytorch-lightning_version"] if sharded else ["pytorch-lightning_version", "state_dict"]
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
         raise ValueError(
             f"--ckpt_path {path} is not a Lightning checkpoint (it lacks 'pytorch-lightning_version' and 'state_dict'; "
             "a bare state_dict or another tool's file?)"

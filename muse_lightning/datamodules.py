@@ -123,6 +123,7 @@ class _ClassificationData(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained in it), from a checkpoint
+        self._train_sampler: ResumableSampler | None = None  # the training loader's, once made
 
     @property
     def num_classes(self) -> int:
@@ -145,9 +146,8 @@ class _ClassificationData(L.LightningDataModule):
         sampler = None
         if shuffle:
             sampler = ResumableSampler(dataset, self._shuffle_seed(), self.min_train_batches * self.batch_size)
-            if self._resume_at is not None:
-                epoch, batches = self._resume_at
-                sampler.resume_at = (epoch, batches * self.batch_size)
+            self._train_sampler = sampler
+            self._resume_sampler()
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=self.collate_fn, persistent_workers=self.num_workers > 0,
@@ -174,8 +174,15 @@ class _ClassificationData(L.LightningDataModule):
         return {"epoch": trainer.current_epoch, "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Resume the training order where the checkpoint left it (see ``ResumableSampler``)."""
+        """Resume the training order where the checkpoint left it (see ``ResumableSampler``), also when the
+        training loader was made before the checkpoint was read (strategies that restore after their setup)."""
         self._resume_at = (state_dict["epoch"], state_dict["batches"]) if "epoch" in state_dict else None
+        self._resume_sampler()
+
+    def _resume_sampler(self) -> None:
+        if self._resume_at is not None and self._train_sampler is not None:
+            epoch, batches = self._resume_at
+            self._train_sampler.resume_at = (epoch, batches * self.batch_size)
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":

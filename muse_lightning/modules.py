@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from .attention import ConvProj
 from .conv import ConvType
+from .sharding import FSDP2Strategy
 from . import swap
 from .text import MUSESequenceNet, MUSETextNet
 
@@ -130,6 +131,12 @@ class ClassifierModule(L.LightningModule):
         """Class probabilities and predicted class of each input."""
         probs = self(self._split(batch)[0]).softmax(-1)
         return {"probs": probs, "preds": probs.argmax(-1)}
+
+    def configure_model(self) -> None:
+        """Shard the network when training under ``FSDP2Strategy`` (``configs/fsdp.yaml``); nothing otherwise."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard(self.model)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW; per-step linear warm-up for ``warmup_fraction`` of training, then cosine to ``min_lr_ratio``."""

@@ -29,6 +29,30 @@ _SPECIALS = ["[PAD]", "[UNK]"]
 _PAD_TOKENS = ("[PAD]", "<pad>", "<PAD>", "<|pad|>")
 
 
+def _reproducible_unigram(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A trained Unigram vocabulary that the same texts always give. The trainer orders pieces of equal score
+    in hash-map order, which changes from run to run, and a piece's id is its place; it also appends the
+    characters it must keep below every learnt piece, one score step (1e-4) apart, in that same order. So the
+    special tokens keep their ids, the learnt pieces go by score (to 1e-9, where the trainer's sums differ in
+    their last bits), then by text, and the appended characters take their score slots in character order."""
+    import json
+
+    state = json.loads(tokenizer.to_str())
+    pieces = [[piece, round(score, 9)] for piece, score in state["model"]["vocab"]]
+    specials, pieces = pieces[: len(_SPECIALS)], pieces[len(_SPECIALS):]
+    if [piece for piece, _ in specials] != _SPECIALS:
+        raise RuntimeError(f"the Unigram trainer put other pieces than {_SPECIALS} first: {specials}")
+    cut = len(pieces)  # pieces[cut:]: the appended characters, a run of single characters 1e-4 apart at the end
+    while cut > 0 and len(pieces[cut - 1][0]) == 1 and (
+            cut == len(pieces) or abs(pieces[cut - 1][1] - pieces[cut][1] - 1e-4) < 1e-7):
+        cut -= 1
+    learnt, tail = pieces[:cut], pieces[cut:]
+    chars = sorted(piece for piece, _ in tail)
+    state["model"]["vocab"] = (specials + sorted(learnt, key=lambda p: (-p[1], p[0]))
+                               + [[char, score] for char, (_, score) in zip(chars, tail)])
+    return type(tokenizer).from_str(json.dumps(state))
+
+
 class _Tokenizer:
     """``encode`` one text to ids (cut at ``max_length``); ``collate`` a batch with ``pad_id``."""
 
@@ -115,6 +139,8 @@ class HFTokenizer(_Tokenizer):
         tokenizer.train_from_iterator(
             texts, trainer(vocab_size=vocab_size, special_tokens=_SPECIALS, show_progress=False, **extra),
         )
+        if kind == "unigram":
+            tokenizer = _reproducible_unigram(tokenizer)
         return cls(tokenizer, max_length, source=f"the {kind} vocabulary")
 
     @classmethod

@@ -2,6 +2,8 @@ import bz2
 import csv
 import gzip
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,3 +67,46 @@ def write_rotten_tomatoes(path: Path, per_class: int = 60) -> Path:
     with bz2.open(path, "wt", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([("category", "text", "movie_name", "has_plot_and_reviews"), *rows])
     return path
+
+
+def write_tiny_bert(root: Path) -> tuple[Path, list[str]]:
+    """A small BERT with random weights and a WordPiece tokenizer.json in ``root / "tiny-bert"``, saved as
+    ``from_pretrained`` reads them; and the 60 words of its vocabulary."""
+    import tokenizers
+    import transformers
+    words = [f"w{i}" for i in range(60)]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece({t: i for i, t in enumerate(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    folder = root / "tiny-bert"
+    config = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=37, max_position_embeddings=64,
+                                     pad_token_id=0)
+    transformers.BertModel(config).save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder, words
+
+
+KILLER = '''
+import os, signal
+import lightning as L
+
+class KillAt(L.Callback):
+    """SIGKILL this process (every process of a distributed run) when training reaches ``step``: a crash no
+    handler sees."""
+    def __init__(self, step: int):
+        self.step = step
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``muse-lightning ARGS`` in a subprocess run in ``cwd``, which is on its ``PYTHONPATH`` (callbacks written
+    there, such as ``KILLER`` saved as killer.py, load by name)."""
+    env = {**os.environ, "PYTHONPATH": str(cwd), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "muse_lightning.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)

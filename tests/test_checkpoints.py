@@ -2,13 +2,13 @@
 overwrites, named errors for damaged or foreign checkpoints, and CLI errors that end on their own message."""
 import csv
 import json
-import os
-import subprocess
-import sys
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import KILLER, run_cli, write_rotten_tomatoes, write_tiny_bert
 
 from muse_lightning.cli import main
 
@@ -17,45 +17,76 @@ TINY_VIT = json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "drop_path_r
 QUICK = ["--config", str(CONFIGS / "quickstart.yaml"), "--model.init_args.model_kwargs", TINY_VIT,
          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
          "--trainer.limit_test_batches", "1"]
-KILLER = '''
-import os, signal
-import lightning as L
-
-class KillAt(L.Callback):
-    """SIGKILL this process when training reaches ``step``: a crash no handler sees."""
-    def __init__(self, step: int):
-        self.step = step
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(cwd), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "muse_lightning.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+def _labelled_csv(path: Path, rows: int, words: list[str]) -> Path:
+    """Two classes of texts, each of six words from its own half of ``words``."""
+    rng = random.Random(0)
+    half = len(words) // 2
+    labels = [i % 2 for i in range(rows)]
+    texts = [" ".join(rng.choice(words[half * y: half * (y + 1)]) for _ in range(6)) for y in labels]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *zip(texts, [f"c{y}" for y in labels])])
+    return path
 
 
-@pytest.mark.parametrize(("kill_at", "saved_at"), [(52, 50), (61, 60)], ids=["mid-epoch", "after-epoch-end"])
-def test_fit_killed_then_resumed_ends_with_the_uninterrupted_weights_and_metrics(tmp_path, kill_at, saved_at):
-    """3 epochs of 30 steps; last.ckpt every 50 steps and at epoch ends: kill -9 at step 52 resumes from step 50
-    (mid-epoch: data order, augmentation and drop-path draws must pick up exactly), at 61 from the epoch end (60)."""
+def _family_args(family: str, root: Path) -> list[str]:
+    """A shipped task config at a small size, and the data it reads (written under ``root``)."""
+    tiny_text = ["--model.init_args.dim", "32", "--model.init_args.depth", "1", "--model.init_args.num_heads", "2"]
+    words = [f"word{i}" for i in range(40)]
+    if family == "vision":
+        return ["--config", str(CONFIGS / "quickstart.yaml"), "--model.init_args.model_kwargs", TINY_VIT]
+    if family == "wordnet-text":
+        return ["--config", str(CONFIGS / "text_quickstart.yaml"), *tiny_text, "--data.init_args.batch_size", "16"]
+    if family == "text-files":  # a Unigram vocabulary trained on the file, kept in the checkpoint
+        return ["--config", str(CONFIGS / "text_files.yaml"), *tiny_text, "--model.init_args.ngram_buckets", "1000",
+                "--data.init_args.train_file", str(_labelled_csv(root / "train.csv", 300, words)),
+                "--data.init_args.vocab_size", "100", "--data.init_args.batch_size", "8"]
+    if family == "reviews":
+        return ["--config", str(CONFIGS / "reviews.yaml"), *tiny_text, "--model.init_args.ngram_buckets", "1000",
+                "--data.init_args.path", str(write_rotten_tomatoes(root / "rt.csv.bz2", per_class=150)),
+                "--data.init_args.vocab_size", "100", "--data.init_args.batch_size", "8"]
+    if family == "sequences":  # augmented: random windows, scales and jitter
+        rng = np.random.default_rng(0)
+        np.savez(root / "train.npz", features=rng.normal(size=(300, 20, 2)).astype(np.float32),
+                 labels=np.arange(300) % 3, lengths=rng.integers(12, 21, 300))
+        return ["--config", str(CONFIGS / "sequence_files.yaml"), "--model.init_args.dim", "32",
+                "--data.init_args.train_file", str(root / "train.npz"), "--data.init_args.batch_size", "8"]
+    if family == "hf-encoder":
+        folder, words = write_tiny_bert(root)
+        return ["--config", str(CONFIGS / "text_encoder.yaml"), "--model.init_args.encoder", str(folder),
+                "--model.init_args.pretrained", "false", "--data.init_args.tokenizer", str(folder),
+                "--data.init_args.train_file", str(_labelled_csv(root / "train.csv", 300, words)),
+                "--data.init_args.max_length", "16", "--data.init_args.batch_size", "8"]
+    raise ValueError(family)
+
+
+@pytest.mark.parametrize(("family", "kill_at", "saved_at"), [
+    *[(family, 52, 50) for family in ("vision", "wordnet-text", "text-files", "reviews", "sequences", "hf-encoder")],
+    ("vision", 56, 54),
+], ids=lambda v: str(v))
+def test_fit_killed_then_resumed_ends_with_the_uninterrupted_weights_and_metrics(tmp_path, family, kill_at, saved_at):
+    """Every shipped task family, 3 epochs of 27 steps; last.ckpt every 50 steps and at epoch ends: kill -9 at
+    step 52 resumes from step 50, mid-epoch (data order, augmentation, dropout and drop-path draws must pick up
+    exactly), at 56 from the epoch end (54)."""
+    if family == "hf-encoder":
+        pytest.importorskip("transformers")  # the text extra; CI installs it with the dev extra
     (tmp_path / "killer.py").write_text(KILLER)
-    fit = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--model.init_args.model_kwargs", TINY_VIT,
-           "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "30", "--trainer.limit_val_batches", "2"]
-    whole = _cli([*fit, "--trainer.default_root_dir", "whole"], tmp_path)
+    fit = ["fit", *_family_args(family, tmp_path), "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "27",
+           "--trainer.limit_val_batches", "2"]
+    whole = run_cli([*fit, "--trainer.default_root_dir", "whole"], tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _cli([*fit, "--trainer.default_root_dir", "cut", "--trainer.callbacks+=killer.KillAt",
+    killed = run_cli([*fit, "--trainer.default_root_dir", "cut", "--trainer.callbacks+=killer.KillAt",
                    "--trainer.callbacks.step", str(kill_at)], tmp_path)
     assert killed.returncode == -9
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == saved_at
-    resumed = _cli([*fit, "--trainer.default_root_dir", "cut", "--ckpt_path", str(last)], tmp_path)
+    resumed = run_cli([*fit, "--trainer.default_root_dir", "cut", "--ckpt_path", str(last)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(last, weights_only=True)
-    assert a["global_step"] == b["global_step"] == 90
+    assert a["global_step"] == b["global_step"] == 81
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
 
@@ -155,7 +186,7 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_with_its_reason(trained, tmp
 
 def test_a_data_module_error_is_the_last_line_the_user_sees(tmp_path):
     (tmp_path / "empty.csv").write_text("text,label\n")
-    run = _cli(["fit", "--config", str(CONFIGS / "text_quickstart.yaml"), "--data", "muse_lightning.TextFileDataModule",
+    run = run_cli(["fit", "--config", str(CONFIGS / "text_quickstart.yaml"), "--data", "muse_lightning.TextFileDataModule",
                 "--data.train_file", "empty.csv"], tmp_path)
     assert run.returncode != 0
     assert run.stderr.strip().splitlines()[-1] == "ValueError: empty.csv holds no rows"

@@ -74,6 +74,19 @@ def test_mixer_ratio_tables_are_the_recorded_benchmarks_tables():
     assert cpu in README.read_text(), "the README's speed table is stale: paste docs/speed.md's CPU table"
 
 
+def test_sharded_memory_table_is_the_recorded_measurements():
+    """docs/lightning.md's FSDP2 memory rows are results/sharded_memory.json's (scripts/sharded_memory.py)."""
+    record = json.loads((ROOT / "results" / "sharded_memory.json").read_text())
+    mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+    page = (DOCS / "lightning.md").read_text()
+    assert record["model"] in page
+    base = record["rows"][0]["total"]
+    for row in record["rows"]:
+        line = (f"| {row['processes']} | {mib(row['parameters'])} | {mib(row['gradients'])} | {mib(row['adamw_states'])} "
+                f"| {mib(row['total'])} | {row['total'] / base:.2f} |")
+        assert line in page, f"stale: paste `python scripts/sharded_memory.py`'s table ({line})"
+
+
 def test_timm_page_holds_the_adapter_registrys_table():
     stale = "docs/timm.md's registry table is stale: paste `python -c \"from muse_lightning.adapters import adapter_table; print(adapter_table())\"`"
     assert adapter_table() in (DOCS / "timm.md").read_text(), stale

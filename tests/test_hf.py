@@ -10,6 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # the text extra; CI installs it with the dev extra
 
+from conftest import write_tiny_bert
+
 from muse_lightning import MUSEBranch, TextClassifier, swap_attention
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -98,24 +100,8 @@ def test_cross_attention_is_left_alone_with_a_warning():
     assert names == [f"encoder.layer.{i}.attention" for i in range(2)]
 
 
-def _encoder_folder(tmp_path):
-    """A small BERT with random weights and a WordPiece tokenizer.json, saved as from_pretrained reads it."""
-    import tokenizers
-    words = [f"w{i}" for i in range(60)]
-    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece({t: i for i, t in enumerate(
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    folder = tmp_path / "tiny-bert"
-    config = transformers.BertConfig(**dict(_SMALL, vocab_size=tok.get_vocab_size()))
-    transformers.BertModel(config).save_pretrained(folder)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder, words
-
-
 def test_text_classifier_fine_tunes_a_pretrained_encoder_with_muse(tmp_path):
-    folder, _ = _encoder_folder(tmp_path)
+    folder, _ = write_tiny_bert(tmp_path)
     module = TextClassifier(num_classes=3, encoder=str(folder), vocab_size=65, max_length=32)
     assert sum(isinstance(m, MUSEBranch) for m in module.modules()) == 2
     encoder = transformers.BertModel.from_pretrained(folder)
@@ -133,7 +119,7 @@ def test_encoder_config_fits_then_tests_from_its_checkpoint(tmp_path, monkeypatc
     from muse_lightning.cli import main
     from muse_lightning.compare import last_metrics
     monkeypatch.chdir(tmp_path)
-    folder, words = _encoder_folder(tmp_path)
+    folder, words = write_tiny_bert(tmp_path)
     rng = random.Random(0)
     for split, n in (("train", 128), ("test", 32)):
         with open(f"{split}.csv", "w", newline="") as f:
@@ -156,7 +142,7 @@ def test_encoder_config_fits_then_tests_from_its_checkpoint(tmp_path, monkeypatc
 
 def test_encoder_classifier_shows_its_flops(tmp_path):
     from lightning.pytorch.utilities.model_summary import ModelSummary
-    folder, _ = _encoder_folder(tmp_path)
+    folder, _ = write_tiny_bert(tmp_path)
     module = TextClassifier(num_classes=3, encoder=str(folder), vocab_size=65, max_length=32)
     forward = ModelSummary(module).total_flops
     assert forward > 0

@@ -63,7 +63,7 @@ def test_shipped_config_fits_tests_and_predicts_under_its_default_root_dir(tmp_p
     assert list(fit_logs.glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("overlay", ["gpu.yaml", "ddp.yaml", "multinode.yaml", "compiled.yaml", "throughput.yaml"])
+@pytest.mark.parametrize("overlay", ["gpu.yaml", "ddp.yaml", "multinode.yaml", "fsdp.yaml", "compiled.yaml", "throughput.yaml"])
 def test_overlay_configs_parse_on_top_of_the_quickstart(overlay, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / overlay), "--print_config"])
