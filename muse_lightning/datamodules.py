@@ -224,6 +224,14 @@ class _UserFiles:
         """The dataset of ``split``'s ``rows`` (all when None); ``training``: the one the model trains on."""
         raise NotImplementedError
 
+    def _rows(self, split: str, rows: np.ndarray | None) -> tuple[Any, ...]:
+        """``split``'s table cut to ``rows`` (all when None): arrays indexed, lists picked, None kept."""
+        table = self.tables[split]
+        if rows is None:
+            return table
+        return tuple(None if column is None else column[rows] if isinstance(column, np.ndarray)
+                     else [column[i] for i in rows] for column in table)
+
     def setup(self, stage: str | None = None) -> None:
         labels = self.tables["train"][-1]
         if self.files["val"]:
@@ -393,9 +401,7 @@ class ImageFolderDataModule(_UserFiles, _ClassificationData):
     def _make(self, split: str, rows: np.ndarray | None, training: bool = False) -> _ImageFileDataset:
         from timm.data import create_transform
 
-        paths, labels = self.tables[split]
-        if rows is not None:
-            paths, labels = [paths[i] for i in rows], labels[rows]
+        paths, labels = self._rows(split, rows)
         return _ImageFileDataset(paths, labels.tolist(), create_transform(self.img_size, is_training=training))
 
 
@@ -616,9 +622,7 @@ class TextFileDataModule(_UserFiles, _TextData):
         self._predict_set: Dataset | None = None
 
     def _make(self, split: str, rows: np.ndarray | None, training: bool = False) -> _TextDataset:
-        texts, labels = self.tables[split]
-        if rows is not None:
-            texts, labels = [texts[i] for i in rows], labels[rows]
+        texts, labels = self._rows(split, rows)
         return self._dataset(texts, None if labels is None else labels.tolist())
 
     def setup(self, stage: str | None = None) -> None:
@@ -727,8 +731,6 @@ class SequenceFileDataModule(_UserFiles, _ClassificationData):
         self._predict_set: Dataset | None = None
 
     def _make(self, split: str, rows: np.ndarray | None, training: bool = False) -> _SequenceDataset:
-        features, lengths, labels = self.tables[split]
-        if rows is not None:
-            features, lengths, labels = features[rows], lengths[rows], labels[rows]
+        features, lengths, labels = self._rows(split, rows)
         labels = None if labels is None else labels.tolist()
         return _SequenceDataset(features, lengths, labels, self.mean, self.std, augment=training and self.augment)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -22,7 +22,10 @@ from torch import nn
 from .attention import MUSEAttention
 from .branch import MUSEBranch
 
-__all__ = ["FSDP2Strategy", "consolidate_checkpoint", "shard_units"]
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["FSDP2Strategy", "consolidate_checkpoint", "shard_model", "shard_units"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,6 +43,41 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
                 units.append(child)
                 taken.append(f"{name}.{child_name}." if name else f"{child_name}.")
     return units
+
+
+def _compute_dtype(param_dtype: str | None) -> torch.dtype | None:
+    if param_dtype is not None and param_dtype not in _DTYPES:
+        raise ValueError(f"param_dtype must be one of {list(_DTYPES)} or None, got {param_dtype!r}")
+    return _DTYPES[param_dtype] if param_dtype is not None else None
+
+
+def shard_model(
+        model: nn.Module,
+        mesh: DeviceMesh,
+        param_dtype: Literal["bf16", "fp16"] | None = None,
+        activation_checkpointing: bool = False,
+        reshard_after_forward: bool = True,
+) -> None:
+    """Shard ``model`` in place over the 1-D ``mesh`` with FSDP2: each block (``shard_units``) its own unit, then
+    the rest as the root unit. Idempotent. The options are ``FSDP2Strategy``'s."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return
+    units = shard_units(model)
+    if not units:
+        raise ValueError(f"{type(model).__name__} has no block list holding a MUSE mixer to shard")
+    dtype = _compute_dtype(param_dtype)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    for unit in units:
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(unit)  # in place: the parameter names stay the same
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=policy.reduce_dtype,
+                                       output_dtype=torch.float32 if dtype else None)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -64,8 +102,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             save_distributed_checkpoint: bool = True,
             timeout: timedelta = timedelta(minutes=10),
     ) -> None:
-        if param_dtype is not None and param_dtype not in _DTYPES:
-            raise ValueError(f"param_dtype must be one of {list(_DTYPES)} or None, got {param_dtype!r}")
+        _compute_dtype(param_dtype)  # a bad name fails here, not at the start of fit
         super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint,
                          timeout=timeout)
         self.param_dtype = param_dtype
@@ -77,26 +114,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, model: nn.Module) -> None:
-        """Shard ``model`` in place: each block (``shard_units``), then the rest as the root unit. Idempotent."""
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-        if isinstance(model, FSDPModule):
-            return
-        units = shard_units(model)
-        if not units:
-            raise ValueError(f"{type(model).__name__} has no block list holding a MUSE mixer to shard")
-        dtype = _DTYPES.get(self.param_dtype) if self.param_dtype else None
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-        mesh = self.device_mesh["data_parallel"]
-        for unit in units:
-            if self.activation_checkpointing:
-                from torch.distributed._composable import checkpoint
-
-                checkpoint(unit)  # in place: the parameter names stay the same
-            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=policy.reduce_dtype,
-                                           output_dtype=torch.float32 if dtype else None)
-        fully_shard(model, mesh=mesh, mp_policy=root_policy)
+        """Shard ``model`` in place over every process with this strategy's options (``shard_model``)."""
+        shard_model(model, self.device_mesh["data_parallel"], self.param_dtype, self.activation_checkpointing,
+                    self.reshard_after_forward)
 
 
 def consolidate_checkpoint(folder: str, output: str | None = None) -> Path:

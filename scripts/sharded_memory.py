@@ -1,5 +1,5 @@
 """Per-process memory of a model's parameters, gradients and AdamW states, on one process and sharded by FSDP2
-over 2 and 4 (gloo, CPU; the same shard units as FSDP2Strategy). Prints a table, writes JSON.
+over 2 and 4 (gloo, CPU; sharded as FSDP2Strategy shards, float32). Prints a table, writes JSON.
 
     python scripts/sharded_memory.py --model muse_vit_base_patch16_224 --out results/sharded_memory.json
 """
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import muse_lightning  # noqa: F401  (registers the muse_vit_* models)
-from muse_lightning.sharding import shard_units
+from muse_lightning.sharding import shard_model
 
 
 def _local_bytes(tensors) -> int:
@@ -27,11 +27,7 @@ def _run(rank: int, world: int, name: str, port: int, out: str) -> None:
     model = timm.create_model(name, num_classes=10)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (world,))
-        for unit in shard_units(model):
-            fully_shard(unit, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard_model(model, init_device_mesh("cpu", (world,)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     size = model.pretrained_cfg["input_size"]
     model(torch.randn(2, *size)).sum().backward()

@@ -12,7 +12,7 @@ import torch
 from conftest import KILLER, run_cli
 
 from muse_lightning import FSDP2Strategy, ImageClassifier, SequenceClassifier, TextClassifier, swap_attention
-from muse_lightning.sharding import consolidate_checkpoint, shard_units
+from muse_lightning.sharding import consolidate_checkpoint, shard_model, shard_units
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # No dropout, drop-path or augmentation: two processes draw other random numbers than one does.
@@ -68,10 +68,9 @@ def test_sharding_keeps_the_models_function(tmp_path, activation_checkpointing, 
     x = torch.randn(3, 1, 28, 28)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
-        strategy = FSDP2Strategy(param_dtype=param_dtype, activation_checkpointing=activation_checkpointing)
-        strategy._device_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        strategy.shard(sharded)
-        strategy.shard(sharded)  # idempotent
+        mesh = init_device_mesh("cpu", (1,))
+        shard_model(sharded, mesh, param_dtype=param_dtype, activation_checkpointing=activation_checkpointing)
+        shard_model(sharded, mesh, param_dtype=param_dtype, activation_checkpointing=activation_checkpointing)  # idempotent
         calls, dtypes = [], []
         for unit in shard_units(sharded):
             unit.register_forward_pre_hook(lambda m, args: calls.append(1) or dtypes.append(args[0].dtype))
