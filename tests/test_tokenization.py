@@ -41,11 +41,13 @@ def test_a_trained_vocabulary_encodes_words_as_tokens_and_survives_its_json(kind
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_the_same_texts_train_the_same_vocabulary(kind):
     """Seed parity for the recipes' vocabularies: Hugging Face's Unigram trainer orders pieces of equal score
-    (here many: the words are drawn uniformly) in hash-map order, new each run, and a piece's id is its place."""
+    (here many: the words are drawn uniformly) in hash-map order, new each run, and a piece's id is its place;
+    the rare characters it must keep (as in real reviews: "naïve", "¿qué") get the bottom scores in that order."""
     import random
     rng = random.Random(0)
     words = [f"word{i}" for i in range(40)] + ["gripping", "lovely", "moving", "dull", "clumsy", "tedious"]
-    texts = [" ".join(rng.choice(words) for _ in range(8)) + f" {i}" for i in range(2000)]
+    rare = ["naïve", "æsthetic", "rôle", "röle", "dûst", "well‐made", "¿qué", "a>b", "zzzzzzzz"]
+    texts = [" ".join(rng.choice(words) for _ in range(8)) + f" {i}" for i in range(2000)] + rare
     first, *others = (HFTokenizer.train(kind, texts, vocab_size=100, max_length=32).to_str() for _ in range(4))
     assert all(other == first for other in others)
 
