@@ -47,7 +47,7 @@ from jsonargparse import CLI
 
 from .cli import main as cli_main
 from .config_files import CONFIGS
-from .datamodules import FashionMNISTDataModule, RottenTomatoesDataModule, WordNetGlossesDataModule
+from .datamodules import FashionMNISTDataModule, WordNetGlossesDataModule
 from .datasets import AEON_SETS, load_aeon_classification, to_sequence_arrays
 from .machine import machine_record
 
@@ -183,6 +183,19 @@ def _fit_and_test(config: str, overlay: str | None, overrides: list[str], seed: 
     }
 
 
+def _config_data(config: str, overlay: str | None = None, files: dict[str, str] | None = None) -> Any:
+    """The data module of a shipped ``config`` (with ``overlay``'s and ``files``' data arguments), set up for fit."""
+    data_config = yaml.safe_load((CONFIGS / config).read_text())["data"]
+    data_args = dict(data_config["init_args"])
+    if overlay:
+        data_args.update(yaml.safe_load((CONFIGS / overlay).read_text()).get("data", {}).get("init_args", {}))
+    data_args.update(files or {})
+    module, name = data_config["class_path"].rsplit(".", 1)
+    data = getattr(importlib.import_module(module), name)(**data_args)
+    data.setup("fit")
+    return data
+
+
 def tfidf_logreg(config: str, overlay: str | None, data_name: str, files: dict[str, str]) -> dict[str, Any]:
     """The linear text baseline on the config's own split (of ``files``, the data's file arguments, where the
     task has them): TF-IDF of word 1-2 grams (sublinear tf) and logistic regression, its ``C`` picked on the
@@ -193,14 +206,7 @@ def tfidf_logreg(config: str, overlay: str | None, data_name: str, files: dict[s
         from sklearn.metrics import f1_score
     except ImportError:
         raise ImportError("the tfidf baseline needs scikit-learn: pip install \"muse-lightning[text]\"") from None
-    data_config = yaml.safe_load((CONFIGS / config).read_text())["data"]
-    data_args = dict(data_config["init_args"])
-    if overlay:
-        data_args.update(yaml.safe_load((CONFIGS / overlay).read_text()).get("data", {}).get("init_args", {}))
-    data_args.update(files)
-    module, name = data_config["class_path"].rsplit(".", 1)
-    data = getattr(importlib.import_module(module), name)(**data_args)
-    data.setup("fit")
+    data = _config_data(config, overlay, files)
     start = time.perf_counter()
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     train = vectorizer.fit_transform(data.train_set.texts)
@@ -286,11 +292,11 @@ def _sequence_files(name: str, folder: Path) -> dict[str, str]:
 
 def _review_files(name: str, folder: Path) -> dict[str, str]:
     """The Rotten Tomatoes snippets as a user's CSV files (``text``, ``label`` columns, the label a class name) in
-    ``folder``, written once: the reviews task's training and validation snippets, and its test snippets."""
+    ``folder``, written once: the reviews task's (``reviews.yaml``'s) training and validation snippets, and its
+    test snippets. ``name`` is the task's data name (one set)."""
     files = {"train_file": folder / "reviews_train.csv", "test_file": folder / "reviews_test.csv"}
     if not all(path.exists() for path in files.values()):
-        data = RottenTomatoesDataModule()
-        data.setup("fit")
+        data = _config_data("reviews.yaml")
         for path, parts in ((files["train_file"], (data.train_set, data.val_set)), (files["test_file"], (data.test_set,))):
             with open(path, "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
