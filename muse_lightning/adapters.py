@@ -71,9 +71,9 @@ def _class_tokens(ancestors: Sequence[nn.Module]) -> int | None:
 
 
 def patch_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
-    """The enclosing ViT-style model's patch grid after its prefix tokens (NaFlexViT: each call's); after a
-    model's class tokens, the square grid of each call (PiT, CrossViT); a sequence otherwise, after the
-    enclosing model's ``num_prefix_tokens`` if it has them."""
+    """The enclosing ViT-style model's patch grid after its prefix tokens (each call's with NaFlexViT, the DeepSeek
+    and Qwen3 towers, and ``dynamic_img_size``); after a model's class tokens, the square grid of each call (PiT,
+    CrossViT); a sequence otherwise, after the enclosing model's ``num_prefix_tokens`` if it has them."""
     owner = _vit_owner(ancestors)
     if owner is not None:
         return TokenLayout("2d", int(owner.num_prefix_tokens), tuple(owner.patch_embed.grid_size))
@@ -94,8 +94,9 @@ def patch_grid_without_prefix(attn: nn.Module, ancestors: Sequence[nn.Module]) -
 
 
 def square_grid(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
-    """A square grid of each call, no prefix tokens: the flattened feature map of a stage (MetaFormer,
-    EfficientFormer, FastViT) or a block of one (NesT). A non-square map is an error, never a guess."""
+    """The grid of each call's flattened feature map, no prefix tokens: handed over where the model knows it
+    (MetaFormer's stages, NextViT's blocks, the attention in FastViT, PVTv2, Twins), else square (EfficientFormer,
+    a block of NesT), a non-square map an error, never a guess."""
     return TokenLayout("2d")
 
 
@@ -110,8 +111,8 @@ def levit_tokens(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout
 
 
 def nextvit_tokens(attn: nn.Module, ancestors: Sequence[nn.Module]) -> TokenLayout:
-    """NextViT: the square grid of each call, or where its keys and values are average-pooled over runs of
-    ``sr_ratio ** 2`` consecutive tokens, the sequence of those runs (handed over by the attention)."""
+    """NextViT: the grid of each call (handed over by its block), or where its keys and values are average-pooled
+    over runs of ``sr_ratio ** 2`` consecutive tokens, the sequence of those runs (handed over by the attention)."""
     return TokenLayout("2d") if attn.sr is None else TokenLayout("1d")
 
 
@@ -291,6 +292,14 @@ class GridReadingSamAttention(vision_transformer_sam.Attention):
         return super().forward(x)
 
 
+class GridReadingFastVitAttention(fastvit.Attention):
+    """FastViT's attention, which takes ``(B, C, H, W)`` maps of any size, handing its branch their grid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.muse.see_grids(x.shape[2:], x.shape[2:])
+        return super().forward(x)
+
+
 class GridReadingLocallyGroupedAttn(twins.LocallyGroupedAttn):
     """Twins' locally grouped attention that hands its branch the grid whose windows its values are."""
 
@@ -461,7 +470,7 @@ for _cls, _adapter in (
         (tiny_vit.Attention, AttentionAdapter(block_window_grid, values=(("qkv", _PER_HEAD_QKV),))),
         (efficientformer.Attention, AttentionAdapter(square_grid, values=(("qkv", _PER_HEAD_QKV),))),
         (metaformer.Attention, AttentionAdapter(square_grid)),
-        (fastvit.Attention, AttentionAdapter(square_grid)),
+        (fastvit.Attention, AttentionAdapter(square_grid, attention_class=GridReadingFastVitAttention)),
         (nest.Attention, AttentionAdapter(square_grid)),
         (convit.GPSA, AttentionAdapter(patch_grid_without_prefix, values=(("v", 1),))),
         (convit.MHSA, AttentionAdapter(patch_grid)),

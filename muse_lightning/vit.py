@@ -18,10 +18,14 @@ from timm.layers import HybridEmbed, PatchDropout, PatchDropoutWithIndices, appl
 from timm.layers.patch_dropout import patch_dropout_forward
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
+from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.beit import Beit
+from timm.models.deepseek_vit import DeepseekVitEncoder
 from timm.models.eva import Eva
+from timm.models.metaformer import MetaFormerStage
 from timm.models.naflexvit import NaFlexVit
+from timm.models.nextvit import NextTransformerBlock
+from timm.models.qwen3_vit import Qwen3VitEncoder
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
@@ -37,21 +41,28 @@ from .adapters import refresh_token_layouts
 from .branch import TokenConv
 
 __all__ = [
-    "MUSEBeit", "MUSEEva", "MUSENaFlexVit", "MUSESwinTransformer", "MUSESwinTransformerV2", "MUSESwinTransformerV2Cr",
-    "MUSEVisionTransformer", "MUSEVisionTransformerRelPos", "follow_token_layout", "run_block",
+    "MUSEBeit", "MUSEDeepseekVitEncoder", "MUSEEva", "MUSEMetaFormerStage", "MUSENaFlexVit", "MUSENextTransformerBlock",
+    "MUSEQwen3VitEncoder", "MUSESwinTransformer", "MUSESwinTransformerV2", "MUSESwinTransformerV2Cr",
+    "MUSEVisionTransformer", "MUSEVisionTransformerRelPos", "follow_token_layout", "run_block", "tell_layout",
 ]
 
 
 BlockKwargs = Callable[[int], dict[str, Any]]
 
 
+def tell_layout(module: nn.Module, grid: tuple[int, int], patch_indices: torch.Tensor | None = None) -> None:
+    """Tell the MUSE convolutions in ``module`` this call's token ``grid`` (and the kept patches' places in it)."""
+    for m in module.modules():
+        if isinstance(m, TokenConv):
+            m.grid_size, m.patch_indices = grid, patch_indices
+
+
 def run_block(block: nn.Module, x: torch.Tensor, layout: tuple | None, **kwargs: Any) -> torch.Tensor:
     """Run ``block(x, **kwargs)``, its MUSE convolutions first told this call's ``(grid, kept patch
     indices)`` (``layout``; None: the static ones). Checkpointing this call repeats the telling."""
     if layout is not None:
-        for m in block.modules():
-            if isinstance(m, TokenConv):
-                m.grid_size, m.patch_indices = layout
+        grid, patch_indices = layout  # unpacked, not starred: an FX proxy unpacks only so
+        tell_layout(block, grid, patch_indices)
     return block(x, **kwargs)
 
 
@@ -380,11 +391,70 @@ def naflex_layout(
 torch.fx.wrap("naflex_layout")
 
 
+class _GridOfPatches:
+    """``_pos_embed`` of the vision towers that take any image size (NHWC patches, RoPE of each call's grid),
+    the MUSE convolutions first told this call's grid."""
+
+    blocks: nn.Sequential
+
+    def _pos_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tell_layout(self.blocks, (x.shape[1], x.shape[2]))
+        return super()._pos_embed(x)
+
+
+class MUSEDeepseekVitEncoder(_GridOfPatches, DeepseekVitEncoder):
+    """timm's DeepSeek vision tower whose MUSE convolutions follow each image's patch grid."""
+
+
+class MUSEQwen3VitEncoder(_GridOfPatches, Qwen3VitEncoder):
+    """timm's Qwen3 vision tower whose MUSE convolutions follow each image's patch grid."""
+
+
+class MUSEMetaFormerStage(MetaFormerStage):
+    """timm's ``MetaFormerStage`` (CAFormer) whose attention blocks' MUSE convolutions are told the grid of the
+    map the stage flattens into their tokens (any size, square or not)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        B, C, H, W = x.shape
+        if not self.use_nchw:
+            tell_layout(self.blocks, (H, W))
+            x = x.reshape(B, C, -1).transpose(1, 2)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        if not self.use_nchw:
+            x = x.transpose(1, 2).reshape(B, C, H, W)
+        return x
+
+
+class MUSENextTransformerBlock(NextTransformerBlock):
+    """timm's NextViT transformer block whose attention's MUSE convolution is told the grid of the map the block
+    flattens into its tokens (any size, square or not)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        B, C, H, W = x.shape
+        tell_layout(self.e_mhsa, (H, W))
+        out = self.norm1(x)
+        out = out.reshape(B, C, -1).transpose(-1, -2)
+        out = self.mhsa_drop_path(self.e_mhsa(out))
+        x = x + out.transpose(-1, -2).reshape(B, C, H, W)
+        out = self.projection(x)
+        out = out + self.mhca_drop_path(self.mhca(out))
+        x = torch.cat([x, out], dim=1)
+        out = self.norm2(x)
+        return x + self.mlp_drop_path(self.mlp(out))
+
+
 # timm's models and the MUSE subclasses that keep their MUSE convolutions on the layout of each call.
 _FOLLOWING: dict[type[nn.Module], type[nn.Module]] = {
     VisionTransformer: MUSEVisionTransformer, NaFlexVit: MUSENaFlexVit, Eva: MUSEEva, Beit: MUSEBeit,
     VisionTransformerRelPos: MUSEVisionTransformerRelPos, SwinTransformer: MUSESwinTransformer,
     SwinTransformerV2: MUSESwinTransformerV2, SwinTransformerV2Cr: MUSESwinTransformerV2Cr,
+    DeepseekVitEncoder: MUSEDeepseekVitEncoder, Qwen3VitEncoder: MUSEQwen3VitEncoder,
+    MetaFormerStage: MUSEMetaFormerStage, NextTransformerBlock: MUSENextTransformerBlock,
 }
 
 

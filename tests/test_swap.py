@@ -1,5 +1,6 @@
 """swap_attention across timm's attention families: one small model of each, the same function after the swap."""
 import copy
+import inspect
 import warnings
 from functools import partial
 
@@ -157,6 +158,40 @@ def test_swapped_family_computes_the_same_function_over_its_own_layout(name, kwa
         assert len(messages) == 1 and all(f"{n} (" in messages[0] for n in left)
     else:
         assert not messages
+
+
+@pytest.mark.parametrize(("name", "kwargs", "count", "layouts", "left"), ZOO, ids=ZOO_IDS)
+def test_swapped_family_takes_every_input_its_original_takes(name, kwargs, count, layouts, left):
+    """A second, wider-than-tall image: where the original runs on it, the swapped model computes the same function,
+    its 2-D convolutions on grids no taller than wide (never a transposed or guessed grid); where the original
+    refuses it (a fixed patch grid, windows that must tile), the swapped model refuses it too. Where the model
+    takes an attention mask, the same function under a mask blocking the last keys."""
+    model, x = _build(name, kwargs)
+    wide = torch.randn(2, 3, x.shape[-2], x.shape[-1] * 3 // 2)
+    try:
+        wide_ref, refused = model(wide), None
+    except Exception as error:  # the original's own limit
+        wide_ref, refused = None, type(error)
+    mask = None
+    if "attn_mask" in inspect.signature(model.forward_features).parameters:
+        n = model.forward_features(x).shape[1]
+        mask = torch.ones(1, 1, n, n, dtype=torch.bool)
+        mask[..., -3:] = False  # the last three keys, blocked for every query
+        masked_ref = model.forward_features(x, attn_mask=mask)
+    model, _, _ = _swap(model)
+    if mask is not None:
+        assert (model.forward_features(x, attn_mask=mask) - masked_ref).abs().max() <= 1e-4
+    if refused is not None:
+        with pytest.raises(refused):
+            model(wide)
+        return
+    grids = []
+    for branch in _branches(model):
+        if branch.conv_layout == "2d":
+            branch.conv.register_forward_pre_hook(  # test probe: the grid each convolution is given
+                lambda m, args, kw: grids.append(tuple(kw["grid_size"])), with_kwargs=True)
+    assert (model(wide) - wide_ref).abs().max() <= 1e-4
+    assert all(h <= w for h, w in grids)
 
 
 def _features(model, x):
