@@ -33,7 +33,8 @@ from timm.models.csatv2 import SpatialAttention as CSATSpatialAttention  # the m
 import torch
 from torch import nn
 
-from .branch import Split, TokenLayout, widths
+from .branch import CallLayout, TokenLayout, masks_layout
+from .taps import Split, widths
 
 __all__ = [
     "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "MaskReadingAttention", "adapter_for", "adapter_table",
@@ -214,7 +215,7 @@ class MaskReadingAttention(Attention):
     def forward(
             self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
     ) -> torch.Tensor:
-        self.muse.see_masks(attn_mask, is_causal)
+        self.muse.see(masks_layout(attn_mask, is_causal))
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
@@ -228,7 +229,7 @@ class _RopeMaskReading:
             attn_mask: torch.Tensor | None = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        self.muse.see_masks(attn_mask, is_causal)
+        self.muse.see(masks_layout(attn_mask, is_causal))
         return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
 
 
@@ -261,7 +262,7 @@ class GridReadingPvtAttention(pvt_v2.Attention):
     """PVTv2's spatial-reduction attention that hands its branch the grids of its values and its output."""
 
     def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
-        self.muse.see_grids(_reduced_grid(self, feat_size), feat_size)
+        self.muse.see(CallLayout(_reduced_grid(self, feat_size), feat_size))
         return super().forward(x, feat_size)
 
 
@@ -271,7 +272,8 @@ class GridReadingMultiScaleAttention(mvitv2.MultiScaleAttention):
     queries')."""
 
     def forward(self, x: torch.Tensor, feat_size: list[int]) -> tuple[torch.Tensor, list[int]]:
-        self.muse.see_grids(feat_size, feat_size if self.pool_q is None else _strided_grid(self.pool_q, feat_size))
+        output = feat_size if self.pool_q is None else _strided_grid(self.pool_q, feat_size)
+        self.muse.see(CallLayout(feat_size, output))
         return super().forward(x, feat_size)
 
 
@@ -279,7 +281,7 @@ class GridReadingSubSampleAttn(twins.GlobalSubSampleAttn):
     """Twins' global sub-sampled attention that hands its branch the grids of its values and its output."""
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        self.muse.see_grids(_reduced_grid(self, size), size)
+        self.muse.see(CallLayout(_reduced_grid(self, size), size))
         return super().forward(x, size)
 
 
@@ -288,7 +290,7 @@ class GridReadingSamAttention(vision_transformer_sam.Attention):
     any size), handing its branch their grid."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.muse.see_grids(x.shape[1:3], x.shape[1:3])
+        self.muse.see(CallLayout(x.shape[1:3], x.shape[1:3]))
         return super().forward(x)
 
 
@@ -296,7 +298,7 @@ class GridReadingFastVitAttention(fastvit.Attention):
     """FastViT's attention, which takes ``(B, C, H, W)`` maps of any size, handing its branch their grid."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.muse.see_grids(x.shape[2:], x.shape[2:])
+        self.muse.see(CallLayout(x.shape[2:], x.shape[2:]))
         return super().forward(x)
 
 
@@ -304,7 +306,7 @@ class GridReadingLocallyGroupedAttn(twins.LocallyGroupedAttn):
     """Twins' locally grouped attention that hands its branch the grid whose windows its values are."""
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        self.muse.see_windows(size)
+        self.muse.see(CallLayout(size, windowed=True))
         return super().forward(x, size)
 
 
@@ -312,7 +314,7 @@ class GridReadingFactorAttn(coat.FactorAttnConvRelPosEnc):
     """CoaT's factorized attention that hands its branch the grid of its tokens after the class token."""
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        self.muse.see_grids(size, size)
+        self.muse.see(CallLayout(size, size))
         return super().forward(x, size)
 
 
@@ -322,7 +324,7 @@ class GridReadingLevitDownsample(levit.AttentionDownsample):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_conv:
             h, w = to_2tuple(self.resolution)
-            self.muse.see_grids((h, w), ((h - 1) // self.stride + 1, (w - 1) // self.stride + 1))
+            self.muse.see(CallLayout((h, w), ((h - 1) // self.stride + 1, (w - 1) // self.stride + 1)))
         return super().forward(x)
 
 
@@ -332,7 +334,7 @@ class GridReadingEfficientAttention(nextvit.EfficientAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sr is not None:
-            self.muse.see_grids((1, x.shape[1] // self.N_ratio), (1, x.shape[1]))
+            self.muse.see(CallLayout((1, x.shape[1] // self.N_ratio), (1, x.shape[1])))
         return super().forward(x)
 
 
@@ -346,7 +348,7 @@ class MaskReadingGemma4Attention(gemma4_vit.Gemma4Attention):
             rope_sin: torch.Tensor,
             attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self.muse.see_masks(attn_mask, False)
+        self.muse.see(masks_layout(attn_mask, False))
         return super().forward(x, rope_cos, rope_sin, attn_mask=attn_mask)
 
 

@@ -1,17 +1,13 @@
-"""MUSE's convolution branch over an attention's value projection, and the taps that attach it to any attention.
+"""MUSE's convolution branch over an attention's value projection.
 
 ``TokenConv`` is the branch's logic, shared by ``MUSEAttention`` and ``MUSEBranch``: it convolves
 the value tokens over their layout (the sequence, or a row-major ``H x W`` grid after
 ``num_prefix_tokens`` attention-only tokens) and adds the result to the attention's output
-projection. ``MUSEBranch`` carries that branch for an attention module it does not own: the
-attention's value layers, class-swapped to value taps (``tap_class``: any pointwise layer, an
-``nn.Linear`` or a 1 x 1 convolution with its norm), hand it the values as the attention computes
-them, and its output layer, swapped likewise, adds the branch to the projection (or, not pointwise,
-joins it at its input), so the attention's own forward, state_dict keys and weights stay as they are.
+projection. ``MUSEBranch`` carries that branch for an attention module it does not own; the taps
+(``muse_lightning.taps``) hand it the attention's values and add it to the attention's output.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
@@ -24,8 +20,8 @@ from ._fx import is_tracing
 from .conv import ConvLayout, ConvType, create_conv, grid_tokens, with_prefix
 
 __all__ = [
-    "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "attach", "key_padding_from_mask", "resize_grid", "tap_class",
-    "tap_role", "widths",
+    "CallLayout", "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "key_padding_from_mask", "masks_layout",
+    "resize_grid",
 ]
 
 ConvProj = Literal["separate", "shared", "per_kernel"]
@@ -58,6 +54,32 @@ class TokenLayout(NamedTuple):
     num_prefix_tokens: int = 0
     grid_size: tuple[int, int] | None = None
     feature_map: bool = False
+
+
+class CallLayout(NamedTuple):
+    """Where one call's tokens sit, as the attention (or its model) knows it; handed to a ``MUSEBranch`` with
+    ``see`` during the call and used by that call's output alone.
+
+    ``values_grid`` / ``output_grid``: the grids, after the prefix tokens, the values are convolved on and the
+    output sits on (coarser in spatial-reduction attention, finer in query pooling: ``resize_grid``; None: the
+    branch's own layout); ``windowed``: the values arrive as the windows ``(B, h, w, ws, ws, C)`` of the
+    zero-padded ``values_grid`` (Twins' locally grouped attention); ``key_padding`` ``(B, N)``: keys never read;
+    ``is_causal``: a causal 1-D convolution.
+    """
+
+    values_grid: tuple[int, int] | None = None
+    output_grid: tuple[int, int] | None = None
+    windowed: bool = False
+    key_padding: torch.Tensor | None = None
+    is_causal: bool = False
+
+
+def masks_layout(attn_mask: torch.Tensor | None, is_causal: bool) -> CallLayout:
+    """The layout an attention's SDPA masks give (bool ``True`` = may attend, or additive float): the keys blocked
+    for every query are padding; under ``torch.fx`` none (the masks are graph inputs the convolution does not read)."""
+    if is_tracing() or (attn_mask is None and not is_causal):
+        return CallLayout()
+    return CallLayout(key_padding=None if attn_mask is None else key_padding_from_mask(attn_mask), is_causal=is_causal)
 
 
 class TokenConv:
@@ -206,9 +228,9 @@ class TokenConv:
 class MUSEBranch(TokenConv, nn.Module):
     """MUSE's convolution branch attached to an attention module it does not own.
 
-    The attention's value layers (value taps, see ``attach``) hand over the values with ``stash``;
-    its output layer calls the branch, which adds the convolution of those values. Built silent by
-    ``swap_attention``.
+    The attention's value layers (value taps, ``muse_lightning.taps``) hand over the values with ``stash``,
+    and an attention that knows this call's layout hands it over with ``see``; its output layer calls the
+    branch, which adds the convolution of those values. Built silent by ``swap_attention``.
     """
 
     def __init__(
@@ -240,10 +262,7 @@ class MUSEBranch(TokenConv, nn.Module):
                          {"device": device, "dtype": dtype})
         self.feature_map = layout.feature_map
         self._values: list[torch.Tensor | None] = [None] * num_value_parts
-        self._padding: torch.Tensor | None = None
-        self._is_causal = False
-        self._grids: tuple[tuple[int, int], tuple[int, int]] | None = None
-        self._windowed = False
+        self._call = CallLayout()
         self.order_grids: tuple[tuple[int, int], tuple[int, int]] | None = None
         self.register_buffer("values_at", None, persistent=False)
         self.register_buffer("output_places", None, persistent=False)
@@ -265,26 +284,10 @@ class MUSEBranch(TokenConv, nn.Module):
         self.order_grids = ((int(values_grid[0]), int(values_grid[1])), (int(output_grid[0]), int(output_grid[1])))
         self.values_at, self.output_places = values_at.long(), output_places.long()
 
-    def see_grids(self, values_grid: Sequence[int], output_grid: Sequence[int]) -> None:
-        """Take this call's grids (after the prefix tokens) of the values and of the output where the
-        attention hands them: the values are convolved on theirs, then taken to the output's (see
-        ``resize_grid``; coarser in spatial-reduction attention, finer in query pooling)."""
-        self._grids = ((values_grid[0], values_grid[1]), (output_grid[0], output_grid[1]))  # no iteration: FX
-
-    def see_windows(self, grid: Sequence[int]) -> None:
-        """Take this call's ``grid`` where the values arrive as the windows ``(B, h, w, ws, ws, C)`` of the
-        zero-padded grid and the output as its tokens (Twins' locally grouped attention): the values are
-        put back on the grid, padding dropped, and convolved there."""
-        self.see_grids(grid, grid)
-        self._windowed = True
-
-    def see_masks(self, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
-        """Take this call's attention masks (by a mask-reading attention, e.g. ``MaskReadingAttention``): keys
-        blocked for every query are padding, never read; ``is_causal`` makes the 1-D convolution causal."""
-        if is_tracing():  # FX: the masks are graph inputs, not read by the convolution
-            return
-        self._padding = None if attn_mask is None else key_padding_from_mask(attn_mask)
-        self._is_causal = is_causal
+    def see(self, layout: CallLayout) -> None:
+        """Take this call's layout, from the attention that knows it (see ``CallLayout``)."""
+        values, output = (None if g is None else (g[0], g[1]) for g in (layout.values_grid, layout.output_grid))
+        self._call = layout._replace(values_grid=values, output_grid=values if output is None else output)  # FX: indexed
 
     def stash(self, values: torch.Tensor, part: int = 0) -> None:
         """Keep the values (value layer ``part``'s) of the attention's current call for its output layer."""
@@ -303,6 +306,7 @@ class MUSEBranch(TokenConv, nn.Module):
         """``proj(attn)`` plus the convolution of the stashed values (tokens ``(..., N, C)``, or
         ``(B, H, W, C)`` maps with ``feature_map``)."""
         values = self._take_values()
+        layout, self._call = self._call, CallLayout()
         if self.values_at is not None:
             if not is_tracing() and values.shape[1] != self.values_at.numel():
                 raise RuntimeError(
@@ -310,26 +314,23 @@ class MUSEBranch(TokenConv, nn.Module):
                     f"{self.values_at.numel()} (Hiera's unrolled tokens; masked inputs are not supported)"
                 )
             return self._mix_grids(attn, values[:, self.values_at], proj, self.order_grids, self.output_places)
-        grids, self._grids = self._grids, None
-        if self._windowed:
-            self._windowed = False
-            values = _unpartition(values, grids[0])
+        if layout.windowed:
+            values = _unpartition(values, layout.values_grid)
         if self.feature_map:  # the maps carry their grids
             (h, w), (H, W) = values.shape[1:3], attn.shape[1:3]
             flat_proj = lambda t: proj(t.unflatten(1, (H, W))).flatten(1, 2)  # the projection sees maps
             out = self._mix_grids(attn.flatten(1, 2), values.flatten(1, 2), flat_proj, ((h, w), (H, W)))
             return out.unflatten(1, (H, W))
-        if grids is not None:
-            return self._mix_grids(attn, values, proj, grids)
+        if layout.values_grid is not None:
+            return self._mix_grids(attn, values, proj, (layout.values_grid, layout.output_grid))
         if not is_tracing() and values.shape[:-1] != attn.shape[:-1]:
             raise RuntimeError(
                 f"the attention's values {tuple(values.shape)} and output {tuple(attn.shape)} are not over the same "
                 "tokens: the adapter does not fit this attention"
             )
         # (..., N, C): leading dims (batch, and NesT's blocks) are all batch to the convolution.
-        padding, self._padding = self._padding, None
-        kwargs = self._conv_kwargs(values.shape[-2], self._is_causal, None)
-        out = self._mix_conv(attn.flatten(0, -3), values.flatten(0, -3), proj, padding, kwargs)
+        kwargs = self._conv_kwargs(values.shape[-2], layout.is_causal, None)
+        out = self._mix_conv(attn.flatten(0, -3), values.flatten(0, -3), proj, layout.key_padding, kwargs)
         return out.unflatten(0, values.shape[:-2])
 
     def _mix_grids(
@@ -395,140 +396,3 @@ _NO_SCRIPT = (
     "(and a swapped attention hands its values over by attribute), which TorchScript cannot compile; "
     "use torch.compile or torch.export instead"
 )
-
-
-Split = tuple[int, slice]  # (groups, channels of each group that are values)
-
-
-def _value_channels(out: torch.Tensor, split: Split, maps: bool) -> torch.Tensor:
-    """The value channels of a value layer's output ``out`` (channels last, or ``(B, C, H, W)`` ``maps``):
-    ``groups`` equal groups (1, or one per head where a head's q, k and v sit side by side), each group's
-    ``slice`` of channels."""
-    groups, channels = split
-    if maps:
-        return out[:, channels] if groups == 1 else out.unflatten(1, (groups, -1))[:, :, channels].flatten(1, 2)
-    return out[..., channels] if groups == 1 else out.unflatten(-1, (groups, -1))[..., channels].flatten(-2)
-
-
-class _Tap:
-    """What the taps share: the tapped layer's class (``_muse_base``), whether it works on ``(B, C, H, W)``
-    maps (``_muse_maps``), and pickling by that class (the tap classes are made per class by ``tap_class``)."""
-
-    _muse_base: type[nn.Module]
-    _muse_role: str
-    _muse_maps: bool
-
-    def __reduce_ex__(self, protocol: int):  # pickle and deepcopy rebuild the tap class from its parts
-        return _new_tap, (self._muse_base, self._muse_role, self._muse_maps), self.__dict__
-
-
-class _ValueTap(_Tap):
-    """A value-producing layer that also hands its values (split by ``muse_value_split``) to its branch; maps
-    go as ``(B, H, W, C)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        split, part = self.__dict__["muse_value_split"], self.__dict__["muse_value_part"]
-        values = _value_channels(out, split, self._muse_maps)
-        self.__dict__["muse_branch"].stash(values.permute(0, 2, 3, 1) if self._muse_maps else values, part)
-        return out
-
-
-class _BranchOutput(_Tap):
-    """An attention's output layer that adds its branch to the projection."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch = self.__dict__["muse_branch"]
-        if not self._muse_maps:
-            return branch(x, super().forward)
-        layer = super().forward
-        out = branch(x.permute(0, 2, 3, 1), lambda t: layer(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-        return out.permute(0, 3, 1, 2)
-
-
-class _BranchInput(_Tap):
-    """An attention's output layer that is not pointwise (LowFormer's upsampling transposed convolution): the
-    branch is added to its input, in the attention's value space."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        joined = self.__dict__["muse_branch"](x.permute(0, 2, 3, 1), lambda t: t)
-        return super().forward(joined.permute(0, 3, 1, 2))
-
-
-_ROLES: dict[str, type[_Tap]] = {"value": _ValueTap, "output": _BranchOutput, "input": _BranchInput}
-
-
-@functools.cache
-def tap_class(base: type[nn.Module], role: str, maps: bool) -> type[nn.Module]:
-    """The class a layer of class ``base`` becomes to play ``role`` (``"value"``, ``"output"``, ``"input"``)."""
-    mixin = _ROLES[role]
-    return type(f"{mixin.__name__.lstrip('_')}{base.__name__}", (mixin, base),
-                {"_muse_base": base, "_muse_role": role, "_muse_maps": maps, "__module__": __name__})
-
-
-def _new_tap(base: type[nn.Module], role: str, maps: bool) -> nn.Module:
-    cls = tap_class(base, role, maps)
-    return cls.__new__(cls)
-
-
-def _elementwise(layer: nn.Module) -> bool:
-    """A norm, activation, dropout or identity: what a pointwise layer may hold beside its projection."""
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Identity, nn.Dropout)
-    return isinstance(layer, norms) or type(layer).__module__ == "torch.nn.modules.activation"
-
-
-def _core(layer: nn.Module | None) -> nn.Module | None:
-    """The projection of a pointwise layer: a plain ``nn.Linear``, a 1 x 1 ``nn.Conv2d`` (stride 1, ungrouped),
-    or a module holding exactly one of them and only norms and activations beside it (LeViT's ``LinearNorm``,
-    the ``ConvNorm`` layers, ``Sequential(act, ConvNorm)``, Gemma4's ``Gemma4ClippableLinear``)."""
-    if layer is None:
-        return None
-    if type(layer) is nn.Linear:
-        return layer
-    if type(layer) is nn.Conv2d:
-        return layer if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1 else None
-    leaves = [m for m in layer.modules() if next(m.children(), None) is None and m is not layer]
-    cores = [m for m in leaves if type(m) in (nn.Linear, nn.Conv2d)]
-    if len(cores) != 1 or _core(cores[0]) is None or not all(m is cores[0] or _elementwise(m) for m in leaves):
-        return None
-    return cores[0]
-
-
-def tap_role(layer: nn.Module | None, output: bool) -> str | None:
-    """How ``layer`` can be tapped: ``"value"`` (values) or ``"output"`` (a pointwise layer, the branch added to
-    its projection), ``"input"`` (an output layer over ``(B, C, H, W)`` maps that is not pointwise, the branch
-    added to its input: an upsampling ``nn.ConvTranspose2d``, or the pooling or identity an attention without
-    output projection ends in); None: not."""
-    if _core(layer) is not None:
-        return "output" if output else "value"
-    return "input" if output and type(layer) in (nn.ConvTranspose2d, nn.AvgPool2d, nn.Identity) else None
-
-
-def widths(layer: nn.Module) -> tuple[int, int] | None:
-    """``(in, out)`` channels of a tappable layer (None: a pooling or identity, as wide as what it is given)."""
-    core = _core(layer) or layer
-    if isinstance(core, nn.Linear):
-        return core.in_features, core.out_features
-    return (core.in_channels, core.out_channels) if hasattr(core, "in_channels") else None
-
-
-def _on_maps(layer: nn.Module) -> bool:
-    return not isinstance(_core(layer), nn.Linear)
-
-
-def attach(values: Sequence[nn.Module], split: Split, output: nn.Module, branch: MUSEBranch) -> None:
-    """Turn ``values`` (the value layers, one or several whose values are joined in order) into value taps
-    (values: ``split``, see ``_value_channels``) and ``output`` into the layer feeding ``branch``.
-
-    The layers keep their weights and state_dict keys; ``branch`` is referenced, not registered,
-    so it is registered once, on the attention.
-    """
-    roles = [(layer, tap_role(layer, False)) for layer in values] + [(output, tap_role(output, True))]
-    for layer, role in roles:
-        if role is None:
-            raise TypeError(f"MUSE taps a pointwise layer (nn.Linear, 1 x 1 nn.Conv2d, with its norm), got {layer!r}")
-    for part, (layer, role) in enumerate(roles):
-        layer.__class__ = tap_class(type(layer), role, _on_maps(layer))
-        layer.__dict__["muse_branch"] = branch
-        layer.__dict__["muse_value_split"] = split
-        layer.__dict__["muse_value_part"] = part

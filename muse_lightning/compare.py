@@ -68,6 +68,8 @@ def _vit_kwargs(**changes: Any) -> list[str]:
 
 _CONVSTEM = ["--model.init_args.model_name", "muse_vit_tiny_convstem_28"]
 _BYTE = ["--data.init_args.tokenizer", "byte"]
+_VISION_TWIN = ["--config", "quickstart_attention"]  # the attention twins: overlays of their base config
+_TEXT_TWIN = ["--config", "text_quickstart_attention"]
 TFIDF_CS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 
 # Variant name -> (config, extra CLI arguments), per task. muse-k3 / muse-k1357: kernel sizes (3,)
@@ -80,20 +82,20 @@ TFIDF_CS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
     "vision": {
         "muse": ("quickstart.yaml", []),
-        "attention": ("quickstart_attention.yaml", []),
+        "attention": ("quickstart.yaml", _VISION_TWIN),
         "muse-k3": ("quickstart.yaml", _vit_kwargs(kernel_sizes=[3])),
         "muse-k1357": ("quickstart.yaml", _vit_kwargs(kernel_sizes=[1, 3, 5, 7])),
         "muse-1d": ("quickstart.yaml", _vit_kwargs(conv_layout="1d")),
         "muse-sequential": ("quickstart.yaml", _vit_kwargs(parallel=False)),
         "muse-convstem": ("quickstart.yaml", _CONVSTEM),
-        "attention-convstem": ("quickstart_attention.yaml", _CONVSTEM),
+        "attention-convstem": ("quickstart.yaml", [*_VISION_TWIN, *_CONVSTEM]),
         "muse-shared": ("quickstart.yaml", _vit_kwargs(conv_proj="shared")),
     },
     "text": {
         "muse": ("text_quickstart.yaml", []),
-        "attention": ("text_quickstart_attention.yaml", []),
+        "attention": ("text_quickstart.yaml", _TEXT_TWIN),
         "muse-byte": ("text_quickstart.yaml", _BYTE),
-        "attention-byte": ("text_quickstart_attention.yaml", _BYTE),
+        "attention-byte": ("text_quickstart.yaml", [*_TEXT_TWIN, *_BYTE]),
         "muse-byte-dynamic": ("text_quickstart.yaml", [*_BYTE, "--model.init_args.conv_type", "dynamic",
                                                        "--model.init_args.kernel_sizes", "[3, 15]"]),
         "muse-byte-k3": ("text_quickstart.yaml", [*_BYTE, "--model.init_args.kernel_sizes", "[3]"]),
@@ -101,7 +103,7 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
     },
     "reviews": {
         "muse": ("reviews.yaml", []),
-        "attention": ("reviews_attention.yaml", []),
+        "attention": ("reviews.yaml", ["--config", "reviews_attention"]),
         "muse-shared": ("reviews.yaml", ["--model.init_args.conv_proj", "shared"]),
     },
     "text_files": {
@@ -167,7 +169,8 @@ def _best_score(checkpoint: dict[str, Any]) -> dict[str, float]:
 def _fit_and_test(config: str, overlay: str | None, overrides: list[str], seed: int, workdir: Path) -> dict[str, Any]:
     """Fit a config in ``workdir`` (its default_root_dir), test its best checkpoint; the record's metrics."""
     configs = ["--config", str(CONFIGS / config)] + (["--config", str(CONFIGS / overlay)] if overlay else [])
-    common = [*configs, "--seed_everything", str(seed), "--trainer.default_root_dir", str(workdir), *overrides]
+    # The overrides (a twin's overlay config among them) before the run's own seed and folder, which win.
+    common = [*configs, *overrides, "--seed_everything", str(seed), "--trainer.default_root_dir", str(workdir)]
     start = time.perf_counter()
     # A run cut short left its checkpoints behind and has no record: it starts again (--overwrite).
     cli_main(["fit", *common, "--overwrite", "true"])

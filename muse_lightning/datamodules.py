@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .datasets import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ROTTEN_TOMATOES_CLASSES, WORDNET_DIR, WORDNET_LEXNAMES,

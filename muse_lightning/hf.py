@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - the error names the extra
     raise ImportError("Hugging Face encoders need transformers: pip install -e \".[text]\"") from None
 
 from .adapters import AttentionAdapter, register_attention_adapter, sequence
+from .branch import masks_layout
 from .swap import swap_attention
 
 __all__ = ["HF_ATTENTIONS", "HFEncoderNet"]
@@ -47,7 +48,8 @@ class _ReadsHFMask:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         mask = kwargs.get("attention_mask", args[self._mask_index] if len(args) > self._mask_index else None)
         inner = getattr(self, "self", self)  # BERT-style: the causal flag sits on the inner self-attention
-        self.muse.see_masks(_sdpa_mask(mask, self._multiplicative), bool(getattr(inner, "is_causal", False)))
+        causal = bool(getattr(inner, "is_causal", False))
+        self.muse.see(masks_layout(_sdpa_mask(mask, self._multiplicative), causal))
         return super().forward(*args, **kwargs)
 
 

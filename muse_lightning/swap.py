@@ -10,7 +10,8 @@ from torch import nn
 
 from .adapters import ATTENTION_ADAPTERS, NOT_ATTENTION, AttentionAdapter, ancestors_of
 from .attention import MUSEAttention
-from .branch import MUSEBranch, Split, attach, tap_role, widths
+from .branch import MUSEBranch
+from .taps import Split, attach, tap_role, widths
 from .vit import follow_token_layout
 
 __all__ = ["swap_attention"]

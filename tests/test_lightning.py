@@ -33,15 +33,20 @@ QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--t
 SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
-SHIPPED = [("quickstart.yaml", "quickstart"), ("text_quickstart.yaml", "text_quickstart"),
-           ("quickstart_attention.yaml", "quickstart_attention"), ("text_quickstart_attention.yaml", "text_quickstart_attention")]
+# The shipped configs by name, each attention twin an overlay given after its base.
+SHIPPED = [["quickstart"], ["text_quickstart"], ["quickstart", "quickstart_attention"],
+           ["text_quickstart", "text_quickstart_attention"]]
 
 
-@pytest.mark.parametrize(("config", "name"), SHIPPED)
-def test_shipped_config_fits_tests_and_predicts_under_its_default_root_dir(tmp_path, monkeypatch, config, name):
+def _configs(names):
+    return [arg for name in names for arg in ("--config", name)]
+
+
+@pytest.mark.parametrize("names", SHIPPED, ids=lambda names: names[-1])
+def test_shipped_config_fits_tests_and_predicts_under_its_default_root_dir(tmp_path, monkeypatch, names):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "run"
-    args = ["--config", name, *QUICK, "--trainer.default_root_dir", str(root)]  # by name, from an empty folder
+    args = [*_configs(names), *QUICK, "--trainer.default_root_dir", str(root)]  # by name, from an empty folder
     main(["fit", *args])
     ckpt = root / "checkpoints" / "best.ckpt"
     assert ckpt.is_file() and (root / "checkpoints" / "last.ckpt").is_file()
@@ -51,6 +56,7 @@ def test_shipped_config_fits_tests_and_predicts_under_its_default_root_dir(tmp_p
     main(["predict", *args, "--trainer.limit_predict_batches", "2", "--ckpt_path", str(ckpt)])
     with open(root / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
+    name = names[-1]
     batch = 128 if name.startswith("quickstart") else 64
     assert [int(r["index"]) for r in rows] == list(range(2 * batch))
     assert all(0.0 < float(r["probability"]) <= 1.0 and r["prediction"] and r["label"] for r in rows)
@@ -268,20 +274,27 @@ def test_mismatched_class_counts_fail_early(tmp_path):
                  dataloaders=torch.utils.data.DataLoader(images, batch_size=8))
 
 
-@pytest.mark.parametrize(("muse", "attention", "num_classes"), [
-    ("quickstart.yaml", "quickstart_attention.yaml", 10), ("text_quickstart.yaml", "text_quickstart_attention.yaml", 45),
-    ("reviews.yaml", "reviews_attention.yaml", 2),
-])
-def test_attention_twin_configs_match_the_muse_quickstarts_within_two_percent_of_parameters(muse, attention, num_classes):
+@pytest.mark.parametrize(("base", "num_classes"), [("quickstart", 10), ("text_quickstart", 45), ("reviews", 2)])
+def test_attention_twin_overlays_match_the_muse_configs_within_two_percent_of_parameters(base, num_classes, capsys):
     import importlib
 
     import yaml
 
-    def build(config):
-        model = yaml.safe_load((CONFIGS / config).read_text())["model"]
-        module, name = model["class_path"].rsplit(".", 1)
-        return getattr(importlib.import_module(module), name)(num_classes=num_classes, **model["init_args"])
+    def config(names):
+        with pytest.raises(SystemExit):
+            main(["fit", *_configs(names), "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)
 
+    def build(model):
+        module, name = model["class_path"].rsplit(".", 1)
+        init_args = {k: v for k, v in model["init_args"].items() if k != "num_classes"}
+        return getattr(importlib.import_module(module), name)(num_classes=num_classes, **init_args)
+
+    muse, twin = config([base]), config([base, f"{base}_attention"])
+    assert twin["trainer"]["default_root_dir"] == f"runs/{base}_attention"  # the twin's runs beside, not over, MUSE's
+    assert {k: v for k, v in twin.items() if k not in ("model", "trainer")} == {
+        k: v for k, v in muse.items() if k not in ("model", "trainer")}  # the same data and seed
+    muse, attention = muse["model"], twin["model"]
     with_conv, attention_only = build(muse), build(attention)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert abs(count(attention_only) / count(with_conv) - 1) < 0.02
@@ -289,11 +302,11 @@ def test_attention_twin_configs_match_the_muse_quickstarts_within_two_percent_of
     assert all(m.conv is not None for m in with_conv.modules() if hasattr(m, "conv_proj_mode"))
 
 
-@pytest.mark.parametrize("config", ["reviews.yaml", "reviews_attention.yaml"])
-def test_reviews_configs_fit_then_test_on_a_corpus_file_and_learn_it(tmp_path, config):
+@pytest.mark.parametrize("names", [["reviews"], ["reviews", "reviews_attention"]], ids=lambda names: names[-1])
+def test_reviews_configs_fit_then_test_on_a_corpus_file_and_learn_it(tmp_path, names):
     path = write_rotten_tomatoes(tmp_path / "rt.csv.bz2", per_class=200)
     root = tmp_path / "run"
-    args = ["--config", str(CONFIGS / config), "--data.init_args.path", str(path), "--data.init_args.vocab_size", "200",
+    args = [*_configs(names), "--data.init_args.path", str(path), "--data.init_args.vocab_size", "200",
             "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(root)]
     main(["fit", *args])
     main(["test", *args, "--ckpt_path", str(root / "checkpoints" / "best.ckpt")])

@@ -17,6 +17,7 @@ from muse_lightning import (
     AttentionAdapter, MUSEBranch, MUSEEva, MUSEVisionTransformer, register_attention_adapter, swap_attention,
 )
 from muse_lightning.adapters import ATTENTION_ADAPTERS, patch_grid
+from muse_lightning.branch import CallLayout
 
 _VIT = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
 _SMALL = dict(_VIT, embed_dim=64, num_heads=2)
@@ -454,9 +455,9 @@ def test_sam_branch_follows_any_image_size():
     model, _, _ = _swap(model)
     branch = _random_branch(model.blocks[1].attn.muse)  # the global block: the whole image's grid
     seen = {}
-    branch.register_forward_pre_hook(lambda m, args: seen.update(grids=m._grids))  # test probe
+    branch.register_forward_pre_hook(lambda m, args: seen.update(call=m._call))  # test probe
     model(torch.randn(1, 3, 64, 80))
-    assert seen["grids"] == ((8, 10), (8, 10))
+    assert (seen["call"].values_grid, seen["call"].output_grid) == ((8, 10), (8, 10))
 
 
 def test_swapped_model_fine_tunes_from_the_original():
@@ -629,7 +630,8 @@ def test_naflex_dict_mode_convolves_each_samples_patches_on_their_own_2d_grid():
     padding[1, prefix + 6:] = True
 
     def branch_out(v):
-        branch.grid_size, branch.patch_indices, branch._padding = seen["grid"], seen["places"], padding
+        branch.grid_size, branch.patch_indices = seen["grid"], seen["places"]
+        branch.see(CallLayout(key_padding=padding))
         return _branch_out(branch, v, None)
 
     moved = values.clone()
@@ -700,15 +702,15 @@ def test_spatial_reduction_branch_convolves_the_coarse_values_then_repeats_them_
     branch = model.stages[0].blocks[0].attn.muse  # 16 x 16 tokens, keys and values on an 8 x 8 grid (sr 8: 2 x 2)
     _random_branch(branch)
     seen = {}
-    branch.register_forward_pre_hook(lambda m, args: seen.update(grids=m._grids, values=m._values[0]))  # test probe
+    branch.register_forward_pre_hook(lambda m, args: seen.update(call=m._call, values=m._values[0]))  # test probe
     model(x)
-    (h, w), (H, W) = seen["grids"]
+    (h, w), (H, W) = seen["call"].values_grid, seen["call"].output_grid
     assert (H, W) == (16, 16) and (h, w) == (2, 2)
     values = seen["values"]
     conv = branch.conv(values, grid_size=(h, w)).unflatten(1, (h, w)).permute(0, 3, 1, 2)
     ref = branch.conv_proj(conv.repeat_interleave(H // h, 2).repeat_interleave(W // w, 3).flatten(2).transpose(1, 2))
     branch.stash(values)
-    branch.see_grids((h, w), (H, W))
+    branch.see(CallLayout((h, w), (H, W)))
     got = branch(torch.zeros(values.shape[0], H * W, values.shape[-1]), lambda t: t.new_zeros(*t.shape[:-1], 32))
     torch.testing.assert_close(got, ref)
 
