@@ -46,6 +46,9 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
         mlp_ratio: Feed-forward width over ``dim``.
         kernel_sizes: The convolution's kernel sizes, in tokens.
         max_tokens: Series longer than this become overlapping patches (a strided stem); None: a token a step.
+        max_length: The longest series the classifier takes, in time points; None: the longest training series.
+            Give it when ``predict`` will see longer series than ``fit`` (unequal-length sets, e.g. JapaneseVowels):
+            the position table and the stem's stride are sized for it.
         stem_kernel: The stem's kernel width in steps (default ``2 * stride - 1``).
         normalize: Z-normalise each series over its real steps.
         drop_rate: Dropout.
@@ -75,6 +78,7 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
             mlp_ratio: float = 2.0,
             kernel_sizes: Sequence[int] = (1, 3, 5, 9),
             max_tokens: int | None = 64,
+            max_length: int | None = None,
             stem_kernel: int | None = None,
             normalize: bool = False,
             drop_rate: float = 0.1,
@@ -97,6 +101,7 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
     ) -> None:
         self.dim, self.depth, self.num_heads, self.mlp_ratio = dim, depth, num_heads, mlp_ratio
         self.kernel_sizes, self.max_tokens, self.stem_kernel = kernel_sizes, max_tokens, stem_kernel
+        self.max_length = max_length
         self.normalize = normalize
         self.drop_rate, self.drop_path_rate = drop_rate, drop_path_rate
         self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
@@ -129,8 +134,12 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
                 val_fraction=self.val_fraction, min_val_size=self.min_val_size, seed=self.random_state,
                 min_train_batches=self.min_train_batches,
             )
+            if self.max_length is not None and self.max_length < data.max_length:
+                raise ValueError(f"max_length={self.max_length} is shorter than the longest training series "
+                                 f"({data.max_length} time points)")
             module = SequenceClassifier(
-                num_classes=len(self.classes_), in_features=self.n_channels_, max_length=data.max_length,
+                num_classes=len(self.classes_), in_features=self.n_channels_,
+                max_length=data.max_length if self.max_length is None else self.max_length,
                 dim=self.dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                 kernel_sizes=list(self.kernel_sizes), max_tokens=self.max_tokens, stem_kernel=self.stem_kernel,
                 normalize=self.normalize,
@@ -170,7 +179,8 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"X has {features.shape[2]} channels, the classifier was fitted on {self.n_channels_}")
         max_length = self.module_.hparams.max_length
         if features.shape[1] > max_length:
-            raise ValueError(f"X has series of {features.shape[1]} time points, longer than the {max_length} fitted on")
+            raise ValueError(f"X has series of {features.shape[1]} time points, longer than the {max_length} the "
+                             "classifier takes: fit it with max_length set to the longest series it will see")
         if not np.isfinite(features).all():
             raise ValueError("X holds NaN or inf")
         # The data module's own dataset (standardised by the training statistics) and collation, and the

@@ -44,6 +44,16 @@ def test_unequal_lengths_as_a_list_predict_as_each_case_alone():
     np.testing.assert_allclose(together, alone, atol=1e-5)  # padding in a batch changes nothing
 
 
+def test_max_length_lets_predict_take_series_longer_than_fit_saw():
+    X, y = shapes(20, seed=0)
+    cases = [x[:, : 20 + i % 6] for i, x in enumerate(X)]  # 20-25 steps, as unequal-length sets have
+    longer = [x[:, :29] for x in shapes(4, seed=1)[0]]  # the test split's longest case is longer
+    model = MUSETimeSeriesClassifier(dim=32, max_epochs=1, min_train_batches=2, max_length=29).fit(cases, y)
+    assert model.module_.hparams.max_length == 29
+    probs = model.predict_proba(longer)
+    assert probs.shape == (4, 2) and np.allclose(probs.sum(1), 1.0)
+
+
 def test_clone_and_cross_val_score_work_as_for_any_scikit_learn_classifier():
     model = MUSETimeSeriesClassifier(dim=32, max_epochs=1, min_train_batches=3, random_state=5)
     copy = clone(model)
@@ -85,8 +95,10 @@ def test_bad_fit_and_predict_calls_are_named():
     model.fit(X, y)
     with pytest.raises(ValueError, match="X has 2 channels, the classifier was fitted on 1"):
         model.predict(np.zeros((2, 2, 32)))
-    with pytest.raises(ValueError, match="longer than the 32 fitted on"):
+    with pytest.raises(ValueError, match="longer than the 32 the classifier takes: fit it with max_length"):
         model.predict(np.zeros((2, 1, 40)))
+    with pytest.raises(ValueError, match=r"max_length=20 is shorter than the longest training series \(32"):
+        clone(model).set_params(max_length=20).fit(X, y)
     with pytest.raises(ValueError, match="NaN or inf"):
         model.predict(np.full((2, 1, 32), np.nan))
 
