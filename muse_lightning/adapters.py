@@ -12,7 +12,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from timm.layers import Attention, AttentionPoolLatent, AttentionPoolPrr, AttentionRope, DiffAttention, to_2tuple
 from timm.layers import cbam, coord_attn, selective_kernel, split_attn
@@ -37,7 +37,7 @@ from .branch import CallLayout, TokenLayout, masks_layout
 from .taps import Split, widths
 
 __all__ = [
-    "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "MaskReadingAttention", "adapter_for", "adapter_table",
+    "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "GridRope", "MaskReadingAttention", "adapter_for", "adapter_table",
     "ancestors_of",
     "block_window_grid", "class_token_grid", "feature_map", "levit_tokens", "mvit_tokens", "nextvit_tokens",
     "patch_grid", "patch_grid_without_prefix", "refresh_token_layouts", "register_attention_adapter", "sequence",
@@ -219,17 +219,29 @@ class MaskReadingAttention(Attention):
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
+class GridRope(NamedTuple):
+    """A RoPE table with the patch grid it was built for: how a vision tower that takes any image size (the
+    DeepSeek and Qwen3 towers) hands each call's grid through its blocks to their attentions' branches."""
+
+    table: torch.Tensor
+    grid: tuple[int, int]
+
+
 class _RopeMaskReading:
-    """``MaskReadingAttention``'s forward for the attentions that take a RoPE argument first."""
+    """``MaskReadingAttention``'s forward for the attentions that take a RoPE argument first; a ``GridRope``
+    also gives the branch the call's grid."""
 
     def forward(
             self,
             x: torch.Tensor,
-            rope: torch.Tensor | None = None,
+            rope: torch.Tensor | GridRope | None = None,
             attn_mask: torch.Tensor | None = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        self.muse.see(masks_layout(attn_mask, is_causal))
+        layout = masks_layout(attn_mask, is_causal)
+        if isinstance(rope, GridRope):
+            layout, rope = layout._replace(values_grid=rope.grid), rope.table
+        self.muse.see(layout)
         return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
 
 

@@ -357,7 +357,8 @@ class MUSEBranch(TokenConv, nn.Module):
             conv = resize_grid(conv, h, w, H, W)
             return conv if output_places is None else conv[:, output_places]
 
-        return self._mix_conv(attn, values, proj, None, kwargs, resize)
+        same = output_places is None and not is_tracing() and (h, w) == (H, W)  # the convolution's own grid route
+        return self._mix_conv(attn, values, proj, None, kwargs, None if same else resize)
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise NotImplementedError(_NO_SCRIPT)

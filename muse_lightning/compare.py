@@ -70,6 +70,7 @@ _CONVSTEM = ["--model.init_args.model_name", "muse_vit_tiny_convstem_28"]
 _BYTE = ["--data.init_args.tokenizer", "byte"]
 _VISION_TWIN = ["--config", "quickstart_attention"]  # the attention twins: overlays of their base config
 _TEXT_TWIN = ["--config", "text_quickstart_attention"]
+_REVIEWS_TWIN = ["--config", "reviews_attention"]
 TFIDF_CS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 
 # Variant name -> (config, extra CLI arguments), per task. muse-k3 / muse-k1357: kernel sizes (3,)
@@ -103,7 +104,7 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
     },
     "reviews": {
         "muse": ("reviews.yaml", []),
-        "attention": ("reviews.yaml", ["--config", "reviews_attention"]),
+        "attention": ("reviews.yaml", _REVIEWS_TWIN),
         "muse-shared": ("reviews.yaml", ["--model.init_args.conv_proj", "shared"]),
     },
     "text_files": {

@@ -134,9 +134,6 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
                 val_fraction=self.val_fraction, min_val_size=self.min_val_size, seed=self.random_state,
                 min_train_batches=self.min_train_batches,
             )
-            if self.max_length is not None and self.max_length < data.max_length:
-                raise ValueError(f"max_length={self.max_length} is shorter than the longest training series "
-                                 f"({data.max_length} time points)")
             module = SequenceClassifier(
                 num_classes=len(self.classes_), in_features=self.n_channels_,
                 max_length=data.max_length if self.max_length is None else self.max_length,

@@ -18,7 +18,7 @@ from timm.layers import HybridEmbed, PatchDropout, PatchDropoutWithIndices, appl
 from timm.layers.patch_dropout import patch_dropout_forward
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models._manipulate import checkpoint
 from timm.models.beit import Beit
 from timm.models.deepseek_vit import DeepseekVitEncoder
 from timm.models.eva import Eva
@@ -37,7 +37,7 @@ from torch import nn
 from .attention import MUSEAttention
 from .block import MUSEBlock
 from ._fx import is_tracing
-from .adapters import refresh_token_layouts
+from .adapters import GridRope, refresh_token_layouts
 from .branch import TokenConv
 
 __all__ = [
@@ -393,13 +393,13 @@ torch.fx.wrap("naflex_layout")
 
 class _GridOfPatches:
     """``_pos_embed`` of the vision towers that take any image size (NHWC patches, RoPE of each call's grid),
-    the MUSE convolutions first told this call's grid."""
+    its RoPE table handed on as a ``GridRope``: each block passes it to its attention, which hands the grid to
+    its branch, within the block's call (and so within its checkpoint's recompute)."""
 
-    blocks: nn.Sequential
-
-    def _pos_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tell_layout(self.blocks, (x.shape[1], x.shape[2]))
-        return super()._pos_embed(x)
+    def _pos_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, GridRope]:
+        grid = (x.shape[1], x.shape[2])
+        x, rope = super()._pos_embed(x)
+        return x, GridRope(rope, grid)
 
 
 class MUSEDeepseekVitEncoder(_GridOfPatches, DeepseekVitEncoder):
@@ -417,13 +417,15 @@ class MUSEMetaFormerStage(MetaFormerStage):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         B, C, H, W = x.shape
+        layout = None
         if not self.use_nchw:
-            tell_layout(self.blocks, (H, W))
+            layout = ((H, W), None)
             x = x.reshape(B, C, -1).transpose(1, 2)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
+        for blk in self.blocks:  # timm checkpoints each block (checkpoint_seq); each recompute told again
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(run_block, blk, x, layout)
+            else:
+                x = run_block(blk, x, layout)
         if not self.use_nchw:
             x = x.transpose(1, 2).reshape(B, C, H, W)
         return x

@@ -97,7 +97,7 @@ def test_bad_fit_and_predict_calls_are_named():
         model.predict(np.zeros((2, 2, 32)))
     with pytest.raises(ValueError, match="longer than the 32 the classifier takes: fit it with max_length"):
         model.predict(np.zeros((2, 1, 40)))
-    with pytest.raises(ValueError, match=r"max_length=20 is shorter than the longest training series \(32"):
+    with pytest.raises(ValueError, match="the data's max_length=32 exceeds the model's max_length=20"):
         clone(model).set_params(max_length=20).fit(X, y)
     with pytest.raises(ValueError, match="NaN or inf"):
         model.predict(np.full((2, 1, 32), np.nan))

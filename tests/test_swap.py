@@ -121,6 +121,11 @@ _ZOO_KWARGS = {entry[0]: entry[1] for entry in ZOO}
 # Models whose features are their class tokens only: the last block's convolution, which neither reads nor
 # writes them, reaches no output (the class-token caveat of docs/timm.md).
 CLASS_TOKEN_FEATURES = {"pit_ti_distilled_224": "transformers.2.blocks.3.attn.muse."}
+# timm 1.0.31's models without activation checkpointing (their set_grad_checkpointing asserts).
+NO_CHECKPOINTING = {
+    "pit_ti_distilled_224", "crossvit_9_240", "convit_tiny", "twins_pcpvt_small", "twins_svt_small", "coat_lite_tiny",
+    "coat_tiny",
+}
 # timm 1.0.31's own models that torch.fx cannot trace (Hiera's optional mask, Gemma4's input dispatch), and how.
 FX_UNTRACEABLE = {"hiera": AttributeError, "gemma4_vit_167m": torch.fx.proxy.TraceError}
 
@@ -814,3 +819,46 @@ def test_branch_joins_the_values_of_several_value_layers_in_their_order():
     assert len(seen[0]) == len(attn.qkvs)
     for got, expected in zip(seen[0], heads):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "count", "layouts", "left"), ZOO, ids=ZOO_IDS)
+def test_checkpointed_backward_recomputes_each_call_on_its_own_layout(name, kwargs, count, layouts, left):
+    """Under activation checkpointing, a forward on another image between a forward and its backward (multi-crop
+    training) leaves the recomputed convolutions on the first image's grid: the gradients equal the plain
+    backward's. The other image is the first one transposed (same tokens, another grid) where the model takes
+    both, else the first image flipped."""
+    model, x = _build(name, kwargs)
+    if name in NO_CHECKPOINTING:
+        with pytest.raises(AssertionError, match="gradient checkpointing not supported"):
+            model.set_grad_checkpointing(True)
+        return
+    model, _, _ = _swap(model)
+    with torch.no_grad():  # a live branch, so that its grid shows in the gradients
+        for branch in _branches(model):
+            if branch.conv_proj is not None:
+                branch.conv_proj.weight.normal_(std=0.1)
+    first = torch.randn(2, 3, x.shape[-2], x.shape[-1] * 3 // 2)
+    try:  # without gradients: timm's eval-mode caches (LeViT's attention biases) then hold no graph
+        with torch.no_grad():
+            model(first), model(first.transpose(-2, -1))
+        other = first.transpose(-2, -1)
+    except Exception:  # the model's own limit: one grid
+        first, other = x, x.flip(-1)
+        with torch.no_grad():
+            model(first)
+
+
+    def gradients(intervene: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        out = _features(model, first)
+        if intervene:
+            _features(model, other)
+        out.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = gradients(False)
+    model.set_grad_checkpointing(True)
+    got = gradients(True)
+    assert got.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-3, atol=1e-4, msg=n)
