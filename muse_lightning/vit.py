@@ -43,27 +43,29 @@ from .branch import TokenConv
 __all__ = [
     "MUSEBeit", "MUSEDeepseekVitEncoder", "MUSEEva", "MUSEMetaFormerStage", "MUSENaFlexVit", "MUSENextTransformerBlock",
     "MUSEQwen3VitEncoder", "MUSESwinTransformer", "MUSESwinTransformerV2", "MUSESwinTransformerV2Cr",
-    "MUSEVisionTransformer", "MUSEVisionTransformerRelPos", "follow_token_layout", "run_block", "tell_layout",
+    "MUSEVisionTransformer", "MUSEVisionTransformerRelPos", "follow_token_layout", "run_block",
 ]
 
 
 BlockKwargs = Callable[[int], dict[str, Any]]
 
 
-def tell_layout(module: nn.Module, grid: tuple[int, int], patch_indices: torch.Tensor | None = None) -> None:
-    """Tell the MUSE convolutions in ``module`` this call's token ``grid`` (and the kept patches' places in it)."""
-    for m in module.modules():
-        if isinstance(m, TokenConv):
-            m.grid_size, m.patch_indices = grid, patch_indices
-
-
 def run_block(block: nn.Module, x: torch.Tensor, layout: tuple | None, **kwargs: Any) -> torch.Tensor:
-    """Run ``block(x, **kwargs)``, its MUSE convolutions first told this call's ``(grid, kept patch
-    indices)`` (``layout``; None: the static ones). Checkpointing this call repeats the telling."""
-    if layout is not None:
-        grid, patch_indices = layout  # unpacked, not starred: an FX proxy unpacks only so
-        tell_layout(block, grid, patch_indices)
-    return block(x, **kwargs)
+    """Run ``block(x, **kwargs)``, its MUSE convolutions told this call's ``(grid, kept patch indices)``
+    (``layout``; None: the static ones) for this call alone: afterwards they hold their static layout again,
+    so no later call reads this one's. Checkpointing this call repeats the telling in its recompute."""
+    if layout is None:
+        return block(x, **kwargs)
+    grid, patch_indices = layout  # unpacked, not starred: an FX proxy unpacks only so
+    convs = [m for m in block.modules() if isinstance(m, TokenConv)]
+    static = [(m.grid_size, m.patch_indices) for m in convs]
+    for m in convs:
+        m.grid_size, m.patch_indices = grid, patch_indices
+    try:
+        return block(x, **kwargs)
+    finally:
+        for m, (grid, patch_indices) in zip(convs, static):
+            m.grid_size, m.patch_indices = grid, patch_indices
 
 
 class _PerCallLayout:
@@ -438,10 +440,9 @@ class MUSENextTransformerBlock(NextTransformerBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         B, C, H, W = x.shape
-        tell_layout(self.e_mhsa, (H, W))
         out = self.norm1(x)
         out = out.reshape(B, C, -1).transpose(-1, -2)
-        out = self.mhsa_drop_path(self.e_mhsa(out))
+        out = self.mhsa_drop_path(run_block(self.e_mhsa, out, ((H, W), None)))
         x = x + out.transpose(-1, -2).reshape(B, C, H, W)
         out = self.projection(x)
         out = out + self.mhca_drop_path(self.mhca(out))

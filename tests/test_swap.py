@@ -12,6 +12,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from timm.models import efficientformer, hiera, hieradet_sam2, levit, metaformer, mvitv2, nest, tiny_vit, volo
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 from muse_lightning import (
     AttentionAdapter, MUSEBranch, MUSEEva, MUSEVisionTransformer, register_attention_adapter, swap_attention,
@@ -315,6 +316,25 @@ def test_registered_and_swapped_models_trace_with_fx_and_compile_fullgraph(name,
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "eva02_tiny_patch14_224"])
+def test_swapped_dynamic_size_model_compiles_no_more_graphs_than_timms(name):
+    """Over a run of image sizes, torch.compile (fullgraph) builds no more graphs for the swapped model than for
+    timm's own: each call's layout adds no guard of its own."""
+
+    def graphs(model: nn.Module) -> int:
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        for h, w in [(32, 32), (32, 48), (48, 32), (40, 56), (24, 24)]:
+            compiled(torch.randn(2, 3, h, w))
+        return counter.frame_count
+
+    model, _ = _build(name, dict(_VIT, dynamic_img_size=True))
+    ref = graphs(model)
+    swapped, _, _ = _swap(copy.deepcopy(model))
+    assert graphs(swapped) <= ref
+
+
 def test_hiera_token_order_and_pooled_grids_compile_fullgraph():
     model, x = _build("hiera", _ZOO_KWARGS["hiera"])
     model, _, _ = _swap(model)
@@ -356,15 +376,18 @@ def test_patch_dropout_convolves_kept_patches_at_their_real_places(name):
         _random_branch(_branches(model)[0])
     assert isinstance(model, (MUSEVisionTransformer, MUSEEva))
     mixer = next(m for m in model.modules() if hasattr(m, "patch_indices"))
+    seen = {}
+    mixer.register_forward_pre_hook(lambda m, args: seen.update(grid=m.grid_size, places=m.patch_indices))  # probe
     model.train()
     torch.manual_seed(1)
     out = model(torch.randn(2, 3, 32, 32))
-    assert torch.isfinite(out).all() and mixer.patch_indices is not None
-    kept = mixer.patch_indices.shape[-1]
-    grid = mixer.grid_size
+    assert torch.isfinite(out).all() and seen["places"] is not None
+    assert mixer.patch_indices is None  # told for that call alone
+    kept = seen["places"].shape[-1]
+    grid = seen["grid"]
     assert kept == max(1, int(grid[0] * grid[1] * 0.5))
     # Against the reference: scatter the kept values into the grid (dropped = 0), convolve, gather.
-    indices = mixer.patch_indices
+    indices = mixer.patch_indices = seen["places"]
     values = torch.randn(2, mixer.num_prefix_tokens + kept, mixer.conv.weight[0].shape[0])
     full = torch.zeros(2, grid[0] * grid[1], values.shape[-1]).scatter(
         1, indices[..., None].expand(-1, -1, values.shape[-1]), values[:, mixer.num_prefix_tokens:])
@@ -373,9 +396,10 @@ def test_patch_dropout_convolves_kept_patches_at_their_real_places(name):
                           {"grid_size": grid})
     proj = mixer.conv_proj
     torch.testing.assert_close(got[:, mixer.num_prefix_tokens:], proj(ref))
+    mixer.patch_indices = None
     model.eval()
     model(torch.randn(2, 3, 32, 32))
-    assert mixer.patch_indices is None  # no dropout in eval: the whole grid again
+    assert seen["places"] is None  # no dropout in eval: the whole grid again
 
 
 @pytest.mark.parametrize("name", ["muse_vit_tiny_patch4_28", "vit_tiny_patch16_224", "eva02_tiny_patch14_224"])
@@ -431,10 +455,11 @@ def test_swapped_dynamic_size_model_follows_non_square_grids(name, cls):
     assert type(model).__name__ == cls
     branch = _branches(model)[0]
     _random_branch(branch)
+    grids = []
+    branch.register_forward_pre_hook(lambda m, args: grids.append(m.grid_size))  # test probe: each call's grid
     model(torch.randn(1, 3, 32, 40))
-    assert branch.grid_size == (4, 5)
     model(torch.randn(1, 3, 48, 24))
-    assert branch.grid_size == (6, 3)
+    assert grids == [(4, 5), (6, 3)]
 
 
 @pytest.mark.parametrize(("name", "kwargs", "new"), [

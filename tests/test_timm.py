@@ -104,9 +104,13 @@ def test_registered_model_forward_intermediates():
 def test_registered_model_dynamic_img_size_follows_non_square_grids(size):
     model = timm.create_model("muse_vit_tiny_patch4_28", depth=2, dynamic_img_size=True, reg_tokens=2).eval()
     x = _input(model, size=size)
+    grids = []
+    for b in model.blocks:  # test probe: the grid each convolution is given
+        b.attn.conv.register_forward_pre_hook(lambda m, args, kw: grids.append(tuple(kw["grid_size"])), with_kwargs=True)
     out = model(x)
     grid = (size[0] // 4, size[1] // 4)
-    assert out.shape == (2, 10) and all(b.attn.grid_size == grid for b in model.blocks)
+    assert out.shape == (2, 10) and grids == [grid] * len(model.blocks)
+    assert all(b.attn.grid_size == (7, 7) for b in model.blocks)  # the call's grid was told for that call alone
     # The grid matters: the same tokens read as the transposed grid give other outputs.
     block = model.blocks[0]
     assert model.num_prefix_tokens == 2
@@ -140,12 +144,13 @@ def test_registered_model_loads_weights_from_a_local_file(tmp_path):
     torch.testing.assert_close(loaded(x), source(x))
 
 
-def test_registered_model_deepcopy_tracks_its_own_grid():
-    model = timm.create_model("muse_vit_tiny_patch4_28", depth=1, dynamic_img_size=True)
+def test_registered_model_deepcopy_computes_the_same_function_at_any_grid():
+    model = timm.create_model("muse_vit_tiny_patch4_28", depth=1, dynamic_img_size=True).eval()
     ema = copy.deepcopy(model)
-    ema(_input(model, size=(20, 36)))
-    model(_input(model, size=(28, 28)))
-    assert ema.blocks[0].attn.grid_size == (5, 9) and model.blocks[0].attn.grid_size == (7, 7)
+    for size in [(20, 36), (28, 28), (36, 20)]:
+        x = _input(model, size=size)
+        torch.testing.assert_close(ema(x), model(x))
+    assert ema.blocks[0].attn.grid_size == model.blocks[0].attn.grid_size == (7, 7)  # no call left its grid
 
 
 def test_unknown_model_name_is_a_clear_error():
@@ -166,7 +171,7 @@ def test_registered_model_compiles_without_graph_breaks_and_follows_the_grid():
     for size in [(28, 28), (28, 36)]:
         x = _input(model, size=size)
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
-        assert model.blocks[0].attn.grid_size == (size[0] // 4, size[1] // 4)
+        assert model.blocks[0].attn.grid_size == (7, 7)  # the call's grid was told for that call alone
 
 
 @pytest.mark.parametrize("name", SMALL)
