@@ -37,8 +37,8 @@ from .branch import CallLayout, TokenLayout, masks_layout
 from .taps import Split, widths
 
 __all__ = [
-    "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "GridRope", "MaskReadingAttention", "adapter_for", "adapter_table",
-    "ancestors_of",
+    "ATTENTION_ADAPTERS", "NOT_ATTENTION", "AttentionAdapter", "GridRope", "MaskReadingAttention", "adapter_for",
+    "adapter_table", "ancestors_of",
     "block_window_grid", "class_token_grid", "feature_map", "levit_tokens", "mvit_tokens", "nextvit_tokens",
     "patch_grid", "patch_grid_without_prefix", "refresh_token_layouts", "register_attention_adapter", "sequence",
     "square_grid", "tnt_grid", "values_after", "window_grid",

@@ -28,7 +28,7 @@ from .tokenization import TRAINED_KINDS, ByteTokenizer, HFTokenizer, create_toke
 
 __all__ = [
     "FashionMNISTDataModule", "ImageFolderDataModule", "ResumableSampler", "RottenTomatoesDataModule",
-    "SequenceFileDataModule", "TextFileDataModule", "WordNetGlossesDataModule",
+    "SequenceFileDataModule", "TextFileDataModule", "WordNetGlossesDataModule", "with_differences",
 ]
 
 Source = Literal["auto", "embedded", "system"]
@@ -663,6 +663,14 @@ class _SequenceDataset(Dataset):
         return steps, -1 if self.labels is None else self.labels[i]
 
 
+def with_differences(features: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``features`` ``(M, N, C)`` with each feature's step-to-step differences appended, ``(M, N, 2 C)``: step
+    ``t`` holds ``x[t] - x[t - 1]``, the first step 0; padded steps (at or past ``lengths``) hold 0."""
+    diffs = np.diff(features, axis=1, prepend=features[:, :1])
+    diffs[np.arange(features.shape[1])[None, :] >= lengths[:, None]] = 0
+    return np.concatenate([features, diffs], axis=2)
+
+
 def _collate_sequences(batch: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
     """Pad a batch of ``(steps, label)`` to its longest sequence; ``key_padding_mask`` is ``True`` on padding."""
     lengths = torch.tensor([len(b[0]) for b in batch])
@@ -687,6 +695,8 @@ class SequenceFileDataModule(_UserFiles, _ClassificationData):
     feature is centred and scaled by its mean and spread over the training sequences' real steps.
     ``in_features`` and ``max_length`` (the longest sequence of any file) are linked into the model.
     ``augment`` draws random windows of the training sequences, scaled and jittered (``_SequenceDataset``).
+    ``differences`` appends each feature's step-to-step differences as further features (``with_differences``),
+    before standardising and augmenting: the slopes of the series, on which shape-based sets turn.
     A training file too small for ``min_val_size`` validation sequences trains and validates on all of them,
     and an epoch is at least ``min_train_batches`` steps (see ``_UserFiles`` and ``ResumableSampler``).
     """
@@ -702,6 +712,7 @@ class SequenceFileDataModule(_UserFiles, _ClassificationData):
             predict_file: str | None = None,
             standardize: bool = True,
             augment: bool = False,
+            differences: bool = False,
             batch_size: int = 64,
             num_workers: int = 0,
             val_fraction: float = 0.1,
@@ -716,6 +727,8 @@ class SequenceFileDataModule(_UserFiles, _ClassificationData):
             split: read_sequence_arrays(path, require_labels=split != "predict")
             for split, path in self.files.items() if path
         }
+        if differences:
+            arrays = {split: (with_differences(f, n), n, y) for split, (f, n, y) in arrays.items()}
         widths = {split: a[0].shape[2] for split, a in arrays.items()}
         if len(set(widths.values())) > 1:
             raise ValueError(f"the files disagree on the features per step: {widths}")

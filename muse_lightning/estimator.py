@@ -26,7 +26,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch.utils.data import DataLoader
 
-from .datamodules import SequenceFileDataModule, _SequenceDataset, _collate_sequences
+from .datamodules import SequenceFileDataModule, _SequenceDataset, _collate_sequences, with_differences
 from .datasets import to_sequence_arrays
 from .modules import SequenceClassifier
 
@@ -57,6 +57,7 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
         weight_decay: AdamW's weight decay.
         label_smoothing: Of the cross-entropy.
         augment: Window slicing, scaling and jitter of the training series.
+        differences: Append each channel's step-to-step differences as further channels (the series' slopes).
         standardize: Standardise features by the training steps' mean and spread.
         batch_size: Series a batch.
         max_epochs: Epochs, each at least ``min_train_batches`` optimizer steps.
@@ -87,6 +88,7 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
             weight_decay: float = 0.05,
             label_smoothing: float = 0.1,
             augment: bool = True,
+            differences: bool = False,
             standardize: bool = True,
             batch_size: int = 64,
             max_epochs: int = 15,
@@ -105,7 +107,8 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
         self.normalize = normalize
         self.drop_rate, self.drop_path_rate = drop_rate, drop_path_rate
         self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
-        self.augment, self.standardize, self.batch_size = augment, standardize, batch_size
+        self.augment, self.differences = augment, differences
+        self.standardize, self.batch_size = standardize, batch_size
         self.max_epochs, self.min_train_batches = max_epochs, min_train_batches
         self.val_fraction, self.min_val_size, self.random_state = val_fraction, min_val_size, random_state
         self.accelerator, self.devices, self.precision, self.verbose = accelerator, devices, precision, verbose
@@ -130,12 +133,13 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
             train_file = Path(tmp) / "train.npz"
             np.savez(train_file, features=features, lengths=lengths, labels=codes)  # labels 0..K-1, in classes_' order
             data = SequenceFileDataModule(
-                str(train_file), standardize=self.standardize, augment=self.augment, batch_size=self.batch_size,
+                str(train_file), standardize=self.standardize, augment=self.augment, differences=self.differences,
+                batch_size=self.batch_size,
                 val_fraction=self.val_fraction, min_val_size=self.min_val_size, seed=self.random_state,
                 min_train_batches=self.min_train_batches,
             )
             module = SequenceClassifier(
-                num_classes=len(self.classes_), in_features=self.n_channels_,
+                num_classes=len(self.classes_), in_features=data.in_features,
                 max_length=data.max_length if self.max_length is None else self.max_length,
                 dim=self.dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                 kernel_sizes=list(self.kernel_sizes), max_tokens=self.max_tokens, stem_kernel=self.stem_kernel,
@@ -180,8 +184,10 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
                              "classifier takes: fit it with max_length set to the longest series it will see")
         if not np.isfinite(features).all():
             raise ValueError("X holds NaN or inf")
-        # The data module's own dataset (standardised by the training statistics) and collation, and the
-        # module's own predict_step.
+        # The data module's own features, dataset (standardised by the training statistics) and collation, and
+        # the module's own predict_step.
+        if self.differences:
+            features = with_differences(features, lengths)
         dataset = _SequenceDataset(features, lengths, None, self.mean_, self.std_)
         loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=_collate_sequences)
         with torch.inference_mode():

@@ -64,8 +64,8 @@ def run_block(block: nn.Module, x: torch.Tensor, layout: tuple | None, **kwargs:
     try:
         return block(x, **kwargs)
     finally:
-        for m, (grid, patch_indices) in zip(convs, static):
-            m.grid_size, m.patch_indices = grid, patch_indices
+        for m, (static_grid, static_indices) in zip(convs, static):
+            m.grid_size, m.patch_indices = static_grid, static_indices
 
 
 class _PerCallLayout:

@@ -54,6 +54,16 @@ def test_max_length_lets_predict_take_series_longer_than_fit_saw():
     assert probs.shape == (4, 2) and np.allclose(probs.sum(1), 1.0)
 
 
+def test_differences_add_the_slopes_as_channels_and_keep_padding_exact():
+    X, y = shapes(20, seed=0)
+    cases = [x[:, : 20 + i % 12] for i, x in enumerate(X)]
+    model = MUSETimeSeriesClassifier(dim=32, max_epochs=1, min_train_batches=2, differences=True).fit(cases, y)
+    assert model.n_channels_ == 1 and model.module_.hparams.in_features == 2  # the series and its slopes
+    together = model.predict_proba(cases)
+    alone = np.concatenate([model.predict_proba([case]) for case in cases])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
 def test_clone_and_cross_val_score_work_as_for_any_scikit_learn_classifier():
     model = MUSETimeSeriesClassifier(dim=32, max_epochs=1, min_train_batches=3, random_state=5)
     copy = clone(model)

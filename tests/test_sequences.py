@@ -108,6 +108,30 @@ def test_npz_and_npy_folders_read_alike_and_link_their_sizes(tmp_path):
     assert a.mean.shape == (3,) and abs(float(a.train_set.features[0, :5, 1].mean())) < 3  # standardised
 
 
+def test_differences_append_each_features_steps_differences_from_the_real_steps_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(4, 9, 2)).astype(np.float32)
+    lengths, labels = np.array([9, 6, 4, 7]), np.array([0, 1, 0, 1])
+    padded = features.copy()
+    for row, n in enumerate(lengths):
+        padded[row, n:] = 1e3  # other padding: the differences must not read it
+    np.savez(tmp_path / "a.npz", features=features, lengths=lengths, labels=labels)
+    np.savez(tmp_path / "b.npz", features=padded, lengths=lengths, labels=labels)
+    a, b = (SequenceFileDataModule(str(tmp_path / name), standardize=False, differences=True, min_val_size=50)
+            for name in ("a.npz", "b.npz"))
+    assert a.in_features == b.in_features == 4
+    a.setup("fit")
+    b.setup("fit")
+    for i in range(len(a.train_set)):
+        steps = a.train_set[i][0]
+        torch.testing.assert_close(steps, b.train_set[i][0])
+        row = next(r for r, n in enumerate(lengths) if n == len(steps))
+        series = torch.from_numpy(features[row, : lengths[row]])
+        torch.testing.assert_close(steps[:, :2], series)
+        torch.testing.assert_close(steps[0, 2:], torch.zeros(2))  # the first step's difference
+        torch.testing.assert_close(steps[1:, 2:], series[1:] - series[:-1])
+
+
 @pytest.mark.parametrize(("arrays", "match"), [
     ({"lengths": np.ones(2, np.int64)}, r"has no 'features' array \(it has \['lengths'\]\)"),
     ({"features": np.zeros((2, 5))}, r"features must be a numeric \(M, N, C\) array"),

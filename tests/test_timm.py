@@ -106,7 +106,8 @@ def test_registered_model_dynamic_img_size_follows_non_square_grids(size):
     x = _input(model, size=size)
     grids = []
     for b in model.blocks:  # test probe: the grid each convolution is given
-        b.attn.conv.register_forward_pre_hook(lambda m, args, kw: grids.append(tuple(kw["grid_size"])), with_kwargs=True)
+        b.attn.conv.register_forward_pre_hook(
+            lambda m, args, kw: grids.append(tuple(kw["grid_size"])), with_kwargs=True)
     out = model(x)
     grid = (size[0] // 4, size[1] // 4)
     assert out.shape == (2, 10) and grids == [grid] * len(model.blocks)
