@@ -68,6 +68,15 @@ def run_block(block: nn.Module, x: torch.Tensor, layout: tuple | None, **kwargs:
             m.grid_size, m.patch_indices = static_grid, static_indices
 
 
+def run_block_of(
+        owner: nn.Module, block: nn.Module, x: torch.Tensor, layout: tuple | None, **kwargs: Any,
+) -> torch.Tensor:
+    """``run_block``, under activation checkpointing when ``owner`` (a model or stage) has it on."""
+    if owner.grad_checkpointing and not torch.jit.is_scripting():
+        return checkpoint(run_block, block, x, layout, **kwargs)
+    return run_block(block, x, layout, **kwargs)
+
+
 class _PerCallLayout:
     """``forward_features`` / ``forward_intermediates`` as timm's ViTs', each block's MUSE convolutions told
     this call's layout right before the block runs (so activation checkpointing's recompute is told again).
@@ -95,10 +104,7 @@ class _PerCallLayout:
         """The last block's output and those of ``take_indices``."""
         taken = []
         for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(run_block, blk, x, layout, **block_kwargs(i))
-            else:
-                x = run_block(blk, x, layout, **block_kwargs(i))
+            x = run_block_of(self, blk, x, layout, **block_kwargs(i))
             if i in take_indices:
                 taken.append(x)
         return x, taken
@@ -302,10 +308,7 @@ class MUSENaFlexVit(NaFlexVit):
             if mixed and self.training and self.patch_drop is not None and keep is not None:
                 blk_rope = apply_keep_indices_nlc(x, blk_rope, keep, pos_embed_has_batch=naflex_mode)
             kwargs = {"attn_mask": embeds.get("attn_mask")} | ({} if rope is None else {"rope": blk_rope})
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(run_block, blk, x, layout, **kwargs)
-            else:
-                x = run_block(blk, x, layout, **kwargs)
+            x = run_block_of(self, blk, x, layout, **kwargs)
             if i in take_indices:
                 taken.append(x)
         return x, taken
@@ -424,10 +427,7 @@ class MUSEMetaFormerStage(MetaFormerStage):
             layout = ((H, W), None)
             x = x.reshape(B, C, -1).transpose(1, 2)
         for blk in self.blocks:  # timm checkpoints each block (checkpoint_seq); each recompute told again
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(run_block, blk, x, layout)
-            else:
-                x = run_block(blk, x, layout)
+            x = run_block_of(self, blk, x, layout)
         if not self.use_nchw:
             x = x.transpose(1, 2).reshape(B, C, H, W)
         return x

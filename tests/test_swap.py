@@ -872,7 +872,6 @@ def test_checkpointed_backward_recomputes_each_call_on_its_own_layout(name, kwar
         with torch.no_grad():
             model(first)
 
-
     def gradients(intervene: bool) -> dict[str, torch.Tensor]:
         model.zero_grad()
         out = _features(model, first)
