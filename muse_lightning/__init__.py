@@ -9,6 +9,7 @@ from .datamodules import (
     TextFileDataModule, WordNetGlossesDataModule,
 )
 from .modules import ClassifierModule, ImageClassifier, SequenceClassifier, TextClassifier
+from .options import MixerOptions
 from .sharding import FSDP2Strategy
 from .swap import swap_attention
 from .vit import MUSEEva, MUSENaFlexVit, MUSEVisionTransformer  # importing registers the muse_vit_* models with timm
@@ -16,7 +17,7 @@ from .vit import MUSEEva, MUSENaFlexVit, MUSEVisionTransformer  # importing regi
 __all__ = [
     "AttentionAdapter", "ClassifierModule", "FSDP2Strategy", "FashionMNISTDataModule", "ImageClassifier", "ImageFolderDataModule",
     "MUSEAttention", "MUSEBlock", "MUSEBranch", "MUSEEva", "MUSENaFlexVit", "MUSEVisionTransformer",
-    "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "ResumableSampler", "RottenTomatoesDataModule", "SequenceClassifier",
+    "MixerOptions", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "ResumableSampler", "RottenTomatoesDataModule", "SequenceClassifier",
     "SequenceFileDataModule", "TextClassifier", "TextFileDataModule", "TokenLayout", "WordNetGlossesDataModule",
     "register_attention_adapter", "swap_attention",
 ]

@@ -1,7 +1,7 @@
 """MUSE token mixer: self-attention and a multi-scale convolution over one shared value projection."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Final
 
 import torch
@@ -10,11 +10,10 @@ from timm.layers import use_fused_attn
 from torch import nn
 
 from ._fx import is_tracing
-from .branch import _NO_SCRIPT, ConvProj, TokenConv, TokenLayout
-from .conv import ConvLayout, ConvType
+from .branch import _NO_SCRIPT, TokenConv, TokenLayout
+from .options import MixerOptions
 
-__all__ = ["ConvProj", "MUSEAttention"]
-
+__all__ = ["MUSEAttention"]
 
 
 def _restrict(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
@@ -50,10 +49,7 @@ class MUSEAttention(TokenConv, nn.Module):
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
             norm_layer: type[nn.Module] | None = None,
-            kernel_sizes: Sequence[int] | None = None,
-            conv_type: ConvType = "static",
-            conv_proj: ConvProj = "separate",
-            conv_layout: ConvLayout = "1d",
+            mixer: MixerOptions = MixerOptions(),
             num_prefix_tokens: int = 0,
             grid_size: tuple[int, int] | None = None,
             device: torch.device | str | None = None,
@@ -73,18 +69,8 @@ class MUSEAttention(TokenConv, nn.Module):
             attn_drop: Dropout on the attention weights.
             proj_drop: Dropout on the output.
             norm_layer: Normalisation layer for ``qk_norm`` / ``scale_norm``.
-            kernel_sizes: Distinct positive odd convolution kernel sizes; None takes the conv
-                type's default, ``(1, 3, 5)`` for static and ``(3, 15)`` for dynamic.
-            conv_type: ``"static"``: learned depthwise kernels; ``"dynamic"``: per-token kernels
-                predicted from the values, softmax-normalised per head; ``"none"``: no convolution
-                (attention alone, with the same masking: the baseline for ablations).
-            conv_proj: How the convolution output is projected. ``"separate"``: its own bias-free
-                linear layer, added to the attention's projection (the official code's
-                concatenated output projection); ``"shared"``: added to the attention output
-                before the attention's projection (no extra weights or FLOPs); ``"per_kernel"``:
-                one projection per kernel size (the seed's layout; kernels are not collapsed).
-            conv_layout: ``"1d"``: convolve along the sequence; ``"2d"``: the tokens after the
-                prefix are a row-major ``H x W`` patch grid, convolved with ``k x k`` static kernels.
+            mixer: The convolution's options (``MixerOptions``: kernel sizes, static or dynamic kernels or none,
+                the projection, the layout, 1-D by default).
             num_prefix_tokens: Leading tokens (class, registers) that go through attention only:
                 the convolution neither reads nor writes them.
             grid_size: Default ``(H, W)`` token grid of the 2-D layout; ``forward(grid_size=...)``
@@ -120,10 +106,9 @@ class MUSEAttention(TokenConv, nn.Module):
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._build_conv(
-            self.attn_dim, dim_out, num_heads, kernel_sizes, conv_type, conv_proj,
-            TokenLayout(conv_layout, num_prefix_tokens, grid_size), dd,
-        )
+        mixer = MixerOptions.of(mixer)
+        layout = TokenLayout(mixer.layout_or("1d"), num_prefix_tokens, grid_size)
+        self._build_conv(self.attn_dim, dim_out, num_heads, mixer, layout, dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -277,8 +262,8 @@ class MUSEAttention(TokenConv, nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must divide the seed's h * d_k ({attn_dim})")
         gates = sd["dy_paras"].softmax(0)
         module = cls(
-            dim, num_heads=num_heads, attn_head_dim=attn_dim // num_heads, qkv_bias=True, kernel_sizes=sizes,
-            conv_type="static", conv_proj="per_kernel", **kwargs,
+            dim, num_heads=num_heads, attn_head_dim=attn_dim // num_heads, qkv_bias=True,
+            mixer=MixerOptions(tuple(sizes), conv_proj="per_kernel"), **kwargs,
         )
         eye = torch.ones(attn_dim, 1)
         with torch.no_grad():

@@ -34,6 +34,7 @@ from . import conv
 from .config_files import resolve_config_args
 from .attention import MUSEAttention
 from .machine import machine_record
+from .options import MixerOptions
 from .seed import SeedMUSEAttention
 
 __all__ = ["Shape", "main", "markdown_table", "measure_mixers", "measure_models"]
@@ -85,11 +86,15 @@ def _mixers(shape: Shape, with_seed: bool) -> dict[str, Callable[[], nn.Module]]
         BASELINE: lambda: Attention(dim, heads, qkv_bias=True),
         "plain attention (N x N)": plain,
         "MUSE static 1-D": lambda: MUSEAttention(dim, heads, qkv_bias=True),
-        "MUSE static 1-D, shared proj": lambda: MUSEAttention(dim, heads, qkv_bias=True, conv_proj="shared"),
-        "MUSE dynamic 1-D": lambda: MUSEAttention(dim, heads, qkv_bias=True, conv_type="dynamic"),
+        "MUSE static 1-D, shared proj": lambda: MUSEAttention(
+            dim, heads, qkv_bias=True, mixer=MixerOptions(conv_proj="shared"),
+        ),
+        "MUSE dynamic 1-D": lambda: MUSEAttention(dim, heads, qkv_bias=True, mixer=MixerOptions(conv_type="dynamic")),
     }
     if shape.seq_len > 1 and math.isqrt(shape.seq_len - 1) ** 2 == shape.seq_len - 1:  # class token + square grid
-        mixers["MUSE static 2-D"] = lambda: MUSEAttention(dim, heads, qkv_bias=True, conv_layout="2d", num_prefix_tokens=1)
+        mixers["MUSE static 2-D"] = lambda: MUSEAttention(
+            dim, heads, qkv_bias=True, mixer=MixerOptions(conv_layout="2d"), num_prefix_tokens=1,
+        )
     if with_seed:
         mixers["seed design, as shipped"] = lambda: SeedMUSEAttention(dim, head_dim, head_dim, heads)
         mixers["seed design, dropout 0"] = lambda: SeedMUSEAttention(dim, head_dim, head_dim, heads, dropout=0.0)

@@ -1,15 +1,15 @@
 """MUSE block: the MUSE mixer and a feed-forward network in parallel on one normalised input."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 
 import torch
 from timm.layers import Attention, DropPath, LayerNorm, LayerScale, Mlp
 from torch import nn
 
-from .attention import ConvProj, MUSEAttention
-from .conv import ConvLayout, ConvType
+from .attention import MUSEAttention
+from .options import MixerOptions
 
 __all__ = ["MUSEBlock"]
 
@@ -49,10 +49,7 @@ class MUSEBlock(nn.Module):
             act_layer: type[nn.Module] = nn.GELU,
             norm_layer: type[nn.Module] = LayerNorm,
             mlp_layer: type[nn.Module] = Mlp,
-            kernel_sizes: Sequence[int] | None = None,
-            conv_type: ConvType = "static",
-            conv_proj: ConvProj = "separate",
-            conv_layout: ConvLayout = "1d",
+            mixer: MixerOptions = MixerOptions(),
             num_prefix_tokens: int = 0,
             grid_size: tuple[int, int] | None = None,
             parallel: bool = True,
@@ -68,8 +65,7 @@ class MUSEBlock(nn.Module):
             mlp_ratio: MLP hidden width over ``dim``.
             init_values: LayerScale init for both branches; None disables LayerScale.
             drop_path: Stochastic depth rate of each branch.
-            kernel_sizes, conv_type, conv_proj, conv_layout, num_prefix_tokens, grid_size: The
-                mixer's convolution, see ``MUSEAttention``.
+            mixer, num_prefix_tokens, grid_size: The mixer's convolution, see ``MUSEAttention``.
             attn_layer: The mixer class, ``MUSEAttention`` or a subclass / ``functools.partial`` of
                 one; None and timm's ``Attention`` (what timm's ``VisionTransformer`` passes as
                 ``block_fn`` arguments by default) both mean ``MUSEAttention``.
@@ -84,8 +80,7 @@ class MUSEBlock(nn.Module):
         self.attn = mixer_cls(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
             proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-            kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, conv_layout=conv_layout,
-            num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, **dd,
+            mixer=mixer, num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, **dd,
         )
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._fx import is_tracing
-from .conv import ConvLayout, ConvType, create_conv, grid_tokens, with_prefix
+from .conv import ConvLayout, create_conv, grid_tokens, with_prefix
+from .options import MixerOptions
 
 __all__ = [
-    "CallLayout", "ConvProj", "MUSEBranch", "TokenConv", "TokenLayout", "key_padding_from_mask", "masks_layout",
+    "CallLayout", "MUSEBranch", "TokenConv", "TokenLayout", "key_padding_from_mask", "masks_layout",
     "resize_grid",
 ]
-
-ConvProj = Literal["separate", "shared", "per_kernel"]
-CONV_PROJS: tuple[str, ...] = ("separate", "shared", "per_kernel")
-
 
 def square_side(num_tokens: int) -> int:
     """The side of the square grid of ``num_tokens`` tokens (a leaf in ``torch.fx`` graphs, computed at run time)."""
@@ -187,31 +184,27 @@ class TokenConv:
             value_dim: int,
             out_dim: int,
             num_heads: int,
-            kernel_sizes: Sequence[int] | None,
-            conv_type: ConvType,
-            conv_proj: ConvProj,
+            mixer: MixerOptions,
             layout: TokenLayout,
             dd: dict,
     ) -> None:
-        """Create ``conv`` and ``conv_proj`` and set the layout attributes."""
-        if conv_proj not in CONV_PROJS:
-            raise ValueError(f"conv_proj must be one of {CONV_PROJS}, got {conv_proj!r}")
+        """Create ``conv`` and ``conv_proj`` and set the layout attributes (``layout.layout`` the one convolved)."""
         n = layout.num_prefix_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"num_prefix_tokens must be a non-negative int, got {n!r}")
         grid = layout.grid_size
         if grid is not None and (len(grid) != 2 or min(grid) < 1):
             raise ValueError(f"grid_size must be (H, W) of positive ints, got {grid!r}")
-        self.conv_type = conv_type
-        self.conv_proj_mode = conv_proj
+        self.conv_type = mixer.conv_type
+        self.conv_proj_mode = mixer.conv_proj
         self.conv_layout = layout.layout
         self.num_prefix_tokens = n
         self.grid_size = None if grid is None else (int(grid[0]), int(grid[1]))
         self.patch_indices = None
-        self.conv = create_conv(conv_type, value_dim, num_heads, kernel_sizes, layout.layout, **dd)
+        self.conv = create_conv(mixer.conv_type, value_dim, num_heads, mixer.kernel_sizes, layout.layout, **dd)
         self.kernel_sizes = self.conv.kernel_sizes if self.conv is not None else ()
         widths = {"separate": value_dim, "shared": 0, "per_kernel": value_dim * len(self.kernel_sizes)}
-        width = widths[conv_proj] if self.conv is not None else 0
+        width = widths[mixer.conv_proj] if self.conv is not None else 0
         self.conv_proj = nn.Linear(width, out_dim, bias=False, **dd) if width else None
 
     def silence(self) -> None:
@@ -238,9 +231,7 @@ class MUSEBranch(TokenConv, nn.Module):
             value_dim: int,
             out_dim: int,
             num_heads: int = 8,
-            kernel_sizes: Sequence[int] | None = None,
-            conv_type: ConvType = "static",
-            conv_proj: ConvProj = "separate",
+            mixer: MixerOptions = MixerOptions(),
             layout: TokenLayout = TokenLayout(),
             num_value_parts: int = 1,
             device: torch.device | str | None = None,
@@ -251,14 +242,15 @@ class MUSEBranch(TokenConv, nn.Module):
             value_dim: Width of the values the attention computes.
             out_dim: Width of the attention's output projection.
             num_heads: Kernel heads of the dynamic convolution.
-            kernel_sizes, conv_type, conv_proj: as ``MUSEAttention``.
+            mixer: The convolution's options (its ``conv_layout``, where given, replaces ``layout.layout``).
             layout: The tokens' layout.
             num_value_parts: Value layers whose values are joined (one per head in EfficientViT-MSRA).
         """
         super().__init__()
-        if conv_type == "none":
+        mixer = MixerOptions.of(mixer)
+        if mixer.conv_type == "none":
             raise ValueError("conv_type='none' gives no branch; use 'static' or 'dynamic'")
-        self._build_conv(value_dim, out_dim, num_heads, kernel_sizes, conv_type, conv_proj, layout,
+        self._build_conv(value_dim, out_dim, num_heads, mixer, layout._replace(layout=mixer.layout_or(layout.layout)),
                          {"device": device, "dtype": dtype})
         self.feature_map = layout.feature_map
         self._values: list[torch.Tensor | None] = [None] * num_value_parts

@@ -66,6 +66,11 @@ def _vit_kwargs(**changes: Any) -> list[str]:
     return ["--model.init_args.model_kwargs", json.dumps({**base, **changes})]
 
 
+def _mixer(**options: str) -> list[str]:
+    """MUSE options (``MixerOptions`` fields, as the CLI writes their values) as CLI overrides."""
+    return [arg for name, value in options.items() for arg in (f"--model.init_args.mixer.{name}", value)]
+
+
 _CONVSTEM = ["--model.init_args.model_name", "muse_vit_tiny_convstem_28"]
 _BYTE = ["--data.init_args.tokenizer", "byte"]
 _VISION_TWIN = ["--config", "quickstart_attention"]  # the attention twins: overlays of their base config
@@ -84,39 +89,38 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
     "vision": {
         "muse": ("quickstart.yaml", []),
         "attention": ("quickstart.yaml", _VISION_TWIN),
-        "muse-k3": ("quickstart.yaml", _vit_kwargs(kernel_sizes=[3])),
-        "muse-k1357": ("quickstart.yaml", _vit_kwargs(kernel_sizes=[1, 3, 5, 7])),
-        "muse-1d": ("quickstart.yaml", _vit_kwargs(conv_layout="1d")),
+        "muse-k3": ("quickstart.yaml", _mixer(kernel_sizes="[3]")),
+        "muse-k1357": ("quickstart.yaml", _mixer(kernel_sizes="[1, 3, 5, 7]")),
+        "muse-1d": ("quickstart.yaml", _mixer(conv_layout="1d")),
         "muse-sequential": ("quickstart.yaml", _vit_kwargs(parallel=False)),
         "muse-convstem": ("quickstart.yaml", _CONVSTEM),
         "attention-convstem": ("quickstart.yaml", [*_VISION_TWIN, *_CONVSTEM]),
-        "muse-shared": ("quickstart.yaml", _vit_kwargs(conv_proj="shared")),
+        "muse-shared": ("quickstart.yaml", _mixer(conv_proj="shared")),
     },
     "text": {
         "muse": ("text_quickstart.yaml", []),
         "attention": ("text_quickstart.yaml", _TEXT_TWIN),
         "muse-byte": ("text_quickstart.yaml", _BYTE),
         "attention-byte": ("text_quickstart.yaml", [*_TEXT_TWIN, *_BYTE]),
-        "muse-byte-dynamic": ("text_quickstart.yaml", [*_BYTE, "--model.init_args.conv_type", "dynamic",
-                                                       "--model.init_args.kernel_sizes", "[3, 15]"]),
-        "muse-byte-k3": ("text_quickstart.yaml", [*_BYTE, "--model.init_args.kernel_sizes", "[3]"]),
+        "muse-byte-dynamic": ("text_quickstart.yaml", [*_BYTE, *_mixer(conv_type="dynamic", kernel_sizes="[3, 15]")]),
+        "muse-byte-k3": ("text_quickstart.yaml", [*_BYTE, *_mixer(kernel_sizes="[3]")]),
         "muse-byte-sequential": ("text_quickstart.yaml", [*_BYTE, "--model.init_args.parallel", "false"]),
     },
     "reviews": {
         "muse": ("reviews.yaml", []),
         "attention": ("reviews.yaml", _REVIEWS_TWIN),
-        "muse-shared": ("reviews.yaml", ["--model.init_args.conv_proj", "shared"]),
+        "muse-shared": ("reviews.yaml", _mixer(conv_proj="shared")),
     },
     "text_files": {
         "muse": ("text_files.yaml", []),
         # conv_type none, the MLP widened as in reviews_attention.yaml (the same model as text_files.yaml's).
-        "attention": ("text_files.yaml", ["--model.init_args.conv_type", "none", "--model.init_args.mlp_ratio", "2.55"]),
+        "attention": ("text_files.yaml", [*_mixer(conv_type="none"), "--model.init_args.mlp_ratio", "2.55"]),
     },
     "sequences": {
         "muse": ("sequence_files.yaml", []),
         # conv_type none, the MLP widened (2.7 for 2.0) so the parameters match MUSE's within 1%.
-        "attention": ("sequence_files.yaml", ["--model.init_args.conv_type", "none", "--model.init_args.mlp_ratio", "2.7"]),
-        "muse-shared": ("sequence_files.yaml", ["--model.init_args.conv_proj", "shared"]),
+        "attention": ("sequence_files.yaml", [*_mixer(conv_type="none"), "--model.init_args.mlp_ratio", "2.7"]),
+        "muse-shared": ("sequence_files.yaml", _mixer(conv_proj="shared")),
     },
 }
 

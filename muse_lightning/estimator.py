@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from .datamodules import SequenceFileDataModule, _SequenceDataset, _collate_sequences, with_differences
 from .datasets import to_sequence_arrays
 from .modules import SequenceClassifier
+from .options import MixerOptions
 
 __all__ = ["MUSETimeSeriesClassifier"]
 
@@ -44,7 +45,8 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
         depth: Number of MUSE blocks.
         num_heads: Attention heads.
         mlp_ratio: Feed-forward width over ``dim``.
-        kernel_sizes: The convolution's kernel sizes, in tokens.
+        kernel_sizes: The convolution's kernel sizes, in tokens (``MixerOptions.kernel_sizes``, a parameter of its
+            own as scikit-learn's searches tune parameters).
         max_tokens: Series longer than this become overlapping patches (a strided stem); None: a token a step.
         max_length: The longest series the classifier takes, in time points; None: the longest training series.
             Give it when ``predict`` will see longer series than ``fit`` (unequal-length sets, e.g. JapaneseVowels):
@@ -142,7 +144,7 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
                 num_classes=len(self.classes_), in_features=data.in_features,
                 max_length=data.max_length if self.max_length is None else self.max_length,
                 dim=self.dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                kernel_sizes=list(self.kernel_sizes), max_tokens=self.max_tokens, stem_kernel=self.stem_kernel,
+                mixer=MixerOptions(tuple(self.kernel_sizes)), max_tokens=self.max_tokens, stem_kernel=self.stem_kernel,
                 normalize=self.normalize,
                 drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate, lr=self.lr,
                 weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,

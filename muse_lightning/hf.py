@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - the error names the extra
 
 from .adapters import AttentionAdapter, register_attention_adapter, sequence
 from .branch import masks_layout
+from .options import MixerOptions
 from .swap import swap_attention
 
 __all__ = ["HF_ATTENTIONS", "HFEncoderNet"]
@@ -112,7 +113,7 @@ class HFEncoderNet(nn.Module):
             num_classes: int,
             pretrained: bool = True,
             swap: bool = True,
-            mixer_kwargs: dict[str, Any] | None = None,
+            mixer: MixerOptions = MixerOptions(),
             pad_id: int = 0,
     ) -> None:
         """
@@ -121,7 +122,7 @@ class HFEncoderNet(nn.Module):
             num_classes: Output classes (the head is new, sized to them).
             pretrained: Load the encoder's weights; False builds it from its config with random weights.
             swap: Add MUSE's convolution branch to its self-attention (``swap_attention``).
-            mixer_kwargs: MUSE options for the swap (``kernel_sizes``, ``conv_type``, ...).
+            mixer: MUSE's options for the swap (``MixerOptions``).
             pad_id: Padding token id: padding is ``input_ids == pad_id`` unless a mask is given.
         """
         super().__init__()
@@ -132,10 +133,11 @@ class HFEncoderNet(nn.Module):
             self.model = auto.from_config(transformers.AutoConfig.from_pretrained(encoder, num_labels=num_classes))
         self.config = self.model.config
         self.pad_id = pad_id
+        mixer = MixerOptions.of(mixer)
         if swap:
-            swap_attention(self.model, **(mixer_kwargs or {}))
-        elif mixer_kwargs:
-            raise ValueError("mixer_kwargs is only used with swap=True")
+            swap_attention(self.model, mixer)
+        elif mixer != MixerOptions():
+            raise ValueError("mixer is only used with swap=True")
 
     def forward(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for token ids ``(B, N)``."""

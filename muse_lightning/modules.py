@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import math
 import random
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -26,11 +25,11 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from .attention import ConvProj
-from .conv import ConvType
+from .options import MixerOptions
 from .sharding import FSDP2Strategy
 from . import swap
 from .text import MUSESequenceNet, MUSETextNet
+from .vit import MUSEVisionTransformer
 
 __all__ = ["ClassifierModule", "ImageClassifier", "SequenceClassifier", "TextClassifier"]
 
@@ -185,7 +184,12 @@ class ClassifierModule(L.LightningModule):
             raise ValueError(f"the data's max_length={data_length} exceeds the model's max_length={hp.max_length}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the random generators' states, so that a resumed run draws what the uninterrupted one would."""
+        """Keep the random generators' states, so that a resumed run draws what the uninterrupted one would; keep
+        the mixer options as plain values (the CLI loads a checkpoint's hyper-parameters with ``weights_only``)."""
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = {
+                k: v.as_dict() if isinstance(v, MixerOptions) else v for k, v in checkpoint["hyper_parameters"].items()
+            }
         _, keys, *numpy_rest = np.random.get_state()  # as tensors and ints: checkpoints load with weights_only
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
@@ -248,7 +252,7 @@ class ImageClassifier(ClassifierModule):
             model_kwargs: dict[str, Any] | None = None,
             pretrained: bool = False,
             swap_attention: bool = False,
-            mixer_kwargs: dict[str, Any] | None = None,
+            mixer: MixerOptions = MixerOptions(),
             img_size: int | None = None,
             lr: float = 1e-3,
             weight_decay: float = 0.05,
@@ -264,7 +268,7 @@ class ImageClassifier(ClassifierModule):
             pretrained: Load the model's pretrained weights (from a hub unless ``model_kwargs``
                 carries ``pretrained_cfg_overlay=dict(file=...)``).
             swap_attention: Replace the model's timm attention by MUSE (``muse_lightning.swap_attention``).
-            mixer_kwargs: Options for the swapped mixers (``kernel_sizes``, ``conv_type``, ...).
+            mixer: MUSE's options (``MixerOptions``), for a ``muse_vit_*`` model's mixers or the swapped ones.
             img_size: The image size to build the model for; the CLI links it from an image data module, so the
                 model follows the data's resolution (timm resamples pretrained position embeddings to it). Given
                 to models whose input size is fixed (timm's ``fixed_input_size``: ViTs, Swins); convolutional
@@ -279,6 +283,12 @@ class ImageClassifier(ClassifierModule):
                 f"unknown model_name {model_name!r}; close matches: {close}; MUSE models: {timm.list_models('muse_vit_*')}"
             )
         kwargs = dict(model_kwargs or {})
+        if "mixer" in kwargs:
+            raise ValueError("give MUSE's options as mixer, not in model_kwargs")
+        mixer = MixerOptions.of(mixer)
+        muse_model = timm.models.model_entrypoint(model_name).__module__ == MUSEVisionTransformer.__module__
+        if not (muse_model or swap_attention) and mixer != MixerOptions():
+            raise ValueError(f"mixer is for muse_vit_* models or swap_attention=True; {model_name} has no MUSE mixer")
         if img_size is not None:
             if kwargs.get("img_size", img_size) != img_size:
                 raise ValueError(f"img_size={img_size} (the data's) and model_kwargs' img_size={kwargs['img_size']} "
@@ -286,11 +296,11 @@ class ImageClassifier(ClassifierModule):
             cfg = timm.models.get_pretrained_cfg(model_name)
             if cfg is not None and cfg.fixed_input_size:
                 kwargs["img_size"] = img_size
-        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        self.model = timm.create_model(
+            model_name, pretrained=pretrained, num_classes=num_classes, **kwargs, **({"mixer": mixer} if muse_model else {}),
+        )
         if swap_attention:
-            swap.swap_attention(self.model, **(mixer_kwargs or {}))
-        elif mixer_kwargs:
-            raise ValueError("mixer_kwargs is only used with swap_attention=True")
+            swap.swap_attention(self.model, mixer)
         # One input of the model's own size (the model summary shows shapes and FLOPs): its pretrained config's,
         # unless it was built for other images (timm keeps the pretrained config's input_size then).
         channels, *size = resolve_model_data_config(self.model)["input_size"]
@@ -317,9 +327,7 @@ class TextClassifier(ClassifierModule):
             depth: int = 4,
             num_heads: int = 4,
             mlp_ratio: float = 4.0,
-            kernel_sizes: Sequence[int] | None = None,
-            conv_type: ConvType = "static",
-            conv_proj: ConvProj = "separate",
+            mixer: MixerOptions = MixerOptions(),
             parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
@@ -328,7 +336,6 @@ class TextClassifier(ClassifierModule):
             encoder: str | None = None,
             pretrained: bool = True,
             swap_attention: bool = True,
-            mixer_kwargs: dict[str, Any] | None = None,
             lr: float = 1e-3,
             weight_decay: float = 0.05,
             warmup_fraction: float = 0.05,
@@ -341,15 +348,15 @@ class TextClassifier(ClassifierModule):
             max_length: Longest token sequence; at least the data module's ``max_length`` (the CLI links it).
             vocab_size, pad_id: The tokenizer's id range and padding id; 257 and 0 fit bytes (the CLI links them
                 from the data module's tokenizer).
-            dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
-                drop_path_rate, ngram_buckets: The network, see ``MUSETextNet`` (not used with ``encoder``).
+            dim, depth, num_heads, mlp_ratio, parallel, drop_rate, drop_path_rate, ngram_buckets: The network, see
+                ``MUSETextNet`` (not used with ``encoder``).
+            mixer: MUSE's options (``MixerOptions``), for the network's mixers or the encoder's swapped ones.
             ngram_lr: The n-gram table's learning rate (a linear model's, above the network's ``lr``; no weight
                 decay).
             encoder: A ``transformers`` model name or folder to fine-tune instead (its ``tokenizer.json`` is the
                 data module's ``tokenizer``).
             pretrained: Load the encoder's weights; False: its config with random weights.
             swap_attention: Add MUSE's convolution branch to the encoder's attention (else the encoder as it is).
-            mixer_kwargs: MUSE options for the swap (``kernel_sizes``, ``conv_type``, ...).
             lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
         """
         super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
@@ -357,7 +364,7 @@ class TextClassifier(ClassifierModule):
         self.example_input_array = ({"input_ids": torch.ones(1, max_length, dtype=torch.long)},)
         if encoder is not None:
             from .hf import HFEncoderNet  # transformers: the text extra
-            self.model = HFEncoderNet(encoder, num_classes, pretrained, swap_attention, mixer_kwargs, pad_id)
+            self.model = HFEncoderNet(encoder, num_classes, pretrained, swap_attention, mixer, pad_id)
             positions = getattr(self.model.config, "max_position_embeddings", None)
             if positions is not None and max_length > positions:
                 raise ValueError(f"max_length={max_length} exceeds the encoder {encoder!r}'s {positions} positions")
@@ -368,12 +375,11 @@ class TextClassifier(ClassifierModule):
                     "embeddings: use the encoder's own tokenizer.json"
                 )
             return
-        if swap_attention is not True or mixer_kwargs:
-            raise ValueError("swap_attention and mixer_kwargs are encoder options: give encoder")
+        if swap_attention is not True:
+            raise ValueError("swap_attention is an encoder option: give encoder")
         self.model = MUSETextNet(
             num_classes, vocab_size=vocab_size, max_length=max_length, pad_id=pad_id, dim=dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj,
-            parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate, ngram_buckets=ngram_buckets,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, mixer=mixer, parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate, ngram_buckets=ngram_buckets,
         )
 
     def _own_lr(self) -> list[tuple[nn.Parameter, float]]:
@@ -396,9 +402,7 @@ class SequenceClassifier(ClassifierModule):
             depth: int = 4,
             num_heads: int = 4,
             mlp_ratio: float = 4.0,
-            kernel_sizes: Sequence[int] | None = None,
-            conv_type: ConvType = "static",
-            conv_proj: ConvProj = "separate",
+            mixer: MixerOptions = MixerOptions(),
             parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
@@ -415,16 +419,15 @@ class SequenceClassifier(ClassifierModule):
         Args:
             num_classes, in_features, max_length: Classes, features per step and the longest sequence (the CLI
                 links all three from the data).
-            dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
-                drop_path_rate, max_tokens, stem_kernel, normalize: The network, see ``MUSESequenceNet``.
+            dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate, drop_path_rate, max_tokens, stem_kernel,
+                normalize: The network, see ``MUSESequenceNet``.
             lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
         """
         super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
         self.save_hyperparameters()
         self.model = MUSESequenceNet(
             num_classes, in_features, max_length=max_length, dim=dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel,
-            drop_rate=drop_rate, drop_path_rate=drop_path_rate, max_tokens=max_tokens, stem_kernel=stem_kernel,
+            mlp_ratio=mlp_ratio, mixer=mixer, parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate, max_tokens=max_tokens, stem_kernel=stem_kernel,
             normalize=normalize,
         )
         self.example_input_array = ({"features": torch.zeros(1, max_length, in_features)},)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any, Literal, overload
 
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 from .adapters import ATTENTION_ADAPTERS, NOT_ATTENTION, AttentionAdapter, ancestors_of
 from .attention import MUSEAttention
 from .branch import MUSEBranch
+from .options import MixerOptions
 from .taps import Split, attach, tap_role, widths
 from .vit import follow_token_layout
 
@@ -18,29 +20,26 @@ __all__ = ["swap_attention"]
 
 _logger = logging.getLogger(__name__)
 
-MIXER_OPTIONS: tuple[str, ...] = ("kernel_sizes", "conv_type", "conv_proj", "conv_layout")
-# Taken from the attention being swapped (its trained weights fix them).
-_FROM_MODEL = (
-    "dim", "num_heads", "attn_head_dim", "dim_out", "qkv_bias", "qk_norm", "scale_norm", "proj_bias", "gated",
-    "attn_drop", "proj_drop", "norm_layer", "num_prefix_tokens", "grid_size", "device", "dtype",
-)
 _ATTENTION_NAME = re.compile(r"Attention|Attn")
 
 
 @overload
 def swap_attention(
-        model: nn.Module, *, return_names: Literal[False] = ..., strict: bool = ..., **mixer_kwargs: Any,
+        model: nn.Module, mixer: MixerOptions | Mapping[str, Any] = ..., *, return_names: Literal[False] = ...,
+        strict: bool = ...,
 ) -> nn.Module: ...
 
 
 @overload
 def swap_attention(
-        model: nn.Module, *, return_names: Literal[True], strict: bool = ..., **mixer_kwargs: Any,
+        model: nn.Module, mixer: MixerOptions | Mapping[str, Any] = ..., *, return_names: Literal[True],
+        strict: bool = ...,
 ) -> tuple[nn.Module, list[str]]: ...
 
 
 def swap_attention(
-        model: nn.Module, *, return_names: bool = False, strict: bool = False, **mixer_kwargs: Any,
+        model: nn.Module, mixer: MixerOptions | Mapping[str, Any] = MixerOptions(), *, return_names: bool = False,
+        strict: bool = False,
 ) -> nn.Module | tuple[nn.Module, list[str]]:
     """Add MUSE's convolution branch to every attention in ``model`` that has an adapter.
 
@@ -60,12 +59,13 @@ def swap_attention(
 
     Args:
         model: A timm model, or a module holding one (changed in place and returned).
+        mixer: MUSE's options (``MixerOptions``, or a mapping of its fields): kernel sizes, static or dynamic
+            kernels, the projection, the layout (None: the attention's own, 2-D where the tokens are a grid); the
+            rest (widths, heads, prefix tokens, grid) is the attention's.
         return_names: Also return the names of the swapped attention modules.
         strict: Raise instead of warning when an attention is left alone.
-        mixer_kwargs: MUSE options: ``kernel_sizes``, ``conv_type``, ``conv_proj``, ``conv_layout``
-            (default: the adapter's layout, 2-D where the tokens are a grid).
     """
-    _check_options(mixer_kwargs)
+    mixer = _checked(MixerOptions.of(mixer))
     if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
         from . import hf  # noqa: F401  (registers the Hugging Face adapters; transformers is an optional extra)
     targets, left = [], []
@@ -102,7 +102,7 @@ def swap_attention(
     plans = []  # every branch built (and every check passed) before the model changes
     for name, module, adapter in targets:
         ancestors = ancestors_of(model, name)
-        plans.append((module, adapter, ancestors, *_branch_for(name, module, adapter, ancestors, mixer_kwargs)))
+        plans.append((module, adapter, ancestors, *_branch_for(name, module, adapter, ancestors, mixer)))
     for attn, adapter, ancestors, branch, values, split, output in plans:
         attn.muse = branch
         if adapter.prepare is not None:
@@ -128,20 +128,16 @@ def _looks_like_attention(module: nn.Module) -> bool:
     )
 
 
-def _check_options(mixer_kwargs: dict[str, Any]) -> None:
-    taken = sorted(set(mixer_kwargs) & set(_FROM_MODEL))
-    if taken:
-        raise ValueError(f"{taken} are taken from the model's attention modules; mixer options are {MIXER_OPTIONS}")
-    unknown = sorted(set(mixer_kwargs) - set(MIXER_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown mixer options {unknown}; mixer options are {MIXER_OPTIONS}")
-    if mixer_kwargs.get("conv_type") == "none":
+def _checked(mixer: MixerOptions) -> MixerOptions:
+    """``mixer``, if a swap can start silent with it."""
+    if mixer.conv_type == "none":
         raise ValueError("conv_type='none' would swap attention for attention; use 'static' or 'dynamic'")
-    if mixer_kwargs.get("conv_proj") == "shared" and mixer_kwargs.get("conv_type") == "dynamic":
+    if mixer.conv_proj == "shared" and mixer.conv_type == "dynamic":
         raise ValueError(
             "conv_proj='shared' with conv_type='dynamic' cannot start silent (dynamic kernels sum to one): "
             "use conv_proj='separate' to keep the model's function"
         )
+    return mixer
 
 
 _HEADS = ("num_heads", "heads", "num_attention_heads", "n_heads")
@@ -166,7 +162,7 @@ def _find(attn: nn.Module, path: str) -> list[nn.Module]:
 
 
 def _branch_for(
-        name: str, attn: nn.Module, adapter: AttentionAdapter, ancestors: list[nn.Module], options: dict[str, Any],
+        name: str, attn: nn.Module, adapter: AttentionAdapter, ancestors: list[nn.Module], mixer: MixerOptions,
 ) -> tuple[MUSEBranch, list[nn.Module], Split, nn.Module]:
     """``attn``'s silent ``MUSEBranch``, its value layers and split, and its output layer (nothing changed yet)."""
     found = [
@@ -193,23 +189,21 @@ def _branch_for(
     if tap_role(output, output=True) == "input":  # the branch joins the output layer's input
         output_out = output_in
     layout = adapter.layout(attn, ancestors)
-    conv_layout = options.get("conv_layout", layout.layout)
+    conv_layout = mixer.layout_or(layout.layout)
     if conv_layout == "2d" and layout.layout != "2d":
         raise ValueError(
             f"conv_layout='2d' needs a token grid, but {name} ({type(attn).__name__}) attends over a sequence here "
             "(a ViT-style model gives its patch grid)"
         )
-    conv_proj = options.get("conv_proj", "separate")
-    if conv_proj == "shared" and value_dim != output_in:
+    if mixer.conv_proj == "shared" and value_dim != output_in:
         raise ValueError(
             f"conv_proj='shared' adds the convolution to the attention output, but {name}'s values are {value_dim} "
             f"wide and its output projection takes {output_in}: use conv_proj='separate'"
         )
     weight = next(values[0].parameters())
     branch = MUSEBranch(
-        value_dim, output_out, num_heads=_num_heads(attn),
-        kernel_sizes=options.get("kernel_sizes"), conv_type=options.get("conv_type", "static"), conv_proj=conv_proj,
-        layout=layout._replace(layout=conv_layout), num_value_parts=len(values), device=weight.device,
+        value_dim, output_out, num_heads=_num_heads(attn), mixer=mixer, layout=layout._replace(layout=conv_layout),
+        num_value_parts=len(values), device=weight.device,
         dtype=weight.dtype,
     )
     branch.silence()

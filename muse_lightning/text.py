@@ -1,15 +1,12 @@
 """Sequence classifiers of MUSE blocks: token ids (``MUSETextNet``) or float features (``MUSESequenceNet``)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from timm.layers import LayerNorm, trunc_normal_
 from torch import nn
 
-from .attention import ConvProj
 from .block import MUSEBlock
-from .conv import ConvType
+from .options import MixerOptions
 
 __all__ = ["MUSESequenceNet", "MUSETextNet"]
 
@@ -27,21 +24,22 @@ class _MUSEEncoderNet(nn.Module):
             depth: int,
             num_heads: int,
             mlp_ratio: float,
-            kernel_sizes: Sequence[int] | None,
-            conv_type: ConvType,
-            conv_proj: ConvProj,
+            mixer: MixerOptions,
             parallel: bool,
             drop_rate: float,
             drop_path_rate: float,
     ) -> None:
         super().__init__()
+        mixer = MixerOptions.of(mixer)
+        if mixer.conv_layout == "2d":
+            raise ValueError("conv_layout='2d' needs a patch grid; a sequence's tokens are 1-D (conv_layout='1d' or None)")
         self.max_length = max_length
         self.pos_embed = nn.Parameter(torch.zeros(1, max_length, dim))
         self.drop = nn.Dropout(drop_rate)
         self.blocks = nn.ModuleList(
             MUSEBlock(
                 dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=drop_path_rate * i / max(depth - 1, 1),
-                kernel_sizes=kernel_sizes, conv_type=conv_type, conv_proj=conv_proj, parallel=parallel,
+                mixer=mixer, parallel=parallel,
             )
             for i in range(depth)
         )
@@ -82,9 +80,7 @@ class MUSETextNet(_MUSEEncoderNet):
             depth: int = 4,
             num_heads: int = 4,
             mlp_ratio: float = 4.0,
-            kernel_sizes: Sequence[int] | None = None,
-            conv_type: ConvType = "static",
-            conv_proj: ConvProj = "separate",
+            mixer: MixerOptions = MixerOptions(),
             parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
@@ -97,7 +93,7 @@ class MUSETextNet(_MUSEEncoderNet):
             vocab_size: Token ids are in ``[0, vocab_size)``; 257 fits ``ByteTokenizer``.
             max_length: Longest sequence (size of the position table).
             dim, depth, num_heads, mlp_ratio: Transformer width, blocks, heads, MLP ratio.
-            kernel_sizes, conv_type, conv_proj: The MUSE convolution (see ``MUSEAttention``).
+            mixer: The MUSE convolution's options (``MixerOptions``; 1-D).
             parallel: MUSE's parallel block (mixer and MLP on one norm), or sequential blocks.
             drop_rate: Dropout on embeddings and on the pooled features.
             drop_path_rate: Stochastic depth, rising linearly to this rate in the last block.
@@ -108,8 +104,7 @@ class MUSETextNet(_MUSEEncoderNet):
                 sequence of ``n`` of them, to the encoder's. 0: the encoder alone.
         """
         super().__init__(
-            num_classes, max_length, dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel,
-            drop_rate, drop_path_rate,
+            num_classes, max_length, dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate, drop_path_rate,
         )
         self.pad_id = pad_id
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
@@ -168,9 +163,7 @@ class MUSESequenceNet(_MUSEEncoderNet):
             depth: int = 4,
             num_heads: int = 4,
             mlp_ratio: float = 4.0,
-            kernel_sizes: Sequence[int] | None = None,
-            conv_type: ConvType = "static",
-            conv_proj: ConvProj = "separate",
+            mixer: MixerOptions = MixerOptions(),
             parallel: bool = True,
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.1,
@@ -183,8 +176,7 @@ class MUSESequenceNet(_MUSEEncoderNet):
             num_classes: Output classes.
             in_features: Features per step.
             max_length: Longest sequence (size of the position table).
-            dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type, conv_proj, parallel, drop_rate,
-                drop_path_rate: As ``MUSETextNet``.
+            dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate, drop_path_rate: As ``MUSETextNet``.
             max_tokens: Tokens the stem makes of a ``max_length`` sequence: it strides by ``s = ceil(max_length /
                 max_tokens)`` steps, so a sequence of ``L`` steps becomes ``ceil(L / s)`` tokens (patches) for the
                 blocks to mix. None: one token a step.
@@ -203,8 +195,8 @@ class MUSESequenceNet(_MUSEEncoderNet):
                 f"stem_kernel must be an odd int of at least the stem's stride ({stride} steps), got {stem_kernel!r}"
             )
         super().__init__(
-            num_classes, -(-max_length // stride), dim, depth, num_heads, mlp_ratio, kernel_sizes, conv_type,
-            conv_proj, parallel, drop_rate, drop_path_rate,
+            num_classes, -(-max_length // stride), dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate,
+            drop_path_rate,
         )
         self.in_features, self.max_steps, self.stride = in_features, max_length, stride
         self.normalize = normalize

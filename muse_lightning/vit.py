@@ -7,10 +7,11 @@ patch tokens for the head.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from functools import partial
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
@@ -36,6 +37,7 @@ from torch import nn
 
 from .attention import MUSEAttention
 from .block import MUSEBlock
+from .options import MixerOptions
 from ._fx import is_tracing
 from .adapters import GridRope, refresh_token_layouts
 from .branch import TokenConv
@@ -179,6 +181,22 @@ def _intermediates_out(
     return model.norm(x), intermediates
 
 
+# timm's models and the MUSE subclasses that keep their MUSE convolutions on the layout of each call, each
+# registered by ``@follows_layout`` at its definition.
+_FOLLOWING: dict[type[nn.Module], type[nn.Module]] = {}
+_M = TypeVar("_M", bound=type[nn.Module])
+
+
+def follows_layout(cls: _M) -> _M:
+    """Register ``cls``, a MUSE subclass of a timm model class (its last base), as what ``swap_attention``
+    class-swaps that timm class into (``follow_token_layout``), as timm's ``@register_model`` registers a model."""
+    base = cls.__bases__[-1]
+    if not base.__module__.startswith("timm.") or base in _FOLLOWING:
+        raise TypeError(f"{cls.__name__}'s last base must be a timm model class not yet followed, got {base!r}")
+    _FOLLOWING[base] = cls
+    return cls
+
+
 class _FollowsInputSize:
     """timm's ``set_input_size`` (a new image size, patch size or window), the MUSE convolutions then told
     the model's new grids."""
@@ -191,22 +209,27 @@ class _FollowsInputSize:
                 m.grid_size = tuple(self.patch_embed.grid_size)
 
 
+@follows_layout
 class MUSEBeit(_FollowsInputSize, Beit):
     """timm's ``Beit`` whose MUSE convolutions follow ``set_input_size``."""
 
 
+@follows_layout
 class MUSEVisionTransformerRelPos(_FollowsInputSize, VisionTransformerRelPos):
     """timm's ``VisionTransformerRelPos`` whose MUSE convolutions follow ``set_input_size``."""
 
 
+@follows_layout
 class MUSESwinTransformer(_FollowsInputSize, SwinTransformer):
     """timm's ``SwinTransformer`` whose MUSE convolutions follow ``set_input_size`` (new windows)."""
 
 
+@follows_layout
 class MUSESwinTransformerV2(_FollowsInputSize, SwinTransformerV2):
     """timm's ``SwinTransformerV2`` whose MUSE convolutions follow ``set_input_size`` (new windows)."""
 
 
+@follows_layout
 class MUSESwinTransformerV2Cr(_FollowsInputSize, SwinTransformerV2Cr):
     """timm's ``SwinTransformerV2Cr`` whose MUSE convolutions follow ``set_input_size`` (new windows)."""
 
@@ -215,6 +238,7 @@ def _masks(attn_mask: torch.Tensor | None, is_causal: bool) -> dict[str, Any]:
     return {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
 
 
+@follows_layout
 class MUSEVisionTransformer(_FollowsInputSize, _PerCallLayout, VisionTransformer):
     """timm's ``VisionTransformer`` that tells its MUSE convolutions where the tokens sit.
 
@@ -255,6 +279,7 @@ class _KeptPatches(PatchDropoutWithIndices):
         return x, self.keep_indices
 
 
+@follows_layout
 class MUSEEva(_FollowsInputSize, _PerCallLayout, Eva):
     """timm's ``Eva`` (EVA, EVA-02, DINOv3, PE, ViT-RoPE) that hands its MUSE convolutions the patch grid
     of each input with ``dynamic_img_size=True`` and the kept patches under patch dropout, as
@@ -276,6 +301,7 @@ class MUSEEva(_FollowsInputSize, _PerCallLayout, Eva):
         return self.norm_pre(x), layout, block_kwargs
 
 
+@follows_layout
 class MUSENaFlexVit(NaFlexVit):
     """timm's ``NaFlexVit`` whose MUSE convolutions follow the patch grid of each call: an image's grid
     (patch dropout's kept patches at their places), or in NaFlex mode each sample's patches at their
@@ -407,14 +433,17 @@ class _GridOfPatches:
         return x, GridRope(rope, grid)
 
 
+@follows_layout
 class MUSEDeepseekVitEncoder(_GridOfPatches, DeepseekVitEncoder):
     """timm's DeepSeek vision tower whose MUSE convolutions follow each image's patch grid."""
 
 
+@follows_layout
 class MUSEQwen3VitEncoder(_GridOfPatches, Qwen3VitEncoder):
     """timm's Qwen3 vision tower whose MUSE convolutions follow each image's patch grid."""
 
 
+@follows_layout
 class MUSEMetaFormerStage(MetaFormerStage):
     """timm's ``MetaFormerStage`` (CAFormer) whose attention blocks' MUSE convolutions are told the grid of the
     map the stage flattens into their tokens (any size, square or not)."""
@@ -433,6 +462,7 @@ class MUSEMetaFormerStage(MetaFormerStage):
         return x
 
 
+@follows_layout
 class MUSENextTransformerBlock(NextTransformerBlock):
     """timm's NextViT transformer block whose attention's MUSE convolution is told the grid of the map the block
     flattens into its tokens (any size, square or not)."""
@@ -449,16 +479,6 @@ class MUSENextTransformerBlock(NextTransformerBlock):
         x = torch.cat([x, out], dim=1)
         out = self.norm2(x)
         return x + self.mlp_drop_path(self.mlp(out))
-
-
-# timm's models and the MUSE subclasses that keep their MUSE convolutions on the layout of each call.
-_FOLLOWING: dict[type[nn.Module], type[nn.Module]] = {
-    VisionTransformer: MUSEVisionTransformer, NaFlexVit: MUSENaFlexVit, Eva: MUSEEva, Beit: MUSEBeit,
-    VisionTransformerRelPos: MUSEVisionTransformerRelPos, SwinTransformer: MUSESwinTransformer,
-    SwinTransformerV2: MUSESwinTransformerV2, SwinTransformerV2Cr: MUSESwinTransformerV2Cr,
-    DeepseekVitEncoder: MUSEDeepseekVitEncoder, Qwen3VitEncoder: MUSEQwen3VitEncoder,
-    MetaFormerStage: MUSEMetaFormerStage, NextTransformerBlock: MUSENextTransformerBlock,
-}
 
 
 def follow_token_layout(model: nn.Module) -> None:
@@ -512,22 +532,25 @@ def _create_muse_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> M
     (``global_pool="avg"``, no class token, as timm's ``*_gap`` ViTs) and every block's
     convolution reaches the logits; ``class_token=True, global_pool="token"`` gives the classic head.
 
-    MUSE options (``kernel_sizes``, ``conv_type``, ``conv_proj``, ``conv_layout``, and the block's
-    ``parallel``) may be given as keyword arguments beside timm's; ``block_fn`` replaces the block (e.g. timm's ``Block`` for a
-    sequential block, whose ``attn_layer`` then defaults to a 2-D ``MUSEAttention``).
+    MUSE's options are ``mixer=MixerOptions(...)`` (or a mapping of its fields; ``conv_layout`` defaults to
+    ``"2d"``), beside timm's keyword arguments and the block's ``parallel``; ``block_fn`` replaces the block
+    (e.g. timm's ``Block`` for a sequential block, whose ``attn_layer`` then defaults to a 2-D ``MUSEAttention``).
     """
+    flat = sorted(set(kwargs) & set(MixerOptions.names()))
+    if flat:
+        raise TypeError(f"{variant}: give {flat} as mixer=MixerOptions(...) (or mixer={{...}}), not as model arguments")
     out_indices = kwargs.pop("out_indices", 3)
     kwargs.setdefault("class_token", False)
     kwargs.setdefault("global_pool", "avg")
-    mixer_kwargs = {k: kwargs.pop(k) for k in ("kernel_sizes", "conv_type", "conv_proj", "conv_layout") if k in kwargs}
+    mixer = MixerOptions.of(kwargs.pop("mixer", MixerOptions()))
+    mixer = dataclasses.replace(mixer, conv_layout=mixer.layout_or("2d"))
     block_kwargs = {"parallel": kwargs.pop("parallel")} if "parallel" in kwargs else {}
-    mixer_kwargs.setdefault("conv_layout", "2d")
     block_fn = kwargs.pop("block_fn", MUSEBlock)
     if block_fn is MUSEBlock:
-        kwargs["block_fn"] = partial(MUSEBlock, **mixer_kwargs, **block_kwargs)
+        kwargs["block_fn"] = partial(MUSEBlock, mixer=mixer, **block_kwargs)
     else:
         kwargs["block_fn"] = block_fn
-        kwargs.setdefault("attn_layer", partial(MUSEAttention, **mixer_kwargs))
+        kwargs.setdefault("attn_layer", partial(MUSEAttention, mixer=mixer))
     return build_model_with_cfg(
         MUSEVisionTransformer,
         variant,

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from muse_lightning import MUSEAttention, conv
+from muse_lightning import MixerOptions, MUSEAttention, conv
 
 STEPS = 5
 
@@ -44,8 +44,8 @@ def main(batch: int) -> None:
     mixers = {
         "timm Attention": Attention(dim, heads, qkv_bias=True),
         "MUSE static 1-D": MUSEAttention(dim, heads, qkv_bias=True),
-        "MUSE static 2-D": MUSEAttention(dim, heads, qkv_bias=True, conv_layout="2d", num_prefix_tokens=1),
-        "MUSE dynamic 1-D": MUSEAttention(dim, heads, qkv_bias=True, conv_type="dynamic"),
+        "MUSE static 2-D": MUSEAttention(dim, heads, qkv_bias=True, mixer=MixerOptions(conv_layout="2d"), num_prefix_tokens=1),
+        "MUSE dynamic 1-D": MUSEAttention(dim, heads, qkv_bias=True, mixer=MixerOptions(conv_type="dynamic")),
     }
     x = torch.randn(batch, 197, dim, device=device, requires_grad=True)
     print(f"device={device} batch={batch} conv_backend={conv.CONV_BACKEND} torch={torch.__version__}; "

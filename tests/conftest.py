@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from muse_lightning import MUSEAttention  # noqa: E402
+from muse_lightning import MixerOptions, MUSEAttention  # noqa: E402
 
 VARIANTS = [(t, p) for t in ("static", "dynamic") for p in ("separate", "shared", "per_kernel")]
 VARIANT_IDS = [f"{t}-{p}" for t, p in VARIANTS]
@@ -29,7 +29,7 @@ def _seed() -> None:
 @pytest.fixture(params=VARIANTS, ids=VARIANT_IDS)
 def variant(request) -> dict:
     conv_type, conv_proj = request.param
-    return {"conv_type": conv_type, "conv_proj": conv_proj}
+    return {"mixer": MixerOptions(conv_type=conv_type, conv_proj=conv_proj)}
 
 
 def make_mixer(dim: int = 32, num_heads: int = 4, **kwargs) -> MUSEAttention:

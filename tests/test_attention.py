@@ -6,7 +6,7 @@ from conftest import make_mixer
 from timm.layers import Attention
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from muse_lightning import MUSEAttention
+from muse_lightning import MixerOptions, MUSEAttention
 
 
 def test_output_has_input_shape_and_is_finite(variant):
@@ -98,7 +98,7 @@ def test_forward_never_creates_or_replaces_parameters(variant):
 
 def test_gate_trains_towards_the_useful_kernel():
     """Kernels fixed to identity (k=1) and a box filter (k=5): fitting a box-filtered target moves the gate."""
-    conv = MUSEAttention(16, 2, kernel_sizes=(1, 5)).conv
+    conv = MUSEAttention(16, 2, mixer=MixerOptions((1, 5))).conv
     with torch.no_grad():
         conv.weight[0].fill_(1.0)
         conv.weight[1].fill_(0.2)
@@ -163,7 +163,7 @@ def test_bf16_autocast_matches_float32(variant):
 @pytest.mark.parametrize("conv_type", ["static", "dynamic"])
 def test_compiled_fullgraph_matches_eager(conv_type):
     torch._dynamo.reset()
-    mixer = make_mixer(16, 2, conv_type=conv_type)
+    mixer = make_mixer(16, 2, mixer=MixerOptions(conv_type=conv_type))
     compiled = torch.compile(mixer, fullgraph=True)  # fullgraph: any graph break is an error
     x = torch.randn(2, 6, 16, requires_grad=True)
     padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
@@ -245,7 +245,7 @@ def test_timm_init_hook_reinitialises_through_init_weights():
 
 
 def test_conv_type_none_is_timms_attention_with_muse_masking():
-    mixer = make_mixer(32, 4, conv_type="none")
+    mixer = make_mixer(32, 4, mixer=MixerOptions(conv_type="none"))
     assert mixer.conv is None and mixer.conv_proj is None
     timm_attn = Attention(32, 4, qkv_bias=True)
     timm_attn.load_state_dict(mixer.state_dict())

@@ -147,8 +147,8 @@ def trained(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
-    (["--config", str(CONFIGS / "quickstart_attention.yaml"), "--model.init_args.model_kwargs", TINY_VIT[:-1] + ', "conv_type": "none"}'],
-     r"model_kwargs: .* in the checkpoint, .*'conv_type': 'none'.* in the config"),
+    (["--config", str(CONFIGS / "quickstart_attention.yaml"), "--model.init_args.model_kwargs", TINY_VIT],
+     r"mixer: .*'conv_type': 'static'.* in the checkpoint, .*'conv_type': 'none'.* in the config"),
     (["--model.init_args.lr", "0.1"], r"lr: 0.002 in the checkpoint, 0.1 in the config"),
     (["--model", "muse_lightning.TextClassifier", "--data", "muse_lightning.WordNetGlossesDataModule"],
      r"class_path: muse_lightning.ImageClassifier in the checkpoint, muse_lightning.TextClassifier in the config"),

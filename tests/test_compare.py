@@ -252,9 +252,11 @@ def test_the_sequence_attention_twin_matches_muses_parameters_within_two_percent
 
     recipe = yaml.safe_load((compare.CONFIGS / "sequence_files.yaml").read_text())["model"]["init_args"]
     overrides = VARIANTS["sequences"]["attention"][1]
-    twin = {**recipe, **{flag.removeprefix("--model.init_args."): yaml.safe_load(value)
-                         for flag, value in zip(overrides[::2], overrides[1::2])}}
-    assert twin["conv_type"] == "none"
+    twin = {**recipe, "mixer": dict(recipe["mixer"])}
+    for flag, value in zip(overrides[::2], overrides[1::2]):  # --model.init_args.mlp_ratio, ...mixer.conv_type
+        *within, key = flag.removeprefix("--model.init_args.").split(".")
+        (twin[within[0]] if within else twin)[key] = yaml.safe_load(value)
+    assert twin["mixer"]["conv_type"] == "none" and twin["mlp_ratio"] > recipe["mlp_ratio"]
     count = lambda **kw: sum(p.numel() for p in SequenceClassifier(  # noqa: E731
         num_classes=6, in_features=in_features, max_length=max_length, **kw).parameters())
     assert abs(count(**twin) / count(**recipe) - 1) < 0.02

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from muse_lightning import MultiScaleDynamicConv, MUSEAttention, MUSEBlock
+from muse_lightning import MixerOptions, MultiScaleDynamicConv, MUSEAttention, MUSEBlock
 from muse_lightning.callbacks import ThroughputMonitor, batch_size
 
 
@@ -17,14 +17,8 @@ from muse_lightning.callbacks import ThroughputMonitor, batch_size
         ({"dim": 30, "num_heads": 4}, ValueError, r"dim \(30\) must be divisible by num_heads \(4\)"),
         ({"dim": 0}, ValueError, "dim must be a positive int"),
         ({"num_heads": 2.5}, ValueError, "num_heads must be a positive int"),
-        ({"kernel_sizes": (3, 4)}, ValueError, "kernel_sizes must be a non-empty sequence of positive odd ints"),
-        ({"kernel_sizes": ()}, ValueError, "kernel_sizes must be a non-empty"),
-        ({"kernel_sizes": (0,)}, ValueError, "kernel_sizes"),
-        ({"kernel_sizes": (3, 3)}, ValueError, "kernel_sizes must be distinct"),
-        ({"kernel_sizes": 3}, TypeError, "kernel_sizes must be a sequence of ints"),
-        ({"kernel_sizes": (1, 2.0)}, ValueError, "kernel_sizes"),
-        ({"conv_type": "fancy"}, ValueError, r"conv_type must be one of \('static', 'dynamic', 'none'\)"),
-        ({"conv_proj": "both"}, ValueError, "conv_proj must be one of"),
+        ({"mixer": {"kernel_size": 3}}, TypeError, r"unknown mixer options \['kernel_size'\]; the options are"),
+        ({"mixer": "static"}, TypeError, "mixer must be a MixerOptions or a mapping of its fields"),
         ({"qk_norm": True}, ValueError, "norm_layer must be given"),
         ({"attn_drop": 1.0}, ValueError, r"attn_drop must be in \[0, 1\)"),
         ({"proj_drop": -0.1}, ValueError, "proj_drop"),
@@ -34,6 +28,28 @@ def test_bad_constructor_argument_is_named(kwargs, error, match):
     args = {"dim": 32, "num_heads": 4, **kwargs}
     with pytest.raises(error, match=match):
         MUSEAttention(**args)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"kernel_sizes": (3, 4)}, ValueError, "kernel_sizes must be a non-empty sequence of positive odd ints"),
+        ({"kernel_sizes": ()}, ValueError, "kernel_sizes must be a non-empty"),
+        ({"kernel_sizes": (0,)}, ValueError, "kernel_sizes"),
+        ({"kernel_sizes": (3, 3)}, ValueError, "kernel_sizes must be distinct"),
+        ({"kernel_sizes": 3}, TypeError, "kernel_sizes must be a sequence of ints"),
+        ({"kernel_sizes": (1, 2.0)}, ValueError, "kernel_sizes"),
+        ({"conv_type": "fancy"}, ValueError, r"conv_type must be one of \('static', 'dynamic', 'none'\)"),
+        ({"conv_proj": "both"}, ValueError, "conv_proj must be one of"),
+        ({"conv_layout": "3d"}, ValueError, "conv_layout must be one of"),
+        ({"conv_layout": "2d", "conv_type": "dynamic"}, ValueError, "needs conv_type='static'"),
+    ],
+)
+def test_bad_mixer_option_is_named(options, error, match):
+    with pytest.raises(error, match=match):
+        MixerOptions(**options)
+    with pytest.raises(error, match=match):  # as a config or a checkpoint's hyper-parameters give them
+        MixerOptions.of(options)
 
 
 @pytest.mark.parametrize("flops", [0, -1e12, float("nan")])
@@ -92,12 +108,12 @@ def test_a_bf16_tensor_into_a_float32_mixer_outside_autocast_is_named():
 
 @pytest.mark.parametrize("conv_type", ["static", "dynamic"])
 def test_an_empty_batch_gives_an_empty_output(conv_type):
-    assert MUSEAttention(32, 4, conv_type=conv_type)(torch.randn(0, 5, 32)).shape == (0, 5, 32)
+    assert MUSEAttention(32, 4, mixer=MixerOptions(conv_type=conv_type))(torch.randn(0, 5, 32)).shape == (0, 5, 32)
 
 
 @pytest.mark.parametrize("grid_size", [(-3, -4), (0, 12), (3, 5)])
 def test_a_grid_size_that_is_not_positive_or_does_not_fit_is_named(grid_size):
-    mixer = MUSEAttention(32, 4, conv_layout="2d")
+    mixer = MUSEAttention(32, 4, mixer=MixerOptions(conv_layout="2d"))
     with pytest.raises(ValueError, match=r"grid_size must be \(H, W\) of positive ints with H \* W = 12"):
         mixer(torch.randn(1, 12, 32), grid_size=grid_size)
 

@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from conftest import make_mixer
 from timm.layers import Attention
 
-from muse_lightning import MUSEAttention, MUSEBlock, MultiScaleDepthwiseConv
+from muse_lightning import MixerOptions, MUSEAttention, MUSEBlock, MultiScaleDepthwiseConv
+
+TWO_D = MixerOptions(conv_layout="2d")
 
 
 def _randomised(conv):
@@ -42,7 +44,7 @@ def test_2d_convolution_reaches_grid_neighbours_not_sequence_neighbours():
 
 @pytest.mark.parametrize("conv_proj", ["separate", "shared", "per_kernel"])
 def test_prefix_tokens_go_through_attention_only(conv_proj):
-    mixer = make_mixer(32, 4, conv_layout="2d", num_prefix_tokens=2, conv_proj=conv_proj)
+    mixer = make_mixer(32, 4, mixer=MixerOptions(conv_proj=conv_proj, conv_layout="2d"), num_prefix_tokens=2)
     timm_attn = Attention(32, 4, qkv_bias=True)
     timm_attn.load_state_dict({k: v for k, v in mixer.state_dict().items() if k.startswith(("qkv", "proj"))})
     x = torch.randn(2, 2 + 3 * 4, 32)
@@ -52,7 +54,7 @@ def test_prefix_tokens_go_through_attention_only(conv_proj):
 
 
 def test_grid_follows_the_input_size():
-    mixer = make_mixer(32, 4, conv_layout="2d", num_prefix_tokens=1, grid_size=(4, 4))
+    mixer = make_mixer(32, 4, mixer=TWO_D, num_prefix_tokens=1, grid_size=(4, 4))
     x = torch.randn(2, 1 + 15, 32)
     wide, tall = mixer(x, grid_size=(3, 5)), mixer(x, grid_size=(5, 3))  # non-square grids, given per call
     values = mixer.qkv(x)[..., 64:][:, 1:]
@@ -67,7 +69,7 @@ def test_grid_follows_the_input_size():
 
 
 def test_2d_layout_gets_gradients_everywhere_and_passes_gradcheck():
-    mixer = make_mixer(8, 2, conv_layout="2d", num_prefix_tokens=1).double()
+    mixer = make_mixer(8, 2, mixer=TWO_D, num_prefix_tokens=1).double()
     x = torch.randn(2, 1 + 2 * 3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: mixer(x, grid_size=(2, 3)), (x,), eps=1e-6, atol=1e-5)
     mixer(x, grid_size=(2, 3)).pow(2).sum().backward()
@@ -76,7 +78,7 @@ def test_2d_layout_gets_gradients_everywhere_and_passes_gradcheck():
 
 
 def test_block_passes_the_grid_to_its_mixer():
-    block = MUSEBlock(32, 4, conv_layout="2d", num_prefix_tokens=1)
+    block = MUSEBlock(32, 4, mixer=TWO_D, num_prefix_tokens=1)
     assert block(torch.randn(2, 1 + 2 * 8, 32), grid_size=(2, 8)).shape == (2, 17, 32)
 
 
@@ -91,16 +93,14 @@ def test_block_passes_the_grid_to_its_mixer():
 )
 def test_2d_layout_errors_are_named(kwargs, call, match):
     with pytest.raises(ValueError, match=match):
-        call(MUSEAttention(32, 4, conv_layout="2d", num_prefix_tokens=1, **kwargs))
+        call(MUSEAttention(32, 4, mixer=TWO_D, num_prefix_tokens=1, **kwargs))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"conv_layout": "3d"}, "conv_layout must be one of"),
-        ({"conv_layout": "2d", "conv_type": "dynamic"}, "needs conv_type='static'"),
-        ({"num_prefix_tokens": -1}, "num_prefix_tokens must be a non-negative int"),
-        ({"grid_size": (0, 4)}, r"grid_size must be \(H, W\) of positive ints"),
+        ({"mixer": MixerOptions(conv_layout="2d"), "num_prefix_tokens": -1}, "num_prefix_tokens must be a non-negative int"),
+        ({"mixer": MixerOptions(conv_layout="2d"), "grid_size": (0, 4)}, r"grid_size must be \(H, W\) of positive ints"),
     ],
 )
 def test_2d_constructor_errors_are_named(kwargs, match):

@@ -11,12 +11,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import timm
 import torch
 from conftest import write_rotten_tomatoes
 
 from muse_lightning import (
     FashionMNISTDataModule,
     ImageClassifier,
+    MixerOptions,
     SequenceClassifier,
     TextClassifier,
     TextFileDataModule,
@@ -241,6 +243,38 @@ def test_predict_returns_probabilities_and_classes(tmp_path):
     assert first["preds"].shape == (50,)
 
 
+def test_mixer_options_reach_a_muse_vits_blocks_and_a_swapped_models_attention():
+    muse = ImageClassifier(model_kwargs=SMALL_VIT, mixer=MixerOptions(kernel_sizes=(3, 5), conv_proj="shared"))
+    assert {(b.attn.kernel_sizes, b.attn.conv_proj_mode, b.attn.conv_layout) for b in muse.model.blocks} == {
+        ((3, 5), "shared", "2d")}  # the options given, the registered models' 2-D layout where none is given
+    swapped = ImageClassifier(model_name="vit_tiny_patch16_224", num_classes=2, swap_attention=True, img_size=32,
+                              model_kwargs={"depth": 1}, mixer={"kernel_sizes": [3], "conv_layout": "1d"})
+    assert (swapped.model.blocks[0].attn.muse.kernel_sizes, swapped.model.blocks[0].attn.muse.conv_layout) == ((3,), "1d")
+    with pytest.raises(ValueError, match="mixer is for muse_vit_\\* models or swap_attention=True; resnet18 has no MUSE"):
+        ImageClassifier(model_name="resnet18", mixer=MixerOptions(kernel_sizes=(3,)))
+    with pytest.raises(ValueError, match="give MUSE's options as mixer, not in model_kwargs"):
+        ImageClassifier(model_kwargs={**SMALL_VIT, "mixer": {"kernel_sizes": [3]}})
+    with pytest.raises(TypeError, match=r"give \['kernel_sizes'\] as mixer=MixerOptions"):
+        timm.create_model("muse_vit_tiny_patch4_28", kernel_sizes=(3,))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ImageClassifier(model_kwargs=SMALL_VIT, mixer=MixerOptions(kernel_sizes=(3,), conv_proj="per_kernel")),
+    lambda: SequenceClassifier(in_features=2, max_length=16, dim=32, depth=1, mixer=MixerOptions(conv_type="dynamic")),
+], ids=["image", "sequence"])
+def test_a_checkpoint_keeps_the_mixer_options_as_plain_values_and_rebuilds_the_same_model(tmp_path, make):
+    module = make()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_steps=0, default_root_dir=tmp_path)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    saved = torch.load(tmp_path / "m.ckpt", weights_only=True)  # as the CLI reads --ckpt_path
+    assert saved["hyper_parameters"]["mixer"] == module.hparams.mixer.as_dict()
+    again = type(module).load_from_checkpoint(tmp_path / "m.ckpt")
+    for mine, theirs in zip(module.state_dict().items(), again.state_dict().items()):
+        assert mine[0] == theirs[0]
+        torch.testing.assert_close(mine[1], theirs[1])
+
+
 def test_unknown_model_name_fails_early_with_suggestions():
     with pytest.raises(ValueError, match=r"unknown model_name 'muse_vit_tiny_patch4_29'; close matches: \[.*'muse_vit_tiny_patch4_28'"):
         ImageClassifier(model_name="muse_vit_tiny_patch4_29")
@@ -343,7 +377,7 @@ def test_text_files_recipe_fits_then_predicts_unlabelled_text_beside_its_texts(t
 @pytest.mark.parametrize("make", [
     lambda: ImageClassifier(model_kwargs=SMALL_VIT),
     lambda: TextClassifier(max_length=32, dim=32, depth=1, num_heads=2),
-    lambda: TextClassifier(max_length=32, dim=32, depth=1, num_heads=2, conv_type="dynamic"),
+    lambda: TextClassifier(max_length=32, dim=32, depth=1, num_heads=2, mixer=MixerOptions(conv_type="dynamic")),
     lambda: SequenceClassifier(in_features=3, max_length=20, dim=32, depth=1, num_heads=2),
 ], ids=["image", "text", "text-dynamic", "sequence"])
 def test_modules_show_their_flops_and_count_a_training_batchs(make):

@@ -15,7 +15,8 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 from muse_lightning import (
-    AttentionAdapter, MUSEBranch, MUSEEva, MUSEVisionTransformer, register_attention_adapter, swap_attention,
+    AttentionAdapter, MixerOptions, MUSEBranch, MUSEEva, MUSEVisionTransformer, register_attention_adapter,
+    swap_attention,
 )
 from muse_lightning.adapters import ATTENTION_ADAPTERS, patch_grid
 from muse_lightning.branch import CallLayout
@@ -143,7 +144,7 @@ def _build(name, kwargs):
 def _swap(model, **options):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, names = swap_attention(model, return_names=True, **options)
+        model, names = swap_attention(model, MixerOptions(**options), return_names=True)
     return model, names, [str(w.message) for w in caught if "swap_attention left" in str(w.message)]
 
 
@@ -568,24 +569,35 @@ def test_an_attention_without_adapter_is_named():
         swap_attention(model)
 
 
+def test_follows_layout_registers_each_timm_model_class_once_and_only_timms():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from muse_lightning.vit import _FOLLOWING, follows_layout
+
+    assert _FOLLOWING[VisionTransformer] is MUSEVisionTransformer
+    with pytest.raises(TypeError, match="last base must be a timm model class not yet followed"):
+        follows_layout(type("Again", (MUSEVisionTransformer, VisionTransformer), {}))
+    with pytest.raises(TypeError, match="last base must be a timm model class"):
+        follows_layout(type("Mine", (nn.Module,), {}))
+    assert _FOLLOWING[VisionTransformer] is MUSEVisionTransformer
+
+
 def test_swap_errors_are_clear():
     vit = lambda: _build("vit_tiny_patch16_224", _VIT)[0]  # noqa: E731
     with pytest.raises(ValueError, match="has no attention module that swap_attention has an adapter for"):
         swap_attention(timm.create_model("resnet10t"))
-    with pytest.raises(ValueError, match=r"\['num_heads'\] are taken from the model's attention"):
-        swap_attention(vit(), num_heads=4)
-    with pytest.raises(TypeError, match=r"unknown mixer options \['kernel'\]"):
-        swap_attention(vit(), kernel=3)
+    with pytest.raises(TypeError, match=r"unknown mixer options \['num_heads'\]; the options are"):
+        swap_attention(vit(), {"num_heads": 4})  # the attention's own: taken from the model
     with pytest.raises(ValueError, match="conv_type='none' would swap attention for attention"):
-        swap_attention(vit(), conv_type="none")
+        swap_attention(vit(), MixerOptions(conv_type="none"))
     with pytest.raises(ValueError, match="cannot start silent"):
-        swap_attention(vit(), conv_type="dynamic", conv_proj="shared", conv_layout="1d")
+        swap_attention(vit(), MixerOptions(conv_type="dynamic", conv_proj="shared", conv_layout="1d"))
     untouched = vit()
     with pytest.raises(ValueError, match="needs conv_type='static'"):
-        swap_attention(untouched, conv_type="dynamic")
+        swap_attention(untouched, MixerOptions(conv_type="dynamic"))
     assert not _branches(untouched) and type(untouched.blocks[0].attn.qkv) is nn.Linear  # nothing half-swapped
     with pytest.raises(ValueError, match=r"conv_layout='2d' needs a token grid, but 0.attn \(Attention\)"):
-        swap_attention(nn.Sequential(Block(32, 4)), conv_layout="2d")
+        swap_attention(nn.Sequential(Block(32, 4)), MixerOptions(conv_layout="2d"))
     twice = swap_attention(vit())
     with pytest.raises(ValueError, match="blocks.0.attn already has a MUSE branch"):
         swap_attention(twice)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-from muse_lightning import MUSEAttention, conv
+from muse_lightning import MixerOptions, MUSEAttention, conv
 
 triton_conv = pytest.importorskip("muse_lightning.triton_conv")  # triton ships with PyPI's torch
 # conftest.py turns Triton's interpreter on before triton is imported, and the kernels run on CPU tensors; with
@@ -366,24 +366,29 @@ def test_triton_conv_rejects_bad_shapes():
         triton_conv.dynamic_conv(torch.randn(1, 6, 4), torch.randn(1, 6, 2, 5), 5)
 
 
+def _mixer(**options) -> dict:
+    """``MUSEAttention``'s ``mixer`` argument: kernel sizes (1, 3, 5) unless ``options`` say otherwise."""
+    return {"mixer": MixerOptions(**{"kernel_sizes": (1, 3, 5), **options})}
+
+
 @pytest.mark.parametrize(("options", "call"), [
-    (dict(conv_layout="1d"), dict(key_padding_mask=torch.tensor([[False] * 10 + [True] * 3, [False] * 13]))),
-    (dict(conv_layout="1d"), dict(is_causal=True)),
-    (dict(conv_layout="2d", num_prefix_tokens=1), dict(grid_size=(3, 4))),
-    (dict(conv_layout="1d", conv_proj="per_kernel"), {}),
-    (dict(conv_layout="1d", num_prefix_tokens=2, conv_proj="per_kernel"),
+    (_mixer(conv_layout="1d"), dict(key_padding_mask=torch.tensor([[False] * 10 + [True] * 3, [False] * 13]))),
+    (_mixer(conv_layout="1d"), dict(is_causal=True)),
+    (dict(_mixer(conv_layout="2d"), num_prefix_tokens=1), dict(grid_size=(3, 4))),
+    (_mixer(conv_layout="1d", conv_proj="per_kernel"), {}),
+    (dict(_mixer(conv_layout="1d", conv_proj="per_kernel"), num_prefix_tokens=2),
      dict(key_padding_mask=torch.tensor([[False] * 9 + [True] * 4, [True] + [False] * 12]))),
     # The dynamic convolution at its default sizes (3, 15): more taps than the 13 tokens.
-    (dict(conv_type="dynamic", kernel_sizes=(3, 15)),
+    (_mixer(conv_type="dynamic", kernel_sizes=(3, 15)),
      dict(key_padding_mask=torch.tensor([[False] * 10 + [True] * 3, [False] * 13]))),
-    (dict(conv_type="dynamic", kernel_sizes=(3, 15), num_prefix_tokens=1), dict(is_causal=True)),
-    (dict(conv_type="dynamic", kernel_sizes=(1, 3, 7), conv_proj="per_kernel"), {}),
+    (dict(_mixer(conv_type="dynamic", kernel_sizes=(3, 15)), num_prefix_tokens=1), dict(is_causal=True)),
+    (_mixer(conv_type="dynamic", kernel_sizes=(1, 3, 7), conv_proj="per_kernel"), {}),
 ], ids=["padding", "causal", "2d-prefix", "per-kernel", "per-kernel-prefix-padding", "dynamic-padding",
         "dynamic-causal-prefix", "dynamic-per-kernel"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_muse_attention_on_the_triton_backend_equals_the_pytorch_one(monkeypatch, options, call, device):
     torch.manual_seed(0)
-    mixer = MUSEAttention(32, num_heads=4, **{"kernel_sizes": (1, 3, 5), **options}).to(device)
+    mixer = MUSEAttention(32, num_heads=4, **options).to(device)
     with torch.no_grad():
         for p in mixer.parameters():
             p.normal_(0, 0.2)  # a trained branch: gate, kernels and projections all matter
@@ -412,7 +417,7 @@ def test_compiled_muse_attention_on_the_triton_backend_matches_eager_pytorch(mon
     """fullgraph: the op (handed the value slice of the fused qkv projection, a prefix token and padding) is one
     node of the graph, forward and backward."""
     torch.manual_seed(0)
-    mixer = MUSEAttention(32, num_heads=4, conv_type=conv_type, num_prefix_tokens=1).to(device)
+    mixer = MUSEAttention(32, num_heads=4, mixer=MixerOptions(conv_type=conv_type), num_prefix_tokens=1).to(device)
     x = torch.randn(2, 13, 32, device=device, requires_grad=True)
     padding = torch.tensor([[False] * 10 + [True] * 3, [False] * 13], device=device)
     expected = mixer(x, key_padding_mask=padding)
@@ -447,7 +452,7 @@ def test_ddp_trains_muse_on_the_triton_backend_as_plain_training_on_pytorchs(mon
     def train(backend, wrap):
         monkeypatch.setattr(conv, "CONV_BACKEND", backend)
         torch.manual_seed(0)
-        mixer = MUSEAttention(32, num_heads=4, kernel_sizes=(1, 3, 5), num_prefix_tokens=1).to(device)
+        mixer = MUSEAttention(32, num_heads=4, **_mixer(), num_prefix_tokens=1).to(device)
         model = wrap(mixer)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         for _ in range(3):
