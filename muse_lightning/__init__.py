@@ -8,7 +8,7 @@ from .datamodules import (
     FashionMNISTDataModule, ImageFolderDataModule, ResumableSampler, RottenTomatoesDataModule, SequenceFileDataModule,
     TextFileDataModule, WordNetGlossesDataModule,
 )
-from .modules import ClassifierModule, ImageClassifier, SequenceClassifier, TextClassifier
+from .modules import ClassifierModule, ImageClassifier, SequenceClassifier, TextClassifier, WarmupCosineLR
 from .options import MixerOptions
 from .sharding import FSDP2Strategy
 from .swap import swap_attention
@@ -18,7 +18,7 @@ __all__ = [
     "AttentionAdapter", "ClassifierModule", "FSDP2Strategy", "FashionMNISTDataModule", "ImageClassifier", "ImageFolderDataModule",
     "MUSEAttention", "MUSEBlock", "MUSEBranch", "MUSEEva", "MUSENaFlexVit", "MUSEVisionTransformer",
     "MixerOptions", "MultiScaleDepthwiseConv", "MultiScaleDynamicConv", "ResumableSampler", "RottenTomatoesDataModule", "SequenceClassifier",
-    "SequenceFileDataModule", "TextClassifier", "TextFileDataModule", "TokenLayout", "WordNetGlossesDataModule",
+    "SequenceFileDataModule", "TextClassifier", "TextFileDataModule", "TokenLayout", "WarmupCosineLR", "WordNetGlossesDataModule",
     "register_attention_adapter", "swap_attention",
 ]
 __version__ = "0.1.0"

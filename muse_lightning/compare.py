@@ -340,7 +340,7 @@ def run(task: Task, data: str, variant: str, seed: int, results: Path,
     else:
         config, overrides = VARIANTS[task][variant]
         if lr is not None:
-            overrides = [*overrides, "--model.init_args.lr", str(lr)]
+            overrides = [*overrides, "--model.init_args.optimizer.init_args.lr", str(lr)]
         overrides = overrides + (extra or [])
         arguments = [argument for key, path in files.items() for argument in (f"--data.init_args.{key}", path)]
         metrics = _fit_and_test(config, overlay, [*arguments, *overrides], seed, results / "runs" / record_path.stem)

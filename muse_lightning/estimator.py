@@ -14,6 +14,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,9 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
                 dim=self.dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                 mixer=MixerOptions(tuple(self.kernel_sizes)), max_tokens=self.max_tokens, stem_kernel=self.stem_kernel,
                 normalize=self.normalize,
-                drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate, lr=self.lr,
-                weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
+                drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate,
+                optimizer=partial(torch.optim.AdamW, lr=self.lr, weight_decay=self.weight_decay),
+                label_smoothing=self.label_smoothing,
             )
             best = ModelCheckpoint(dirpath=Path(tmp) / "checkpoints", filename="best", monitor="val/loss", mode="min")
             trainer = L.Trainer(

@@ -1,15 +1,18 @@
 """LightningModules: image and text classifiers with MUSE token mixers.
 
-The module holds the model and the optimisation: AdamW (no decay on biases, norms, gates and
-position tables), linear warm-up then cosine decay per step, label smoothing, and torchmetrics
-accuracy (top-1; top-5 when there are more than 5 classes), macro F1 and mean loss, all synced
+The module holds the model and the optimisation: an optimizer and a learning-rate schedule given as Lightning's
+callables (``OptimizerCallable`` / ``LRSchedulerCallable``; by default AdamW, with no decay on biases, norms, gates
+and position tables, and ``WarmupCosineLR``: linear warm-up then cosine decay, per step), label smoothing, and
+torchmetrics accuracy (top-1; top-5 when there are more than 5 classes), macro F1 and mean loss, all synced
 across processes under DDP.
 """
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import random
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -18,6 +21,7 @@ import timm
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import resolve_model_data_config
 from timm.layers import to_2tuple
 from timm.optim import param_groups_weight_decay
@@ -31,7 +35,54 @@ from . import swap
 from .text import MUSESequenceNet, MUSETextNet
 from .vit import MUSEVisionTransformer
 
-__all__ = ["ClassifierModule", "ImageClassifier", "SequenceClassifier", "TextClassifier"]
+__all__ = ["ClassifierModule", "ImageClassifier", "SequenceClassifier", "TextClassifier", "WarmupCosineLR"]
+
+# Taken by the modules, kept out of their hyper-parameters: they describe the network, a run's config the training.
+_OPTIMISATION = ("optimizer", "scheduler")
+
+
+class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up for ``warmup_fraction`` of ``total_steps``, then cosine decay to ``min_lr_ratio`` of each
+    parameter group's learning rate, stepped once per optimizer step. A ``ClassifierModule`` gives
+    ``total_steps``, its run's optimizer steps."""
+
+    def __init__(
+            self,
+            optimizer: torch.optim.Optimizer,
+            total_steps: int | None = None,
+            warmup_fraction: float = 0.05,
+            min_lr_ratio: float = 0.01,
+            last_epoch: int = -1,
+    ) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int (a ClassifierModule gives its run's), got {total_steps!r}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.total_steps, self.warmup_steps = total_steps, int(warmup_fraction * total_steps)
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        """The learning rate at ``step`` over each group's own."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        return [lr * self.factor(self.last_epoch) for lr in self.base_lrs]
+
+
+def _takes_run_length(scheduler: LRSchedulerCallable) -> bool:
+    """Whether ``scheduler`` builds a schedule of ``total_steps`` it was not given (``WarmupCosineLR``, or
+    ``OneCycleLR`` without one): a class taking it, or a partial of one (as the CLI gives) leaving it None."""
+    if isinstance(scheduler, partial):
+        if scheduler.keywords.get("total_steps") is not None:
+            return False
+        scheduler = next((a for a in (scheduler.func, *scheduler.args) if isinstance(a, type)), scheduler.func)
+    return isinstance(scheduler, type) and "total_steps" in inspect.signature(scheduler).parameters
 
 
 class ClassifierModule(L.LightningModule):
@@ -42,18 +93,29 @@ class ClassifierModule(L.LightningModule):
     def __init__(
             self,
             num_classes: int,
-            lr: float = 1e-3,
-            weight_decay: float = 0.05,
-            warmup_fraction: float = 0.05,
-            min_lr_ratio: float = 0.01,
+            optimizer: OptimizerCallable = torch.optim.AdamW,
+            scheduler: LRSchedulerCallable = WarmupCosineLR,
             label_smoothing: float = 0.1,
     ) -> None:
+        """
+        Args:
+            num_classes: Output classes.
+            optimizer: Builds the optimizer from parameter groups (Lightning's ``OptimizerCallable``: a class, or a
+                partial of one; in a config ``class_path`` and ``init_args``, e.g. ``torch.optim.AdamW`` with ``lr``
+                and ``weight_decay``). Its ``weight_decay`` applies to all but biases, norms, gates and positions.
+            scheduler: Builds the learning-rate schedule from the optimizer (``LRSchedulerCallable``), stepped once
+                per optimizer step; one that takes ``total_steps`` and was not given it (``WarmupCosineLR``,
+                ``torch.optim.lr_scheduler.OneCycleLR``) gets the run's optimizer steps.
+            label_smoothing: Cross-entropy label smoothing.
+        """
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        for name, value in (("optimizer", optimizer), ("scheduler", scheduler)):
+            if not callable(value):
+                raise TypeError(f"{name} must be a callable that builds one (a class, or a partial of one), got {value!r}")
         self.num_classes = num_classes
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -138,26 +200,23 @@ class ClassifierModule(L.LightningModule):
             strategy.shard(self.model)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW; per-step linear warm-up for ``warmup_fraction`` of training, then cosine to ``min_lr_ratio``."""
-        hp = self.hparams
+        """The optimizer over parameter groups: biases, norms, gates and position tables (timm's rule, and the
+        model's ``no_weight_decay``) not decayed, the others at the optimizer's ``weight_decay``, parameters with a
+        learning rate of their own apart; the schedule stepped per optimizer step, given the run's length where it
+        takes ``total_steps``."""
         skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
         own = self._own_lr()
-        groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=skip)
+        groups = param_groups_weight_decay(self.model, no_weight_decay_list=skip)
         apart = {id(p) for p, _ in own}
         for group in groups:
             group["params"] = [p for p in group["params"] if id(p) not in apart]
+            if group["weight_decay"]:
+                del group["weight_decay"]  # the decayed group: at the optimizer's own weight_decay
         groups += [{"params": [p], "lr": lr, "weight_decay": 0.0} for p, lr in own]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(hp.warmup_fraction * total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        optimizer = self.optimizer(groups)
+        run = {"total_steps": max(int(self.trainer.estimated_stepping_batches), 1)} \
+            if _takes_run_length(self.scheduler) else {}
+        scheduler = self.scheduler(optimizer, **run)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _own_lr(self) -> list[tuple[nn.Parameter, float]]:
@@ -254,10 +313,8 @@ class ImageClassifier(ClassifierModule):
             swap_attention: bool = False,
             mixer: MixerOptions = MixerOptions(),
             img_size: int | None = None,
-            lr: float = 1e-3,
-            weight_decay: float = 0.05,
-            warmup_fraction: float = 0.05,
-            min_lr_ratio: float = 0.01,
+            optimizer: OptimizerCallable = torch.optim.AdamW,
+            scheduler: LRSchedulerCallable = WarmupCosineLR,
             label_smoothing: float = 0.1,
     ) -> None:
         """
@@ -273,10 +330,10 @@ class ImageClassifier(ClassifierModule):
                 model follows the data's resolution (timm resamples pretrained position embeddings to it). Given
                 to models whose input size is fixed (timm's ``fixed_input_size``: ViTs, Swins); convolutional
                 networks take any size. None: the model's own.
-            lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
+            optimizer, scheduler, label_smoothing: Optimisation, see ``ClassifierModule``.
         """
-        super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
-        self.save_hyperparameters()
+        super().__init__(num_classes, optimizer, scheduler, label_smoothing)
+        self.save_hyperparameters(ignore=_OPTIMISATION)
         if not timm.is_model(model_name):
             close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
             raise ValueError(
@@ -336,10 +393,8 @@ class TextClassifier(ClassifierModule):
             encoder: str | None = None,
             pretrained: bool = True,
             swap_attention: bool = True,
-            lr: float = 1e-3,
-            weight_decay: float = 0.05,
-            warmup_fraction: float = 0.05,
-            min_lr_ratio: float = 0.01,
+            optimizer: OptimizerCallable = torch.optim.AdamW,
+            scheduler: LRSchedulerCallable = WarmupCosineLR,
             label_smoothing: float = 0.1,
     ) -> None:
         """
@@ -357,10 +412,10 @@ class TextClassifier(ClassifierModule):
                 data module's ``tokenizer``).
             pretrained: Load the encoder's weights; False: its config with random weights.
             swap_attention: Add MUSE's convolution branch to the encoder's attention (else the encoder as it is).
-            lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
+            optimizer, scheduler, label_smoothing: Optimisation, see ``ClassifierModule``.
         """
-        super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
-        self.save_hyperparameters()
+        super().__init__(num_classes, optimizer, scheduler, label_smoothing)
+        self.save_hyperparameters(ignore=_OPTIMISATION)
         self.example_input_array = ({"input_ids": torch.ones(1, max_length, dtype=torch.long)},)
         if encoder is not None:
             from .hf import HFEncoderNet  # transformers: the text extra
@@ -409,10 +464,8 @@ class SequenceClassifier(ClassifierModule):
             max_tokens: int | None = None,
             stem_kernel: int | None = None,
             normalize: bool = False,
-            lr: float = 1e-3,
-            weight_decay: float = 0.05,
-            warmup_fraction: float = 0.05,
-            min_lr_ratio: float = 0.01,
+            optimizer: OptimizerCallable = torch.optim.AdamW,
+            scheduler: LRSchedulerCallable = WarmupCosineLR,
             label_smoothing: float = 0.1,
     ) -> None:
         """
@@ -421,10 +474,10 @@ class SequenceClassifier(ClassifierModule):
                 links all three from the data).
             dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate, drop_path_rate, max_tokens, stem_kernel,
                 normalize: The network, see ``MUSESequenceNet``.
-            lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing: Optimisation.
+            optimizer, scheduler, label_smoothing: Optimisation, see ``ClassifierModule``.
         """
-        super().__init__(num_classes, lr, weight_decay, warmup_fraction, min_lr_ratio, label_smoothing)
-        self.save_hyperparameters()
+        super().__init__(num_classes, optimizer, scheduler, label_smoothing)
+        self.save_hyperparameters(ignore=_OPTIMISATION)
         self.model = MUSESequenceNet(
             num_classes, in_features, max_length=max_length, dim=dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, mixer=mixer, parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate, max_tokens=max_tokens, stem_kernel=stem_kernel,

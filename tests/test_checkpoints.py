@@ -108,7 +108,7 @@ def test_fit_killed_then_resumed_ends_with_the_uninterrupted_weights_and_metrics
 
 def test_last_ckpt_is_the_last_epoch_even_when_the_monitored_metric_does_not_improve(tmp_path):
     # lr 0: val/acc never improves after the first epoch, so best.ckpt stays at epoch 0.
-    main(["fit", *QUICK, "--trainer.max_epochs", "3", "--model.init_args.lr", "0.0",
+    main(["fit", *QUICK, "--trainer.max_epochs", "3", "--model.init_args.optimizer.init_args.lr", "0.0",
           "--trainer.default_root_dir", str(tmp_path)])
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
@@ -149,7 +149,8 @@ def trained(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("overrides", "match"), [
     (["--config", str(CONFIGS / "quickstart_attention.yaml"), "--model.init_args.model_kwargs", TINY_VIT],
      r"mixer: .*'conv_type': 'static'.* in the checkpoint, .*'conv_type': 'none'.* in the config"),
-    (["--model.init_args.lr", "0.1"], r"lr: 0.002 in the checkpoint, 0.1 in the config"),
+    (["--model.init_args.model_name", "muse_vit_tiny_convstem_28"],
+     r"model_name: 'muse_vit_tiny_patch4_28' in the checkpoint, 'muse_vit_tiny_convstem_28' in the config"),
     (["--model", "muse_lightning.TextClassifier", "--data", "muse_lightning.WordNetGlossesDataModule"],
      r"class_path: muse_lightning.ImageClassifier in the checkpoint, muse_lightning.TextClassifier in the config"),
 ], ids=["attention-config", "model-override", "other-class"])
@@ -158,6 +159,14 @@ def test_a_config_that_differs_from_the_checkpoint_is_an_error_naming_both(train
         main(["test", *QUICK, *overrides, "--ckpt_path", str(trained)])
     with pytest.raises(ValueError, match=match):
         main(["test", *QUICK, *overrides, "--ckpt_path", str(trained)])
+
+
+def test_another_optimizer_in_the_config_still_evaluates_the_checkpoint(trained, tmp_path):
+    """The optimizer and schedule are the run's, not the network's: the checkpoint's hyper-parameters leave them
+    out, and a test with other ones in the config is no mismatch."""
+    assert "optimizer" not in torch.load(trained, weights_only=True)["hyper_parameters"]
+    main(["test", *QUICK, "--model.init_args.optimizer", "torch.optim.SGD", "--model.init_args.optimizer.lr", "0.1",
+          "--ckpt_path", str(trained), "--trainer.default_root_dir", str(tmp_path)])
 
 
 def _damaged(trained: Path, tmp_path: Path, kind: str) -> Path:

@@ -130,7 +130,7 @@ def test_lr_sweep_records_each_lr_apart_with_its_validation_score(tmp_path, caps
     for name, record in records.items():
         assert f"lr{record['lr']:g}" in name and 0.0 <= record["val_acc"] <= 1.0
         config = results / "runs" / name.removesuffix(".json") / "logs" / "version_0" / "config.yaml"
-        assert yaml.safe_load(config.read_text())["model"]["init_args"]["lr"] == record["lr"]
+        assert yaml.safe_load(config.read_text())["model"]["init_args"]["optimizer"]["init_args"]["lr"] == record["lr"]
     printed = capsys.readouterr().out
     assert printed[printed.index("| task |"):].startswith("| task | data | variant | lr |")  # the sweep's table alone
     assert "| vision | embedded | attention | 0.001 | 1 | " in printed.replace("**", "")
@@ -251,6 +251,7 @@ def test_the_sequence_attention_twin_matches_muses_parameters_within_two_percent
     from muse_lightning import SequenceClassifier
 
     recipe = yaml.safe_load((compare.CONFIGS / "sequence_files.yaml").read_text())["model"]["init_args"]
+    recipe = {k: v for k, v in recipe.items() if k not in ("optimizer", "scheduler")}  # the network's alone
     overrides = VARIANTS["sequences"]["attention"][1]
     twin = {**recipe, "mixer": dict(recipe["mixer"])}
     for flag, value in zip(overrides[::2], overrides[1::2]):  # --model.init_args.mlp_ratio, ...mixer.conv_type

@@ -127,7 +127,7 @@ def test_encoder_config_fits_then_tests_from_its_checkpoint(tmp_path, monkeypatc
             rows = [(" ".join(rng.choice(words[30 * y:30 * y + 30]) for _ in range(6)), f"c{y}") for y in labels]
             csv.writer(f).writerows([("text", "label"), *rows])
     args = ["--config", str(CONFIGS / "text_encoder.yaml"), "--model.init_args.encoder", str(folder),
-            "--model.init_args.pretrained", "false", "--model.init_args.lr", "0.003",
+            "--model.init_args.pretrained", "false", "--model.init_args.optimizer.init_args.lr", "0.003",
             "--data.init_args.tokenizer", str(folder), "--data.init_args.train_file", "train.csv",
             "--data.init_args.test_file", "test.csv", "--data.init_args.max_length", "16",
             "--trainer.max_epochs", "12"]

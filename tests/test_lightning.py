@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +23,7 @@ from muse_lightning import (
     SequenceClassifier,
     TextClassifier,
     TextFileDataModule,
+    WarmupCosineLR,
     WordNetGlossesDataModule,
 )
 from muse_lightning.callbacks import peak_flops
@@ -173,7 +175,8 @@ def test_a_frozen_ddp_peer_ends_the_job_at_the_configured_timeout(tmp_path, over
 def test_image_classifier_learns_fashion_mnist(tmp_path):
     L.seed_everything(0)
     data = FashionMNISTDataModule(source="embedded", batch_size=64)
-    model = ImageClassifier(model_kwargs={"embed_dim": 96, "depth": 2, "num_heads": 3}, lr=2e-3)
+    model = ImageClassifier(model_kwargs={"embed_dim": 96, "depth": 2, "num_heads": 3},
+                            optimizer=partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.05))
     trainer = L.Trainer(max_epochs=1, limit_train_batches=150, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
@@ -184,7 +187,8 @@ def test_image_classifier_learns_fashion_mnist(tmp_path):
 def test_text_classifier_learns_wordnet_supersenses(tmp_path):
     L.seed_everything(0)
     data = WordNetGlossesDataModule(source="embedded", batch_size=64, max_length=96)
-    model = TextClassifier(max_length=96, dim=96, depth=2, num_heads=4, lr=3e-3)
+    model = TextClassifier(max_length=96, dim=96, depth=2, num_heads=4,
+                           optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.05))
     trainer = L.Trainer(max_epochs=1, limit_train_batches=120, limit_val_batches=0, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
@@ -222,7 +226,8 @@ def test_ngram_table_trains_at_its_own_learning_rate_without_decay(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n" + rows)
     data = TextFileDataModule(str(tmp_path / "train.csv"), batch_size=8, max_length=16)
     model = TextClassifier(num_classes=2, max_length=16, dim=16, depth=1, num_heads=2, ngram_buckets=1024,
-                           ngram_lr=0.05, lr=1e-3, warmup_fraction=0.0)
+                           ngram_lr=0.05, optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05),
+                           scheduler=partial(WarmupCosineLR, warmup_fraction=0.0))
     trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=tmp_path)
     before = model.model.ngrams.weight.detach().clone()
@@ -232,6 +237,37 @@ def test_ngram_table_trains_at_its_own_learning_rate_without_decay(tmp_path):
     assert len(own) == 1 and own[0]["params"] == [model.model.ngrams.weight] and own[0]["weight_decay"] == 0.0
     assert own[0]["initial_lr"] == 0.05 and all(g["initial_lr"] == 1e-3 for g in groups if g is not own[0])
     assert not torch.equal(model.model.ngrams.weight, before)
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}  # the optimizer's own
+    assert id(model.model.embed.weight) in decayed and id(model.model.head.bias) not in decayed
+
+
+@pytest.mark.parametrize(("scheduler", "length"), [
+    (WarmupCosineLR, 12),
+    (partial(WarmupCosineLR, total_steps=30, warmup_fraction=0.25), 30),  # given: kept
+    (partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01), 12),
+], ids=["warmup-cosine", "warmup-cosine-given", "one-cycle"])
+def test_a_schedule_that_takes_total_steps_gets_the_runs_optimizer_steps(tmp_path, scheduler, length):
+    data = FashionMNISTDataModule(source="embedded", batch_size=32)
+    model = ImageClassifier(model_kwargs=SMALL_VIT, scheduler=scheduler)
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=6, limit_val_batches=0, logger=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    schedule = trainer.lr_scheduler_configs[0]
+    assert schedule.interval == "step" and schedule.scheduler.total_steps == length and schedule.scheduler.last_epoch == 12
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_its_floor():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = WarmupCosineLR(optimizer, total_steps=100, warmup_fraction=0.1, min_lr_ratio=0.01)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3]) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.01, abs=1e-3)
+    with pytest.raises(ValueError, match="total_steps must be a positive int"):
+        WarmupCosineLR(optimizer)
 
 
 def test_predict_returns_probabilities_and_classes(tmp_path):
@@ -321,8 +357,8 @@ def test_attention_twin_overlays_match_the_muse_configs_within_two_percent_of_pa
 
     def build(model):
         module, name = model["class_path"].rsplit(".", 1)
-        init_args = {k: v for k, v in model["init_args"].items() if k != "num_classes"}
-        return getattr(importlib.import_module(module), name)(num_classes=num_classes, **init_args)
+        network = {k: v for k, v in model["init_args"].items() if k not in ("num_classes", "optimizer", "scheduler")}
+        return getattr(importlib.import_module(module), name)(num_classes=num_classes, **network)
 
     muse, twin = config([base]), config([base, f"{base}_attention"])
     assert twin["trainer"]["default_root_dir"] == f"runs/{base}_attention"  # the twin's runs beside, not over, MUSE's
