@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from . import datamodules  # noqa: F401  (the data modules the configs name by class path)
-from .config_files import resolve_config_args
+from .config_files import check_overlay_order, resolve_config_args
 from .modules import ClassifierModule
 
 __all__ = ["MUSELightningCLI", "main", "read_checkpoint"]
@@ -187,6 +187,7 @@ def main(args: list[str] | None = None) -> None:
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     else:
         args = resolve_config_args(args)
+    check_overlay_order(sys.argv[1:] if args is None else args)
     try:
         MUSELightningCLI(
             ClassifierModule,

@@ -16,7 +16,11 @@ import re
 import shutil
 from pathlib import Path
 
-__all__ = ["CONFIGS", "cli", "config_path", "copy", "list_configs", "resolve_config_args", "shipped_configs"]
+import yaml
+
+__all__ = [
+    "CONFIGS", "check_overlay_order", "cli", "config_path", "copy", "list_configs", "resolve_config_args", "shipped_configs",
+]
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -60,6 +64,31 @@ def resolve_config_args(args: list[str]) -> list[str]:
         elif arg.startswith("--config=") and _is_path_like(arg.removeprefix("--config=")):
             resolved[i] = "--config=" + str(config_path(arg.removeprefix("--config=")))
     return resolved
+
+
+def check_overlay_order(args: list[str]) -> None:
+    """Refuse an overlay (a config whose ``model`` or ``data`` gives ``init_args`` but no ``class_path``, as the
+    attention twins do) given before any config or argument names that class, with the fix, instead of the
+    parser's "Does not validate against any of the Union subtypes"."""
+    named: set[str] = set()
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if key in ("--model", "--data", "--model.class_path", "--data.class_path"):
+            named.add(key[2:].removesuffix(".class_path"))
+        if key not in ("--config", "-c"):
+            continue
+        value = value or (args[i + 1] if i + 1 < len(args) else "")
+        config = yaml.safe_load(Path(value).read_text()) if _is_path_like(value) and Path(value).is_file() else None
+        for section in ("model", "data"):
+            part = config.get(section) if isinstance(config, dict) else None
+            if isinstance(part, dict) and "class_path" in part:
+                named.add(section)
+            elif isinstance(part, dict) and section not in named:
+                raise ValueError(
+                    f"--config {value} is an overlay: its {section} changes init_args of a class it does not name; "
+                    f"give it after the config it changes (its first lines name it): --config BASE --config "
+                    f"{Path(value).stem}"
+                )
 
 
 def list_configs() -> None:

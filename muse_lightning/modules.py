@@ -353,9 +353,9 @@ class ImageClassifier(ClassifierModule):
             cfg = timm.models.get_pretrained_cfg(model_name)
             if cfg is not None and cfg.fixed_input_size:
                 kwargs["img_size"] = img_size
-        self.model = timm.create_model(
-            model_name, pretrained=pretrained, num_classes=num_classes, **kwargs, **({"mixer": mixer} if muse_model else {}),
-        )
+        if muse_model:
+            kwargs["mixer"] = mixer
+        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         if swap_attention:
             swap.swap_attention(self.model, mixer)
         # One input of the model's own size (the model summary shows shapes and FLOPs): its pretrained config's,
@@ -406,7 +406,7 @@ class TextClassifier(ClassifierModule):
             dim, depth, num_heads, mlp_ratio, parallel, drop_rate, drop_path_rate, ngram_buckets: The network, see
                 ``MUSETextNet`` (not used with ``encoder``).
             mixer: MUSE's options (``MixerOptions``), for the network's mixers or the encoder's swapped ones.
-            ngram_lr: The n-gram table's learning rate (a linear model's, above the network's ``lr``; no weight
+            ngram_lr: The n-gram table's learning rate (a linear model's, above the optimizer's ``lr``; no weight
                 decay).
             encoder: A ``transformers`` model name or folder to fine-tune instead (its ``tokenizer.json`` is the
                 data module's ``tokenizer``).
@@ -434,7 +434,8 @@ class TextClassifier(ClassifierModule):
             raise ValueError("swap_attention is an encoder option: give encoder")
         self.model = MUSETextNet(
             num_classes, vocab_size=vocab_size, max_length=max_length, pad_id=pad_id, dim=dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, mixer=mixer, parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate, ngram_buckets=ngram_buckets,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, mixer=mixer, parallel=parallel, drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate, ngram_buckets=ngram_buckets,
         )
 
     def _own_lr(self) -> list[tuple[nn.Parameter, float]]:
@@ -480,7 +481,7 @@ class SequenceClassifier(ClassifierModule):
         self.save_hyperparameters(ignore=_OPTIMISATION)
         self.model = MUSESequenceNet(
             num_classes, in_features, max_length=max_length, dim=dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, mixer=mixer, parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate, max_tokens=max_tokens, stem_kernel=stem_kernel,
-            normalize=normalize,
+            mlp_ratio=mlp_ratio, mixer=mixer, parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            max_tokens=max_tokens, stem_kernel=stem_kernel, normalize=normalize,
         )
         self.example_input_array = ({"features": torch.zeros(1, max_length, in_features)},)

@@ -202,9 +202,8 @@ def _branch_for(
         )
     weight = next(values[0].parameters())
     branch = MUSEBranch(
-        value_dim, output_out, num_heads=_num_heads(attn), mixer=mixer, layout=layout._replace(layout=conv_layout),
-        num_value_parts=len(values), device=weight.device,
-        dtype=weight.dtype,
+        value_dim, output_out, num_heads=_num_heads(attn), mixer=mixer, layout=layout, num_value_parts=len(values),
+        device=weight.device, dtype=weight.dtype,
     )
     branch.silence()
     return branch, values, split, output

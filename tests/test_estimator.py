@@ -123,7 +123,8 @@ def test_the_defaults_are_the_shipped_sequence_config():
 
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "sequence_files.yaml").read_text())
     model = config["model"]["init_args"]
-    recipe = {**model, **model["mixer"], **model["optimizer"]["init_args"], **config["data"]["init_args"], "max_epochs": config["trainer"]["max_epochs"],
+    recipe = {**model, **model["mixer"], **model["optimizer"]["init_args"], **config["data"]["init_args"],
+              "max_epochs": config["trainer"]["max_epochs"],
               "random_state": config["seed_everything"], "accelerator": config["trainer"]["accelerator"],
               "precision": config["trainer"]["precision"]}
     defaults = {k: p.default for k, p in inspect.signature(MUSETimeSeriesClassifier).parameters.items()}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from muse_lightning.cli import main
 from muse_lightning.config_files import CONFIGS, cli, config_path, resolve_config_args, shipped_configs
 
 REPO_CONFIGS = Path(__file__).parents[1] / "configs"
@@ -39,6 +40,23 @@ def test_unknown_config_names_the_argument_and_the_shipped_ones(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"--config {given}: no such file.*shipped: .*quickstart"):
         resolve_config_args(["fit", "--config", given])
+
+
+@pytest.mark.parametrize(("configs", "overlay"), [
+    (["quickstart_attention"], "quickstart_attention"),
+    (["quickstart_attention", "quickstart"], "quickstart_attention"),
+    (["fashion_mnist_full", "quickstart"], "fashion_mnist_full"),
+], ids=["alone", "before-its-base", "data-overlay-first"])
+def test_an_overlay_before_the_config_it_changes_is_refused_with_the_fix(configs, overlay, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"--config .*{overlay}.yaml is an overlay: its (model|data) changes init_args of "
+                                         rf"a class it does not name; give it after .* --config {overlay}"):
+        main(["fit", *(arg for name in configs for arg in ("--config", name)), "--print_config"])
+    with pytest.raises(SystemExit):  # after its base: parses (the twins' own tests build them)
+        main(["fit", "--config", "quickstart", "--config", "quickstart_attention", "--print_config"])
+    with pytest.raises(SystemExit):  # inline YAML, however long, is no file to read
+        main(["fit", "--config", "quickstart", "--config", "{trainer: {max_epochs: 1, log_every_n_steps: 3}}" + " " * 300,
+              "--print_config"])
 
 
 def test_bench_reads_its_shipped_preset_config_by_name(tmp_path):
