@@ -57,7 +57,7 @@ class MixerOptions:
         if isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            unknown = sorted(set(value) - set(cls.names()))
             if unknown:
                 raise TypeError(f"unknown mixer options {unknown}; the options are {cls.names()}")
             return cls(**value)
