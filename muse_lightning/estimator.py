@@ -31,6 +31,7 @@ from .datamodules import SequenceFileDataModule, _SequenceDataset, _collate_sequ
 from .datasets import to_sequence_arrays
 from .modules import SequenceClassifier
 from .options import MixerOptions
+from .text import GlobalPool
 
 __all__ = ["MUSETimeSeriesClassifier"]
 
@@ -54,6 +55,8 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
             the position table and the stem's stride are sized for it.
         stem_kernel: The stem's kernel width in steps (default ``2 * stride - 1``).
         normalize: Z-normalise each series over its real steps.
+        global_pool: How the tokens become one vector: ``"avg"``, ``"max"`` or ``"catavgmax"`` (both; timm's
+            names, ``MUSESequenceNet``).
         drop_rate: Dropout.
         drop_path_rate: Stochastic depth.
         lr: AdamW's peak learning rate.
@@ -85,6 +88,7 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
             max_length: int | None = None,
             stem_kernel: int | None = None,
             normalize: bool = False,
+            global_pool: GlobalPool = "catavgmax",
             drop_rate: float = 0.1,
             drop_path_rate: float = 0.05,
             lr: float = 1e-3,
@@ -107,7 +111,7 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
         self.dim, self.depth, self.num_heads, self.mlp_ratio = dim, depth, num_heads, mlp_ratio
         self.kernel_sizes, self.max_tokens, self.stem_kernel = kernel_sizes, max_tokens, stem_kernel
         self.max_length = max_length
-        self.normalize = normalize
+        self.normalize, self.global_pool = normalize, global_pool
         self.drop_rate, self.drop_path_rate = drop_rate, drop_path_rate
         self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
         self.augment, self.differences = augment, differences
@@ -146,7 +150,7 @@ class MUSETimeSeriesClassifier(ClassifierMixin, BaseEstimator):
                 max_length=data.max_length if self.max_length is None else self.max_length,
                 dim=self.dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                 mixer=MixerOptions(tuple(self.kernel_sizes)), max_tokens=self.max_tokens, stem_kernel=self.stem_kernel,
-                normalize=self.normalize,
+                normalize=self.normalize, global_pool=self.global_pool,
                 drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate,
                 optimizer=partial(torch.optim.AdamW, lr=self.lr, weight_decay=self.weight_decay),
                 label_smoothing=self.label_smoothing,

@@ -32,7 +32,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from .options import MixerOptions
 from .sharding import FSDP2Strategy
 from . import swap
-from .text import MUSESequenceNet, MUSETextNet
+from .text import GlobalPool, MUSESequenceNet, MUSETextNet
 from .vit import MUSEVisionTransformer
 
 __all__ = ["ClassifierModule", "ImageClassifier", "SequenceClassifier", "TextClassifier", "WarmupCosineLR"]
@@ -465,6 +465,7 @@ class SequenceClassifier(ClassifierModule):
             max_tokens: int | None = None,
             stem_kernel: int | None = None,
             normalize: bool = False,
+            global_pool: GlobalPool = "avg",
             optimizer: OptimizerCallable = torch.optim.AdamW,
             scheduler: LRSchedulerCallable = WarmupCosineLR,
             label_smoothing: float = 0.1,
@@ -474,7 +475,7 @@ class SequenceClassifier(ClassifierModule):
             num_classes, in_features, max_length: Classes, features per step and the longest sequence (the CLI
                 links all three from the data).
             dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate, drop_path_rate, max_tokens, stem_kernel,
-                normalize: The network, see ``MUSESequenceNet``.
+                normalize, global_pool: The network, see ``MUSESequenceNet``.
             optimizer, scheduler, label_smoothing: Optimisation, see ``ClassifierModule``.
         """
         super().__init__(num_classes, optimizer, scheduler, label_smoothing)
@@ -482,6 +483,6 @@ class SequenceClassifier(ClassifierModule):
         self.model = MUSESequenceNet(
             num_classes, in_features, max_length=max_length, dim=dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, mixer=mixer, parallel=parallel, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            max_tokens=max_tokens, stem_kernel=stem_kernel, normalize=normalize,
+            max_tokens=max_tokens, stem_kernel=stem_kernel, normalize=normalize, global_pool=global_pool,
         )
         self.example_input_array = ({"features": torch.zeros(1, max_length, in_features)},)

@@ -1,6 +1,8 @@
 """Sequence classifiers of MUSE blocks: token ids (``MUSETextNet``) or float features (``MUSESequenceNet``)."""
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from timm.layers import LayerNorm, trunc_normal_
 from torch import nn
@@ -8,11 +10,16 @@ from torch import nn
 from .block import MUSEBlock
 from .options import MixerOptions
 
-__all__ = ["MUSESequenceNet", "MUSETextNet"]
+__all__ = ["GLOBAL_POOLS", "GlobalPool", "MUSESequenceNet", "MUSETextNet"]
+
+# timm's names for a global pooling (``SelectAdaptivePool2d``'s pool types): the mean of the real tokens, their
+# maximum per channel, or both side by side (the head twice as wide).
+GlobalPool = Literal["avg", "max", "catavgmax"]
+GLOBAL_POOLS: tuple[str, ...] = get_args(GlobalPool)
 
 
 class _MUSEEncoderNet(nn.Module):
-    """Learned positions + ``MUSEBlock``s (1-D) + masked mean pooling + linear head, over an input embedding
+    """Learned positions + ``MUSEBlock``s (1-D) + masked global pooling + linear head, over an input embedding
     that the subclass supplies. Padding is excluded from attention, never read by the convolutions and left
     out of the pooling, so a sequence's logits do not depend on how much it was padded."""
 
@@ -28,9 +35,12 @@ class _MUSEEncoderNet(nn.Module):
             parallel: bool,
             drop_rate: float,
             drop_path_rate: float,
+            global_pool: GlobalPool = "avg",
     ) -> None:
         super().__init__()
         mixer = MixerOptions.of(mixer)
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
         if mixer.conv_layout == "2d":
             raise ValueError("conv_layout='2d' needs a patch grid; a sequence's tokens are 1-D (conv_layout='1d' or None)")
         self.max_length = max_length
@@ -44,7 +54,8 @@ class _MUSEEncoderNet(nn.Module):
             for i in range(depth)
         )
         self.norm = LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.global_pool = global_pool
+        self.head = nn.Linear(2 * dim if global_pool == "catavgmax" else dim, num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -63,9 +74,14 @@ class _MUSEEncoderNet(nn.Module):
         for block in self.blocks:
             x = block(x, key_padding_mask=key_padding_mask)
         x = self.norm(x)
-        keep = (~key_padding_mask).unsqueeze(-1).to(x.dtype)
-        pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
-        return self.head(self.drop(pooled))
+        pooled = []
+        if self.global_pool in ("avg", "catavgmax"):
+            keep = (~key_padding_mask).unsqueeze(-1).to(x.dtype)
+            pooled.append((x * keep).sum(1) / keep.sum(1).clamp(min=1.0))
+        if self.global_pool in ("max", "catavgmax"):
+            top = x.masked_fill(key_padding_mask.unsqueeze(-1), float("-inf")).amax(1)
+            pooled.append(top.masked_fill(key_padding_mask.all(1, keepdim=True), 0.0))  # no real token: 0, as avg
+        return self.head(self.drop(torch.cat(pooled, -1)))
 
 
 class MUSETextNet(_MUSEEncoderNet):
@@ -86,6 +102,7 @@ class MUSETextNet(_MUSEEncoderNet):
             drop_path_rate: float = 0.1,
             pad_id: int = 0,
             ngram_buckets: int = 0,
+            global_pool: GlobalPool = "avg",
     ) -> None:
         """
         Args:
@@ -102,9 +119,12 @@ class MUSETextNet(_MUSEEncoderNet):
                 encoder (fastText's, as a wide path): each token and each pair of neighbouring tokens (hashed into
                 the buckets past the vocabulary) adds its learnt logits, weighed by ``1 / sqrt(n)`` for a
                 sequence of ``n`` of them, to the encoder's. 0: the encoder alone.
+            global_pool: How the tokens become one vector (``GLOBAL_POOLS``, timm's names): ``"avg"`` their mean,
+                ``"max"`` their maximum per channel, ``"catavgmax"`` both; padding is left out.
         """
         super().__init__(
             num_classes, max_length, dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate, drop_path_rate,
+            global_pool,
         )
         self.pad_id = pad_id
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
@@ -170,13 +190,15 @@ class MUSESequenceNet(_MUSEEncoderNet):
             max_tokens: int | None = None,
             stem_kernel: int | None = None,
             normalize: bool = False,
+            global_pool: GlobalPool = "avg",
     ) -> None:
         """
         Args:
             num_classes: Output classes.
             in_features: Features per step.
             max_length: Longest sequence (size of the position table).
-            dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate, drop_path_rate: As ``MUSETextNet``.
+            dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate, drop_path_rate, global_pool: As
+                ``MUSETextNet``.
             max_tokens: Tokens the stem makes of a ``max_length`` sequence: it strides by ``s = ceil(max_length /
                 max_tokens)`` steps, so a sequence of ``L`` steps becomes ``ceil(L / s)`` tokens (patches) for the
                 blocks to mix. None: one token a step.
@@ -196,7 +218,7 @@ class MUSESequenceNet(_MUSEEncoderNet):
             )
         super().__init__(
             num_classes, -(-max_length // stride), dim, depth, num_heads, mlp_ratio, mixer, parallel, drop_rate,
-            drop_path_rate,
+            drop_path_rate, global_pool,
         )
         self.in_features, self.max_steps, self.stride = in_features, max_length, stride
         self.normalize = normalize

@@ -44,11 +44,13 @@ def write_shapes(path: Path, count: int, seed: int, labels: bool = True) -> None
     np.savez(path, features=features, lengths=lengths, **({"labels": names} if labels else {}))
 
 
-@pytest.mark.parametrize(("max_tokens", "stem_kernel", "normalize"), [(None, None, False), (None, 7, True), (4, None, True), (3, 9, False)])
-def test_a_sequences_logits_do_not_depend_on_its_padding(max_tokens, stem_kernel, normalize):
+@pytest.mark.parametrize(("max_tokens", "stem_kernel", "normalize", "global_pool"), [
+    (None, None, False, "avg"), (None, 7, True, "max"), (4, None, True, "catavgmax"), (3, 9, False, "catavgmax"),
+])
+def test_a_sequences_logits_do_not_depend_on_its_padding(max_tokens, stem_kernel, normalize, global_pool):
     net = MUSESequenceNet(
         4, in_features=3, max_length=16, dim=32, depth=2, num_heads=4, max_tokens=max_tokens, stem_kernel=stem_kernel,
-        normalize=normalize,
+        normalize=normalize, global_pool=global_pool,
     ).eval()
     for length in (1, 5, 7, 8):
         seq = torch.randn(1, length, 3)
@@ -63,10 +65,34 @@ def test_a_sequences_logits_do_not_depend_on_its_padding(max_tokens, stem_kernel
     ({"stem_kernel": 4}, r"stem_kernel must be an odd int of at least the stem's stride \(1 steps\), got 4"),
     ({"max_tokens": 4, "stem_kernel": 3}, r"at least the stem's stride \(8 steps\), got 3"),
     ({"max_tokens": 0}, "max_tokens must be a positive int or None, got 0"),
+    ({"global_pool": "mean"}, r"global_pool must be one of \('avg', 'max', 'catavgmax'\), got 'mean'"),
 ])
 def test_bad_stems_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MUSESequenceNet(2, in_features=1, max_length=32, dim=32, num_heads=4, **kwargs)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "max", "catavgmax"])
+def test_each_global_pool_reads_the_tokens_it_names(global_pool):
+    """avg is the real tokens' mean, max their maximum per channel, catavgmax both side by side; a row of
+    padding alone pools to zeros (finite logits, as avg always gave)."""
+    net = MUSESequenceNet(3, in_features=2, max_length=8, dim=16, depth=1, num_heads=2, global_pool=global_pool).eval()
+    tokens = torch.randn(2, 8, 16)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, 5:] = True
+    mask[1] = True
+    seen = {}
+    net.head.register_forward_hook(lambda module, args, out: seen.update(pooled=args[0]))
+    with torch.no_grad():
+        logits = net._classify(tokens, mask)
+        x = tokens + net.pos_embed
+        for block in net.blocks:
+            x = block(x, key_padding_mask=mask)
+        x = net.norm(x)[0, :5]
+    parts = {"avg": [x.mean(0)], "max": [x.amax(0)], "catavgmax": [x.mean(0), x.amax(0)]}[global_pool]
+    torch.testing.assert_close(seen["pooled"][0], torch.cat(parts))
+    assert seen["pooled"].shape == (2, 32 if global_pool == "catavgmax" else 16)
+    assert torch.equal(seen["pooled"][1], torch.zeros_like(seen["pooled"][1])) and logits.isfinite().all()
 
 
 def test_a_strided_stem_makes_max_tokens_tokens_of_the_longest_sequence():
