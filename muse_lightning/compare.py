@@ -121,6 +121,7 @@ VARIANTS: dict[str, dict[str, tuple[str, list[str]]]] = {
         # conv_type none, the MLP widened (2.7 for 2.0) so the parameters match MUSE's within 1%.
         "attention": ("sequence_files.yaml", [*_mixer(conv_type="none"), "--model.init_args.mlp_ratio", "2.7"]),
         "muse-shared": ("sequence_files.yaml", _mixer(conv_proj="shared")),
+        "muse-slopes": ("sequence_files.yaml", ["--data.init_args.differences", "true"]),
     },
 }
 
